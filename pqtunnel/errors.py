@@ -1,0 +1,123 @@
+"""Exception hierarchy: one specific class per failure, so callers log a precise reason.
+
+Peer mistakes (bad bytes on the wire) raise ``ProtocolError`` subclasses; the I/O shell
+catches them, logs ``str(exc)`` in one line and closes only the affected connection.
+User mistakes (bad config, missing home) raise ``UserError`` subclasses; the CLI prints
+them in one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class PqtunnelError(Exception):
+    """Base of every error pqtunnel raises on purpose."""
+
+
+# --- user-facing -----------------------------------------------------------------------------
+
+
+class UserError(PqtunnelError):
+    """A mistake the user can fix: printed as one line, never as a traceback."""
+
+
+class IdentityError(UserError):
+    """The identity files are missing, unreadable, malformed or unsafe."""
+
+
+class InsecureKeyFileError(IdentityError):
+    """A private key file is readable by group or others (ssh refuses these too)."""
+
+
+class IdentityExistsError(IdentityError):
+    """``init`` would overwrite an identity."""
+
+
+class TrustStoreError(UserError):
+    """The pinned-peer file is malformed or an entry is invalid."""
+
+
+class ConfigError(UserError):
+    """The configuration file or a command-line setting is invalid."""
+
+
+class BackendUnavailableError(UserError):
+    """An optional crypto backend was asked for but is not installed."""
+
+
+# --- protocol ----------------------------------------------------------------------------------
+
+
+class ProtocolError(PqtunnelError):
+    """The peer sent something we must refuse; the connection is closed."""
+
+
+class FramingError(ProtocolError):
+    """The byte stream cannot be split into frames (bad kind, bad or oversized length)."""
+
+
+class HandshakeError(ProtocolError):
+    """The handshake failed; no session keys exist."""
+
+
+class MalformedHandshakeError(HandshakeError):
+    """A handshake message has the wrong length or an undecodable payload."""
+
+
+class HandshakeDecryptError(HandshakeError):
+    """A handshake message did not authenticate (tampered, truncated or replayed)."""
+
+
+class UnsupportedVersionError(HandshakeError):
+    """No protocol version in common."""
+
+
+class NoCommonSuiteError(HandshakeError):
+    """The peers' allowed suites or AEADs do not intersect."""
+
+
+class DowngradeError(HandshakeError):
+    """The negotiation was tampered with or a weaker suite than allowed was forced."""
+
+
+class BadSignatureError(HandshakeError):
+    """A hybrid signature over the transcript did not verify (both halves must)."""
+
+
+class UntrustedPeerError(HandshakeError):
+    """The peer authenticated, but its identity is not trusted for this name."""
+
+
+class ReplayError(HandshakeError):
+    """A handshake message was seen before, or its timestamp is outside the window."""
+
+
+class CookieError(HandshakeError):
+    """A retry cookie is missing, forged or expired."""
+
+
+class RecordError(ProtocolError):
+    """An encrypted record was refused; the session is closed."""
+
+
+class RecordAuthError(RecordError):
+    """A record did not authenticate under the current key."""
+
+
+class CounterReplayError(RecordError):
+    """A record counter did not strictly increase (replay or reordering)."""
+
+
+class OversizedRecordError(RecordError):
+    """A record exceeds the maximum record size."""
+
+
+class SessionIdMismatchError(RecordError):
+    """A record names a session other than this one."""
+
+
+class RekeyError(RecordError):
+    """An in-band rekey message was malformed or arrived out of order."""
+
+
+class HandshakeRefusedError(HandshakeError):
+    """The peer sent an ALERT refusing the handshake (reason included)."""

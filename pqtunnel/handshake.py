@@ -1,0 +1,478 @@
+"""The pqtunnel handshake: Noise XXhfs (X25519 + ML-KEM) with hybrid transcript signatures.
+
+Sans-IO: the caller feeds frames and the current time in milliseconds, and sends what
+comes out. No sockets, no clocks, and all randomness comes from an injectable ``Entropy``.
+
+    -> HELLO     version, suite | e, e1               | payload {v, suites, aeads, ts, retry?}
+    <- RETRY     (optional) {suite, cookie}              stateless; the initiator starts over
+    <- RESPONSE  e, ee, ekem1, s, es                   | payload {aead, id, sig_R(h)}
+    -> FINISH    s, se                                 | payload {id, sig_I(h)}
+
+Both identities sign ``label | role | h`` with Ed25519 and ML-DSA (SIGMA style), so the
+whole transcript, including the suite offer, is authenticated: a stripped or swapped offer
+changes ``h`` and the handshake fails. See docs/PROTOCOL.md for byte layouts and vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Callable
+
+import msgpack
+
+from .crypto import backend as prim
+from .crypto.suites import DEFAULT_AEADS, DEFAULT_ALLOWED_SUITES, SUITES_BY_WIRE_ID, Aead, Suite
+from .errors import (
+    BadSignatureError,
+    CookieError,
+    DowngradeError,
+    HandshakeError,
+    HandshakeRefusedError,
+    MalformedHandshakeError,
+    NoCommonSuiteError,
+    ReplayError,
+    UnsupportedVersionError,
+    UntrustedPeerError,
+)
+from .identity import Identity, WireIdentity
+from .noisestate import DHLEN, TAGLEN, KemHooks, NoiseState, Reader
+from .wire import Frame, Kind, encode_frame
+
+PROTOCOL_VERSION = 1
+PROLOGUE_LABEL = b"pqtunnel/1 prologue\x00"
+SIGNATURE_LABEL = b"pqtunnel/1 transcript signature\x00"
+SESSION_ID_LABEL = b"pqtunnel/1 session id"
+REKEY_LABEL = b"pqtunnel/1 rekey chain"
+COOKIE_LABEL = b"pqtunnel/1 cookie\x00"
+COOKIE_BUCKET_MS = 60_000
+MAX_PAYLOAD = 16 * 1024
+
+Authorizer = Callable[[WireIdentity], str]
+
+
+class AlertCode(IntEnum):
+    """Why a responder refused, sent in plaintext so the initiator can say why it failed."""
+
+    UNSUPPORTED_VERSION = 1
+    NO_COMMON_SUITE = 2
+    UNTRUSTED = 3
+    BAD_MESSAGE = 4
+    REPLAY = 5
+    BAD_COOKIE = 6
+
+
+_ALERT_FOR: list[tuple[type[HandshakeError], AlertCode]] = [
+    (UnsupportedVersionError, AlertCode.UNSUPPORTED_VERSION),
+    (NoCommonSuiteError, AlertCode.NO_COMMON_SUITE),
+    (DowngradeError, AlertCode.NO_COMMON_SUITE),
+    (UntrustedPeerError, AlertCode.UNTRUSTED),
+    (ReplayError, AlertCode.REPLAY),
+    (CookieError, AlertCode.BAD_COOKIE),
+]
+
+
+def alert_frame(error: HandshakeError) -> bytes:
+    """The ALERT a responder sends before closing; the reason text is deliberately generic."""
+    code = next((c for cls, c in _ALERT_FOR if isinstance(error, cls)), AlertCode.BAD_MESSAGE)
+    return encode_frame(Kind.ALERT, bytes([code]) + code.name.lower().replace("_", " ").encode())
+
+
+def parse_alert(body: bytes) -> HandshakeRefusedError:
+    if not body:
+        return HandshakeRefusedError("peer refused the handshake (empty alert)")
+    try:
+        code = AlertCode(body[0]).name.lower().replace("_", " ")
+    except ValueError:
+        code = f"code {body[0]}"
+    return HandshakeRefusedError(f"peer refused the handshake: {code}")
+
+
+@dataclass(frozen=True)
+class HandshakeConfig:
+    """What this node accepts. ``allowed_suites`` is in preference order; the first is proposed."""
+
+    allowed_suites: tuple[Suite, ...] = DEFAULT_ALLOWED_SUITES
+    aeads: tuple[Aead, ...] = DEFAULT_AEADS
+    replay_window_ms: int = 120_000
+
+
+class Entropy:
+    """Source of ephemeral secrets; tests substitute fixed values to reproduce vectors."""
+
+    def x25519_private(self) -> bytes:
+        return secrets.token_bytes(32)
+
+    def kem_seed(self) -> bytes:
+        return secrets.token_bytes(64)
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    """Everything the record layer and the daemon need once both sides are authenticated."""
+
+    is_initiator: bool
+    suite: Suite
+    aead: Aead
+    peer: WireIdentity
+    peer_name: str
+    peer_static: bytes
+    handshake_hash: bytes
+    session_id: bytes
+    send_key: bytes = field(repr=False)
+    recv_key: bytes = field(repr=False)
+    rekey_chain: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class HandshakeStep:
+    """Output of feeding one frame: bytes to send, and the result once complete."""
+
+    to_send: bytes = b""
+    result: HandshakeResult | None = None
+
+
+class ReplayCache:
+    """Hashes of recently accepted HELLOs, so a replayed one is refused inside the window."""
+
+    def __init__(self, window_ms: int = 120_000, max_entries: int = 65_536) -> None:
+        self._seen: OrderedDict[bytes, int] = OrderedDict()
+        self._window_ms = window_ms
+        self._max = max_entries
+
+    def check_and_add(self, digest: bytes, now_ms: int) -> None:
+        self._expire(now_ms)
+        if digest in self._seen:
+            raise ReplayError("replayed handshake: this HELLO was already accepted")
+        self._seen[digest] = now_ms + 2 * self._window_ms
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+
+    def _expire(self, now_ms: int) -> None:
+        while self._seen:
+            digest, expiry = next(iter(self._seen.items()))
+            if expiry > now_ms:
+                break
+            del self._seen[digest]
+
+
+class CookieJar:
+    """Stateless retry cookies: a MAC over the client's address, suite and first HELLO."""
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._secret = secret or secrets.token_bytes(32)
+
+    def _mac(self, bucket: int, peer_address: str, suite: Suite, first_hello_hash: bytes) -> bytes:
+        message = COOKIE_LABEL + bucket.to_bytes(8, "big") + bytes([suite.wire_id]) + first_hello_hash + peer_address.encode()
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[:16]
+
+    def issue(self, now_ms: int, peer_address: str, suite: Suite, first_hello_hash: bytes) -> bytes:
+        bucket = now_ms // COOKIE_BUCKET_MS
+        return bucket.to_bytes(8, "big") + self._mac(bucket, peer_address, suite, first_hello_hash)
+
+    def check(self, cookie: Any, now_ms: int, peer_address: str, suite: Suite, first_hello_hash: Any) -> None:
+        if not isinstance(cookie, bytes) or len(cookie) != 24 or not isinstance(first_hello_hash, bytes):
+            raise CookieError("retry cookie is malformed")
+        bucket = int.from_bytes(cookie[:8], "big")
+        if bucket not in (now_ms // COOKIE_BUCKET_MS, now_ms // COOKIE_BUCKET_MS - 1):
+            raise CookieError("retry cookie has expired")
+        expected = self._mac(bucket, peer_address, suite, first_hello_hash)
+        if not hmac.compare_digest(expected, cookie[8:]):
+            raise CookieError("retry cookie is forged or was issued for another HELLO")
+
+
+# --- payload encoding ------------------------------------------------------------------------
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def decode_payload(data: bytes, what: str) -> dict[str, Any]:
+    """Decode a msgpack map defensively: any malformation is a MalformedHandshakeError."""
+    if len(data) > MAX_PAYLOAD:
+        raise MalformedHandshakeError(f"{what} payload is too large")
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise MalformedHandshakeError(f"{what} payload is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(value, dict):
+        raise MalformedHandshakeError(f"{what} payload is not a map")
+    return value
+
+
+def _int_list(payload: dict[str, Any], key: str, what: str) -> list[int]:
+    value = payload.get(key)
+    if not isinstance(value, list) or not value or len(value) > 16 or not all(isinstance(v, int) for v in value):
+        raise MalformedHandshakeError(f"{what}: '{key}' must be a non-empty list of small integers")
+    return value
+
+
+def _prologue(suite: Suite) -> bytes:
+    return PROLOGUE_LABEL + bytes([PROTOCOL_VERSION, suite.wire_id])
+
+
+def _signature_message(role: bytes, handshake_hash: bytes) -> bytes:
+    return SIGNATURE_LABEL + role + handshake_hash
+
+
+def _kem_hooks(backend: prim.CryptographyBackend, entropy: Entropy, suite: Suite) -> KemHooks | None:
+    if suite.kem is None:
+        return None
+    algorithm = suite.kem
+    return KemHooks(
+        algorithm=algorithm,
+        keypair=lambda: backend.kem_keypair(algorithm, entropy.kem_seed()),
+        encapsulate=lambda public: backend.kem_encapsulate(algorithm, public),
+    )
+
+
+def _finish(state: NoiseState, *, initiator: bool, suite: Suite, aead: Aead, peer: WireIdentity,
+            peer_name: str) -> HandshakeResult:
+    i2r, r2i = state.split()
+    (rekey_chain,) = state.hkdf(state.ck, REKEY_LABEL, 2)[:1]
+    session_id = hashlib.blake2s(SESSION_ID_LABEL + state.h, digest_size=8).digest()
+    assert state.rs is not None
+    return HandshakeResult(
+        is_initiator=initiator,
+        suite=suite,
+        aead=aead,
+        peer=peer,
+        peer_name=peer_name,
+        peer_static=state.rs,
+        handshake_hash=state.h,
+        session_id=session_id,
+        send_key=i2r if initiator else r2i,
+        recv_key=r2i if initiator else i2r,
+        rekey_chain=rekey_chain,
+    )
+
+
+def _verify_peer(state: NoiseState, backend: prim.CryptographyBackend, suite: Suite, role: bytes,
+                 signed_hash: bytes, payload: dict[str, Any]) -> WireIdentity:
+    peer = WireIdentity.from_wire(payload.get("id"), suite)
+    if not peer.verify(backend, suite, _signature_message(role, signed_hash), payload.get("sig")):
+        raise BadSignatureError(f"{peer.claimed_name} ({peer.fingerprint}): hybrid signature over the transcript did not verify")
+    return peer
+
+
+# --- initiator ---------------------------------------------------------------------------------
+
+
+class InitiatorHandshake:
+    """The dialling side. It reveals its identity only after authenticating the responder."""
+
+    def __init__(self, identity: Identity, authorize: Authorizer, *, config: HandshakeConfig | None = None,
+                 backend: prim.CryptographyBackend | None = None, entropy: Entropy | None = None) -> None:
+        self.identity = identity
+        self.authorize = authorize
+        self.config = config or HandshakeConfig()
+        self.backend = backend or prim.CryptographyBackend()
+        self.entropy = entropy or Entropy()
+        self.suite = self.config.allowed_suites[0]
+        self._state: NoiseState | None = None
+        self._hello_hash = b""
+        self._retried = False
+        self.done = False
+
+    def start(self, now_ms: int, retry: dict[str, Any] | None = None) -> bytes:
+        """Build the HELLO frame (again after a RETRY, carrying its cookie)."""
+        suite = self.suite
+        self._state = NoiseState(suite.noise_name, initiator=True, static_private=self.identity.x25519_static,
+                                 ephemeral_private=self.entropy.x25519_private(), prologue=_prologue(suite),
+                                 kem=_kem_hooks(self.backend, self.entropy, suite))
+        payload: dict[str, Any] = {
+            "v": [PROTOCOL_VERSION],
+            "suites": [s.wire_id for s in self.config.allowed_suites],
+            "aeads": [int(a) for a in self.config.aeads],
+            "ts": now_ms,
+        }
+        if retry is not None:
+            payload["retry"] = retry
+        body = bytes([PROTOCOL_VERSION, suite.wire_id]) + self._state.write_e()
+        if suite.kem is not None:
+            body += self._state.write_e1()
+        body += self._state.encrypt_and_hash(encode_payload(payload))
+        self._hello_hash = prim.sha256(body)
+        return encode_frame(Kind.HELLO, body)
+
+    def receive(self, frame: Frame, now_ms: int) -> HandshakeStep:
+        if self.done:
+            raise MalformedHandshakeError(f"unexpected {frame.kind.name} after the handshake finished")
+        if frame.kind is Kind.ALERT:
+            raise parse_alert(frame.body)
+        if frame.kind is Kind.RETRY:
+            return HandshakeStep(to_send=self._on_retry(frame.body, now_ms))
+        if frame.kind is Kind.RESPONSE:
+            return self._on_response(frame.body)
+        raise MalformedHandshakeError(f"initiator expected RESPONSE or RETRY, got {frame.kind.name}")
+
+    def _on_retry(self, body: bytes, now_ms: int) -> bytes:
+        if self._retried:
+            raise MalformedHandshakeError("second RETRY in one handshake")
+        payload = decode_payload(body, "RETRY")
+        suite = SUITES_BY_WIRE_ID.get(payload.get("suite", -1)) if isinstance(payload.get("suite"), int) else None
+        if suite is None or suite not in self.config.allowed_suites:
+            raise DowngradeError("RETRY asks for a suite this node does not allow")
+        cookie = payload.get("cookie")
+        if not isinstance(cookie, bytes) or len(cookie) > 64:
+            raise MalformedHandshakeError("RETRY cookie is malformed")
+        self._retried = True
+        self.suite = suite
+        return self.start(now_ms, retry={"cookie": cookie, "first": self._hello_hash})
+
+    def _on_response(self, body: bytes) -> HandshakeStep:
+        state, suite = self._state, self.suite
+        if state is None:
+            raise MalformedHandshakeError("RESPONSE before HELLO")
+        reader = Reader(body, "RESPONSE")
+        state.read_e(reader.take(DHLEN))
+        state.ee()
+        if suite.kem is not None:
+            state.read_ekem1(reader.take(prim.KEM_SIZES[suite.kem].ciphertext + TAGLEN))
+        state.read_s(reader.take(DHLEN + TAGLEN))
+        state.es()
+        signed_hash = state.h
+        payload = decode_payload(state.decrypt_and_hash(reader.rest()), "RESPONSE")
+        aead_id = payload.get("aead")
+        if not isinstance(aead_id, int) or aead_id not in [int(a) for a in self.config.aeads]:
+            raise DowngradeError("responder chose an AEAD this node did not offer")
+        peer = _verify_peer(state, self.backend, suite, b"R", signed_hash, payload)
+        peer_name = self.authorize(peer)  # before we reveal who we are
+        out = state.write_s()
+        state.se()
+        signature = self.identity.sign(self.backend, suite, _signature_message(b"I", state.h))
+        out += state.encrypt_and_hash(encode_payload({"id": self.identity.public.to_wire(suite), "sig": signature}))
+        self.done = True
+        result = _finish(state, initiator=True, suite=suite, aead=Aead(aead_id), peer=peer, peer_name=peer_name)
+        return HandshakeStep(to_send=encode_frame(Kind.FINISH, out), result=result)
+
+
+# --- responder -----------------------------------------------------------------------------------
+
+
+class ResponderHandshake:
+    """The listening side. Cheap checks (version, replay, cookie) come before any signing."""
+
+    def __init__(self, identity: Identity, authorize: Authorizer, *, peer_address: str,
+                 config: HandshakeConfig | None = None, backend: prim.CryptographyBackend | None = None,
+                 entropy: Entropy | None = None, replay_cache: ReplayCache | None = None,
+                 cookies: CookieJar | None = None, require_cookie: bool = False) -> None:
+        self.identity = identity
+        self.authorize = authorize
+        self.peer_address = peer_address
+        self.config = config or HandshakeConfig()
+        self.backend = backend or prim.CryptographyBackend()
+        self.entropy = entropy or Entropy()
+        self.replay_cache = replay_cache or ReplayCache(self.config.replay_window_ms)
+        self.cookies = cookies or CookieJar()
+        self.require_cookie = require_cookie
+        self._state: NoiseState | None = None
+        self._suite: Suite | None = None
+        self._aead: Aead | None = None
+        self._hellos = 0
+        self.done = False
+
+    def receive(self, frame: Frame, now_ms: int) -> HandshakeStep:
+        if self.done:
+            raise MalformedHandshakeError(f"unexpected {frame.kind.name} after the handshake finished")
+        if frame.kind is Kind.HELLO and self._state is None:
+            return HandshakeStep(to_send=self._on_hello(frame.body, now_ms))
+        if frame.kind is Kind.FINISH and self._state is not None:
+            return self._on_finish(frame.body)
+        raise MalformedHandshakeError(f"responder did not expect {frame.kind.name} now")
+
+    def _on_hello(self, body: bytes, now_ms: int) -> bytes:
+        self._hellos += 1
+        if self._hellos > 2:
+            raise MalformedHandshakeError("too many HELLOs on one connection")
+        if len(body) < 2:
+            raise MalformedHandshakeError("HELLO is truncated")
+        if body[0] != PROTOCOL_VERSION:
+            raise UnsupportedVersionError(f"peer speaks protocol version {body[0]}, this node speaks {PROTOCOL_VERSION}")
+        suite = SUITES_BY_WIRE_ID.get(body[1])
+        if suite is None:
+            raise MalformedHandshakeError(f"HELLO proposes unknown suite id {body[1]}")
+        state = NoiseState(suite.noise_name, initiator=False, static_private=self.identity.x25519_static,
+                           ephemeral_private=self.entropy.x25519_private(), prologue=_prologue(suite),
+                           kem=_kem_hooks(self.backend, self.entropy, suite))
+        reader = Reader(body[2:], "HELLO")
+        state.read_e(reader.take(DHLEN))
+        if suite.kem is not None:
+            state.read_e1(reader.take(prim.KEM_SIZES[suite.kem].public_key))
+        payload = decode_payload(state.decrypt_and_hash(reader.rest()), "HELLO")
+        offered, aeads = self._check_hello(payload, suite, now_ms)
+        self.replay_cache.check_and_add(prim.sha256(body), now_ms)
+        chosen = self._choose_suite(suite, offered)
+        retry = payload.get("retry")
+        if retry is not None:
+            if not isinstance(retry, dict):
+                raise MalformedHandshakeError("HELLO retry field is not a map")
+            self.cookies.check(retry.get("cookie"), now_ms, self.peer_address, suite, retry.get("first"))
+        elif chosen is not suite or self.require_cookie:
+            cookie = self.cookies.issue(now_ms, self.peer_address, chosen, prim.sha256(body))
+            return encode_frame(Kind.RETRY, encode_payload({"suite": chosen.wire_id, "cookie": cookie}))
+        if chosen is not suite:
+            raise DowngradeError("HELLO after RETRY still proposes a suite this node does not allow")
+        self._aead = self._choose_aead(aeads)
+        self._suite, self._state = suite, state
+        return encode_frame(Kind.RESPONSE, self._response(state, suite))
+
+    def _check_hello(self, payload: dict[str, Any], suite: Suite, now_ms: int) -> tuple[list[int], list[int]]:
+        if PROTOCOL_VERSION not in _int_list(payload, "v", "HELLO"):
+            raise UnsupportedVersionError("no protocol version in common")
+        offered = _int_list(payload, "suites", "HELLO")
+        if suite.wire_id not in offered:
+            raise DowngradeError("HELLO proposes a suite that is not in its own offer")
+        aeads = _int_list(payload, "aeads", "HELLO")
+        timestamp = payload.get("ts")
+        if not isinstance(timestamp, int):
+            raise MalformedHandshakeError("HELLO timestamp missing")
+        if abs(now_ms - timestamp) > self.config.replay_window_ms:
+            raise ReplayError(f"HELLO timestamp is {abs(now_ms - timestamp) / 1000:.0f} s away from our clock")
+        return offered, aeads
+
+    def _choose_suite(self, proposed: Suite, offered: list[int]) -> Suite:
+        """Keep the initiator's proposal if we allow it, else its best offer that we allow."""
+        if proposed in self.config.allowed_suites:
+            return proposed
+        for wire_id in offered:
+            suite = SUITES_BY_WIRE_ID.get(wire_id)
+            if suite is not None and suite in self.config.allowed_suites:
+                return suite
+        raise NoCommonSuiteError("none of the offered suites is allowed by this node's configuration")
+
+    def _choose_aead(self, offered: list[int]) -> Aead:
+        for wire_id in offered:
+            if wire_id in [int(a) for a in self.config.aeads]:
+                return Aead(wire_id)
+        raise NoCommonSuiteError("no AEAD in common")
+
+    def _response(self, state: NoiseState, suite: Suite) -> bytes:
+        out = state.write_e()
+        state.ee()
+        if suite.kem is not None:
+            out += state.write_ekem1()
+        out += state.write_s()
+        state.es()
+        signature = self.identity.sign(self.backend, suite, _signature_message(b"R", state.h))
+        assert self._aead is not None
+        payload = {"aead": int(self._aead), "id": self.identity.public.to_wire(suite), "sig": signature}
+        return out + state.encrypt_and_hash(encode_payload(payload))
+
+    def _on_finish(self, body: bytes) -> HandshakeStep:
+        state, suite, aead = self._state, self._suite, self._aead
+        assert state is not None and suite is not None and aead is not None
+        reader = Reader(body, "FINISH")
+        state.read_s(reader.take(DHLEN + TAGLEN))
+        state.se()
+        signed_hash = state.h
+        payload = decode_payload(state.decrypt_and_hash(reader.rest()), "FINISH")
+        peer = _verify_peer(state, self.backend, suite, b"I", signed_hash, payload)
+        peer_name = self.authorize(peer)
+        self.done = True
+        return HandshakeStep(result=_finish(state, initiator=False, suite=suite, aead=aead, peer=peer, peer_name=peer_name))

@@ -1,0 +1,265 @@
+"""Node identity: a hybrid Ed25519 + ML-DSA signing identity and the node's X25519 static key.
+
+The identity signs the handshake transcript, which has absorbed the X25519 static key, so
+the static key is bound to the identity by the identity's own signature each handshake.
+Private material lives in ``HOME/identity.key`` (0600); the loader refuses group- or
+world-readable files, like ssh does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .crypto import backend as prim
+from .crypto.suites import Suite
+from .errors import IdentityError, IdentityExistsError, InsecureKeyFileError, MalformedHandshakeError
+from .names import validate_name
+
+KEY_FILE = "identity.key"
+PUB_FILE = "identity.pub"
+FINGERPRINT_PREFIX = "pq1:"
+_FINGERPRINT_LABEL = b"pqtunnel fingerprint v1\x00"
+MLDSA_CONTEXT = b"pqtunnel-v1"
+PQ_ALGORITHMS = ("ML-DSA-65", "ML-DSA-87")
+
+
+def fingerprint_from_parts(ed25519: bytes, pq_key_hashes: dict[str, bytes]) -> str:
+    """Short printable hash over Ed25519 and both ML-DSA public keys (by their SHA-256)."""
+    digest = prim.sha256(
+        _FINGERPRINT_LABEL + ed25519 + pq_key_hashes["ML-DSA-65"] + pq_key_hashes["ML-DSA-87"]
+    )
+    return FINGERPRINT_PREFIX + base64.b32encode(digest[:20]).decode().lower()
+
+
+def normalise_fingerprint(text: str) -> str:
+    """Accept a fingerprint in any case; raise IdentityError if it cannot be one."""
+    value = text.strip().lower()
+    body = value.removeprefix(FINGERPRINT_PREFIX)
+    if not value.startswith(FINGERPRINT_PREFIX) or len(body) != 32:
+        raise IdentityError(f"not a pqtunnel fingerprint: {text!r} (expected {FINGERPRINT_PREFIX} and 32 characters)")
+    try:
+        base64.b32decode(body.upper())
+    except ValueError:
+        raise IdentityError(f"not a pqtunnel fingerprint: {text!r} (bad base32)") from None
+    return value
+
+
+@dataclass(frozen=True)
+class PublicIdentity:
+    """What a peer learns about us: keys and the fingerprint they hash to."""
+
+    name: str
+    ed25519: bytes
+    pq_keys: dict[str, bytes] = field(hash=False)
+
+    @property
+    def pq_key_hashes(self) -> dict[str, bytes]:
+        return {alg: prim.sha256(key) for alg, key in self.pq_keys.items()}
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_from_parts(self.ed25519, self.pq_key_hashes)
+
+    def to_wire(self, suite: Suite) -> dict[str, Any]:
+        """The handshake encoding: full key only for the suite's ML-DSA, hashes for the rest."""
+        wire: dict[str, Any] = {"n": self.name, "ed": self.ed25519, "h": self.pq_key_hashes}
+        if suite.pq_signature is not None:
+            wire["pq"] = self.pq_keys[suite.pq_signature]
+        return wire
+
+
+@dataclass(frozen=True)
+class WireIdentity:
+    """A peer identity as received in a handshake: enough to verify and fingerprint it."""
+
+    claimed_name: str
+    ed25519: bytes
+    pq_key_hashes: dict[str, bytes] = field(hash=False)
+    pq_key: bytes | None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_from_parts(self.ed25519, self.pq_key_hashes)
+
+    @classmethod
+    def from_wire(cls, wire: Any, suite: Suite) -> WireIdentity:
+        """Validate shape and sizes; the PQ key must match its committed hash."""
+        if not isinstance(wire, dict):
+            raise MalformedHandshakeError("identity is not a map")
+        name, ed, hashes, pq = wire.get("n"), wire.get("ed"), wire.get("h"), wire.get("pq")
+        if not isinstance(name, str) or not 1 <= len(name) <= 63:
+            raise MalformedHandshakeError("identity name missing or too long")
+        if not isinstance(ed, bytes) or len(ed) != prim.ED25519_KEY_SIZE:
+            raise MalformedHandshakeError("identity Ed25519 key missing or wrong size")
+        if not isinstance(hashes, dict) or set(hashes) != set(PQ_ALGORITHMS):
+            raise MalformedHandshakeError("identity ML-DSA key hashes missing")
+        if not all(isinstance(v, bytes) and len(v) == 32 for v in hashes.values()):
+            raise MalformedHandshakeError("identity ML-DSA key hash has the wrong size")
+        if suite.pq_signature is None:
+            pq = None
+        else:
+            if not isinstance(pq, bytes) or len(pq) != prim.PQ_PUBLIC_KEY_SIZES[suite.pq_signature]:
+                raise MalformedHandshakeError(f"identity {suite.pq_signature} key missing or wrong size")
+            if prim.sha256(pq) != hashes[suite.pq_signature]:
+                raise MalformedHandshakeError(f"identity {suite.pq_signature} key does not match its hash")
+        return cls(claimed_name=name, ed25519=ed, pq_key_hashes=dict(hashes), pq_key=pq)
+
+    def verify(self, backend: prim.CryptographyBackend, suite: Suite, message: bytes, signatures: Any) -> bool:
+        """True only if every signature the suite requires verifies (hybrid: both halves)."""
+        if not isinstance(signatures, dict) or not isinstance(signatures.get("ed"), bytes):
+            return False
+        if not prim.ed25519_verify(self.ed25519, signatures["ed"], message):
+            return False
+        if suite.pq_signature is None:
+            return True
+        pq_sig = signatures.get("pq")
+        if not isinstance(pq_sig, bytes) or self.pq_key is None:
+            return False
+        return backend.mldsa_verify(suite.pq_signature, self.pq_key, pq_sig, message, MLDSA_CONTEXT)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The node's private identity. Seeds only: every key is re-derivable from 32 bytes."""
+
+    name: str
+    ed25519_seed: bytes
+    pq_seeds: dict[str, bytes] = field(hash=False, repr=False)
+    x25519_static: bytes = field(repr=False)
+    public: PublicIdentity = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        backend = prim.CryptographyBackend()
+        public = PublicIdentity(
+            name=self.name,
+            ed25519=prim.ed25519_public(self.ed25519_seed),
+            pq_keys={alg: backend.mldsa_public_key(alg, seed) for alg, seed in self.pq_seeds.items()},
+        )
+        object.__setattr__(self, "public", public)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+    @property
+    def static_public(self) -> bytes:
+        return prim.x25519_public(self.x25519_static)
+
+    @classmethod
+    def generate(cls, name: str) -> Identity:
+        return cls(
+            name=validate_name(name),
+            ed25519_seed=secrets.token_bytes(32),
+            pq_seeds={alg: secrets.token_bytes(32) for alg in PQ_ALGORITHMS},
+            x25519_static=secrets.token_bytes(32),
+        )
+
+    def sign(self, backend: prim.CryptographyBackend, suite: Suite, message: bytes) -> dict[str, bytes]:
+        """Hybrid signature: Ed25519 always, plus the suite's ML-DSA."""
+        signatures = {"ed": prim.ed25519_sign(self.ed25519_seed, message)}
+        if suite.pq_signature is not None:
+            seed = self.pq_seeds[suite.pq_signature]
+            signatures["pq"] = backend.mldsa_sign(suite.pq_signature, seed, message, MLDSA_CONTEXT)
+        return signatures
+
+    # --- files ---------------------------------------------------------------------------
+
+    def to_file_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "name": self.name,
+            "ed25519_seed": _b64(self.ed25519_seed),
+            "ml_dsa_65_seed": _b64(self.pq_seeds["ML-DSA-65"]),
+            "ml_dsa_87_seed": _b64(self.pq_seeds["ML-DSA-87"]),
+            "x25519_static": _b64(self.x25519_static),
+        }
+
+    @classmethod
+    def from_file_dict(cls, data: dict[str, Any], path: Path) -> Identity:
+        try:
+            return cls(
+                name=validate_name(data["name"]),
+                ed25519_seed=_unb64(data["ed25519_seed"], 32),
+                pq_seeds={
+                    "ML-DSA-65": _unb64(data["ml_dsa_65_seed"], 32),
+                    "ML-DSA-87": _unb64(data["ml_dsa_87_seed"], 32),
+                },
+                x25519_static=_unb64(data["x25519_static"], 32),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IdentityError(f"identity key file {path} is malformed ({exc})") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str, size: int) -> bytes:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != size:
+        raise ValueError(f"expected {size} bytes, got {len(raw)}")
+    return raw
+
+
+def ensure_home(home: Path) -> Path:
+    """Create the node home owner-only (0700); it holds keys and the control socket."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    return home
+
+
+def create_identity(home: Path, name: str) -> Identity:
+    """Generate and store a new identity; refuse to overwrite an existing one."""
+    key_path = home / KEY_FILE
+    if key_path.exists():
+        raise IdentityExistsError(f"an identity already exists in {home} (refusing to overwrite {key_path})")
+    identity = Identity.generate(name)
+    ensure_home(home)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(identity.to_file_dict(), handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    (home / PUB_FILE).write_text(json.dumps(public_summary(identity), indent=2) + "\n")
+    return identity
+
+
+def public_summary(identity: Identity) -> dict[str, Any]:
+    return {
+        "name": identity.name,
+        "fingerprint": identity.fingerprint,
+        "ed25519": _b64(identity.public.ed25519),
+        "ml_dsa_65": _b64(identity.public.pq_keys["ML-DSA-65"]),
+        "ml_dsa_87": _b64(identity.public.pq_keys["ML-DSA-87"]),
+        "x25519_static": _b64(identity.static_public),
+    }
+
+
+def load_identity(home: Path) -> Identity:
+    """Load ``HOME/identity.key``, refusing group/world-readable files."""
+    key_path = home / KEY_FILE
+    if not home.is_dir():
+        raise IdentityError(f"node home {home} does not exist; create an identity with: pqtunnel init --name NAME --home {home}")
+    try:
+        mode = key_path.stat().st_mode
+    except FileNotFoundError:
+        raise IdentityError(f"no identity in {home}; create one with: pqtunnel init --name NAME --home {home}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecureKeyFileError(
+            f"identity key {key_path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {key_path}"
+        )
+    try:
+        data = json.loads(key_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IdentityError(f"cannot read identity key {key_path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise IdentityError(f"identity key file {key_path} has an unknown format")
+    return Identity.from_file_dict(data, key_path)

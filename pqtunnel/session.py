@@ -1,0 +1,337 @@
+"""One encrypted session (sans-IO): handshake, record layer, keepalive, in-band rekey.
+
+The trio shell feeds received bytes and the current time, sends ``data_to_send()``, and
+calls ``tick(now_ms)`` periodically. Peer mistakes raise ``ProtocolError`` subclasses; on a
+responder-side handshake failure an ALERT is queued first so the initiator learns why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from typing import Union
+
+from noise.functions.hash import hkdf
+
+from .crypto import backend as prim
+from .handshake import Entropy, HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame
+from .errors import HandshakeError, ProtocolError, RecordError, RekeyError
+from .records import ContentType, RecordLayer
+from .wire import MAX_RECORD_PLAINTEXT, FrameDecoder, Kind
+
+REKEY_IKM_LABEL = b"pqtunnel/1 rekey\x00"
+PING = struct.Struct(">Q")
+
+
+@dataclass(frozen=True)
+class Established:
+    result: HandshakeResult
+
+
+@dataclass(frozen=True)
+class DataReceived:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PongReceived:
+    ping_id: int
+    sent_ms: int
+
+
+@dataclass(frozen=True)
+class Rekeyed:
+    epoch: int
+
+
+@dataclass(frozen=True)
+class PeerClosed:
+    reason: str
+
+
+Event = Union[Established, DataReceived, PongReceived, Rekeyed, PeerClosed]
+
+
+class KeepaliveTimeout(ProtocolError):
+    """Nothing arrived from the peer for longer than the dead-peer timeout."""
+
+
+@dataclass(frozen=True)
+class SessionTimers:
+    """Keepalive and rekey budgets. Defaults follow WireGuard's spirit (rekey every 2 min)."""
+
+    keepalive_ms: int = 10_000
+    dead_after_ms: int = 35_000
+    handshake_timeout_ms: int = 10_000
+    rekey_after_ms: int = 120_000
+    rekey_after_bytes: int = 1 << 30
+
+
+def _blake2s_hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.blake2s).digest()
+
+
+class _PendingRekey:
+    def __init__(self, ephemeral: bytes, kem_key: prim.KemPrivateKey | None) -> None:
+        self.ephemeral = ephemeral
+        self.kem_key = kem_key
+
+
+class Session:
+    """A session from the first handshake byte to close."""
+
+    def __init__(self, handshake: InitiatorHandshake | ResponderHandshake, *, now_ms: int,
+                 timers: SessionTimers | None = None) -> None:
+        self.handshake = handshake
+        self.is_initiator = isinstance(handshake, InitiatorHandshake)
+        self.timers = timers or SessionTimers()
+        self.backend = handshake.backend
+        self.entropy: Entropy = handshake.entropy
+        self.result: HandshakeResult | None = None
+        self.records: RecordLayer | None = None
+        self._decoder = FrameDecoder()
+        self._outgoing = bytearray()
+        self.started_ms = now_ms
+        self.last_received_ms = now_ms
+        self.last_sent_ms = now_ms
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.epoch = 0
+        self._chain = b""
+        self._rekey_ms = now_ms
+        self._bytes_at_rekey = 0
+        self._pending: _PendingRekey | None = None
+        self._next_recv_key: bytes | None = None
+        self._next_ping_id = 1
+        self.closed = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return self.records is not None
+
+    def start(self, now_ms: int) -> None:
+        """Initiator only: queue the HELLO."""
+        assert isinstance(self.handshake, InitiatorHandshake)
+        self._queue(self.handshake.start(now_ms), now_ms)
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def _queue(self, frame: bytes, now_ms: int | None = None) -> None:
+        self._outgoing += frame
+        if now_ms is not None:
+            self.last_sent_ms = now_ms
+
+    def receive_data(self, data: bytes, now_ms: int) -> list[Event]:
+        """Feed bytes from the peer. Raises ProtocolError subclasses for anything refused."""
+        if self.closed:
+            return []
+        self.last_received_ms = now_ms
+        events: list[Event] = []
+        for frame in self._decoder.feed(data):
+            if frame.kind is Kind.RECORD:
+                events.extend(self._on_record(frame.body, now_ms))
+            else:
+                events.extend(self._on_handshake_frame(frame, now_ms))
+            if self.closed:
+                break
+        return events
+
+    def _on_handshake_frame(self, frame, now_ms: int) -> list[Event]:
+        if self.established:
+            raise ProtocolError(f"unexpected {frame.kind.name} frame inside an established session")
+        try:
+            step = self.handshake.receive(frame, now_ms)
+        except HandshakeError as exc:
+            if not self.is_initiator:
+                self._queue(alert_frame(exc))
+            raise
+        self._queue(step.to_send, now_ms)
+        if step.result is None:
+            return []
+        self._establish(step.result, now_ms)
+        return [Established(step.result)]
+
+    def _establish(self, result: HandshakeResult, now_ms: int) -> None:
+        self.result = result
+        self.records = RecordLayer(result.aead, result.send_key, result.recv_key, result.session_id)
+        self._chain = result.rekey_chain
+        self._rekey_ms = now_ms
+
+    # --- sending ------------------------------------------------------------------------------------
+
+    def _require_records(self) -> RecordLayer:
+        if self.records is None:
+            raise RecordError("session is not established yet")
+        return self.records
+
+    def send(self, data: bytes, now_ms: int) -> None:
+        """Queue application data, split into records of at most MAX_RECORD_PLAINTEXT."""
+        records = self._require_records()
+        view = memoryview(data)
+        for offset in range(0, len(view), MAX_RECORD_PLAINTEXT):
+            self._queue(records.seal(ContentType.DATA, view[offset : offset + MAX_RECORD_PLAINTEXT]))
+        self.bytes_sent += len(data)
+        self.last_sent_ms = now_ms
+
+    def ping(self, now_ms: int) -> int:
+        """Queue a PING; the matching PongReceived carries the returned id."""
+        ping_id = self._next_ping_id
+        self._next_ping_id += 1
+        self._queue(self._require_records().seal(ContentType.PING, PING.pack(ping_id) + PING.pack(now_ms)), now_ms)
+        return ping_id
+
+    def close(self, reason: str) -> None:
+        """Queue an authenticated CLOSE carrying the reason; further input is ignored."""
+        if self.records is not None and not self.closed:
+            self._queue(self.records.seal(ContentType.CLOSE, reason.encode()[:512]))
+        self.closed = True
+
+    # --- receiving ----------------------------------------------------------------------------------
+
+    def _on_record(self, body: bytes, now_ms: int) -> list[Event]:
+        content_type, data = self._require_records().open(body)
+        if content_type is ContentType.DATA:
+            self.bytes_received += len(data)
+            return [DataReceived(data)]
+        if content_type is ContentType.PING:
+            self._queue(self._require_records().seal(ContentType.PONG, data), now_ms)
+            return []
+        if content_type is ContentType.PONG:
+            if len(data) != 2 * PING.size:
+                raise RecordError("PONG has the wrong size")
+            return [PongReceived(PING.unpack_from(data)[0], PING.unpack_from(data, PING.size)[0])]
+        if content_type is ContentType.CLOSE:
+            self.closed = True
+            return [PeerClosed(data.decode(errors="replace") or "no reason given")]
+        return self._on_rekey(content_type, data, now_ms)
+
+    # --- timers ----------------------------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> None:
+        """Drive keepalive and rekey from the shell's clock; raises KeepaliveTimeout."""
+        if not self.established:
+            if now_ms - self.started_ms > self.timers.handshake_timeout_ms:
+                raise KeepaliveTimeout(f"handshake did not finish within {self.timers.handshake_timeout_ms / 1000:.0f} s")
+            return
+        silent_for = now_ms - self.last_received_ms
+        if silent_for > self.timers.dead_after_ms:
+            raise KeepaliveTimeout(f"peer silent for {silent_for / 1000:.0f} s")
+        if self.rekey_due(now_ms):
+            self.start_rekey(now_ms)
+        if now_ms - self.last_sent_ms >= self.timers.keepalive_ms or silent_for >= self.timers.keepalive_ms:
+            self.ping(now_ms)
+
+    def rekey_due(self, now_ms: int) -> bool:
+        if self._pending is not None or self._next_recv_key is not None or not self.established:
+            return False
+        moved = self.bytes_sent + self.bytes_received - self._bytes_at_rekey
+        return now_ms - self._rekey_ms >= self.timers.rekey_after_ms or moved >= self.timers.rekey_after_bytes
+
+    # --- in-band rekey: a fresh hybrid exchange bound to the previous key chain -----------------------
+
+    def start_rekey(self, now_ms: int) -> None:
+        """Send REKEY_INIT with fresh X25519 and ML-KEM ephemerals; streams keep flowing."""
+        records = self._require_records()
+        if self._pending is not None or self._next_recv_key is not None:
+            return
+        assert self.result is not None
+        ephemeral = self.entropy.x25519_private()
+        kem = self.result.suite.kem
+        kem_key = self.backend.kem_keypair(kem, self.entropy.kem_seed()) if kem else None
+        self._pending = _PendingRekey(ephemeral, kem_key)
+        body = prim.x25519_public(ephemeral) + (kem_key.public_bytes() if kem_key else b"")
+        self._queue(records.seal(ContentType.REKEY_INIT, body), now_ms)
+
+    def _on_rekey(self, content_type: ContentType, data: bytes, now_ms: int) -> list[Event]:
+        if content_type is ContentType.REKEY_INIT:
+            self._on_rekey_init(data, now_ms)
+            return []
+        if content_type is ContentType.REKEY_RESP:
+            return self._on_rekey_resp(data, now_ms)
+        return self._on_rekey_done(now_ms)
+
+    def _expect_size(self, data: bytes, kem_part: str) -> None:
+        assert self.result is not None
+        kem = self.result.suite.kem
+        extra = 0 if kem is None else getattr(prim.KEM_SIZES[kem], kem_part)
+        if len(data) != 32 + extra:
+            raise RekeyError(f"rekey message has {len(data)} bytes, expected {32 + extra}")
+
+    def _on_rekey_init(self, data: bytes, now_ms: int) -> None:
+        assert self.result is not None and self.records is not None
+        if self._pending is not None:
+            if self.is_initiator:
+                return  # both sides started a rekey: the session initiator's wins
+            self._pending = None
+        if self._next_recv_key is not None:
+            raise RekeyError("REKEY_INIT while a previous rekey is unfinished")
+        self._expect_size(data, "public_key")
+        ephemeral = self.entropy.x25519_private()
+        our_public = prim.x25519_public(ephemeral)
+        dh = self._rekey_dh(ephemeral, data[:32])
+        kem_secret, kem_ciphertext = b"", b""
+        if self.result.suite.kem is not None:
+            try:
+                kem_secret, kem_ciphertext = self.backend.kem_encapsulate(self.result.suite.kem, data[32:])
+            except ValueError:
+                raise RekeyError("peer's rekey ML-KEM key is invalid") from None
+        send_key, recv_key = self._derive(data[:32], our_public, dh, kem_secret)
+        self._queue(self.records.seal(ContentType.REKEY_RESP, our_public + kem_ciphertext), now_ms)
+        self.records.set_send_key(send_key)
+        self._next_recv_key = recv_key
+
+    def _on_rekey_resp(self, data: bytes, now_ms: int) -> list[Event]:
+        assert self.records is not None
+        pending = self._pending
+        if pending is None:
+            raise RekeyError("REKEY_RESP without a rekey in progress")
+        self._expect_size(data, "ciphertext")
+        dh = self._rekey_dh(pending.ephemeral, data[:32])
+        kem_secret = b""
+        if pending.kem_key is not None:
+            try:
+                kem_secret = pending.kem_key.decapsulate(data[32:])
+            except ValueError:
+                raise RekeyError("peer's rekey ML-KEM ciphertext is malformed") from None
+        send_key, recv_key = self._derive(prim.x25519_public(pending.ephemeral), data[:32], dh, kem_secret)
+        self.records.set_recv_key(recv_key)
+        self._queue(self.records.seal(ContentType.REKEY_DONE), now_ms)
+        self.records.set_send_key(send_key)
+        self._pending = None
+        return [self._rekeyed(now_ms)]
+
+    def _on_rekey_done(self, now_ms: int) -> list[Event]:
+        assert self.records is not None
+        if self._next_recv_key is None:
+            raise RekeyError("REKEY_DONE without a rekey in progress")
+        self.records.set_recv_key(self._next_recv_key)
+        self._next_recv_key = None
+        return [self._rekeyed(now_ms)]
+
+    def _rekeyed(self, now_ms: int) -> Rekeyed:
+        self.epoch += 1
+        self._rekey_ms = now_ms
+        self._bytes_at_rekey = self.bytes_sent + self.bytes_received
+        return Rekeyed(self.epoch)
+
+    @staticmethod
+    def _rekey_dh(private: bytes, public: bytes) -> bytes:
+        try:
+            return prim.x25519_dh(private, public)
+        except ValueError:
+            raise RekeyError("peer sent a low-order X25519 rekey key") from None
+
+    def _derive(self, init_public: bytes, resp_public: bytes, dh: bytes, kem_secret: bytes) -> tuple[bytes, bytes]:
+        """New chain and direction keys; returns (our send key, our receive key)."""
+        assert self.result is not None
+        material = REKEY_IKM_LABEL + init_public + resp_public + dh + kem_secret
+        chain, i2r, r2i = hkdf(self._chain, material, 3, _blake2s_hmac)
+        self._chain = chain
+        return (i2r, r2i) if self.is_initiator else (r2i, i2r)
