@@ -1,0 +1,208 @@
+"""Command-line interface: ``pqtunnel`` and ``pqtunneld`` (= ``pqtunnel up``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pqtunnel.errors import PqtunnelError, UserError
+from pqtunnel.identity import create_identity, load_identity
+from pqtunnel.trust import TrustStore
+
+from . import control
+from .config import default_home, load_config
+
+PROG = "pqtunnel"
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home).expanduser() if args.home else default_home()
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    identity = create_identity(_home(args), args.name)
+    print(f"created identity {identity.name} in {_home(args)}")
+    print(identity.fingerprint)
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    identity = load_identity(_home(args))
+    if args.json:
+        _print_json({"name": identity.name, "fingerprint": identity.fingerprint,
+                     "signature": "Ed25519+ML-DSA-65 (ML-DSA-87 for pq-strong)", "home": str(_home(args))})
+    else:
+        print(f"{identity.name} {identity.fingerprint}")
+    return 0
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    home = _home(args)
+    load_identity(home)  # the home must be a node home
+    store = TrustStore.load(home)
+    if store.pin(args.name, args.fingerprint):
+        print(f"pinned {args.name.lower()} {store.fingerprint_for(args.name.lower())}")
+    else:
+        print(f"{args.name.lower()} was already pinned to that fingerprint")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import trio
+
+    from .logs import LOG, setup_logging
+    from .node import Node
+
+    home = _home(args)
+    identity = load_identity(home)
+    trust = TrustStore.load(home)
+    config = load_config(home, Path(args.config) if args.config else None, listen=args.listen, socks=args.socks,
+                         peers=args.peer, mdns=False if args.no_mdns else None)
+    setup_logging(identity.name, config.log_level)
+    node = Node(config, identity, trust)
+    try:
+        trio.run(node.run)
+    except KeyboardInterrupt:
+        pass
+    LOG.info("stopped")
+    return 0
+
+
+def _ask(args: argparse.Namespace, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    return control.call(_home(args), request, timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _ask(args, {"cmd": "status"})
+    status.pop("ok", None)
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"{status['name']} {status['fingerprint']}")
+    print(f"  listening on {status['listen']}, pid {status['pid']}, up {status['uptime_s']} s")
+    print(f"  sessions: {status['sessions']}, static peers: {status['static_peers']}")
+    print(f"  suites: {', '.join(status['suites'])}; AEADs: {', '.join(status['aeads'])}")
+    print(f"  crypto backend: {status['crypto_backend']}; liboqs: {status['liboqs']}")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    sessions = _ask(args, {"cmd": "sessions"})["sessions"]
+    if args.json:
+        _print_json(sessions)
+        return 0
+    if not sessions:
+        print("no sessions")
+    for s in sessions:
+        print(f"{s['peer']:<16} {s['fingerprint']}  {s['direction']:<8} {s['remote']}")
+        print(f"  {s['kem']} | {s['signature']} | {s['aead']} | sent {s['bytes_sent']} B, "
+              f"received {s['bytes_received']} B | age {s['age_s']:.0f} s | rekeys {s['rekeys']}")
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    peers = _ask(args, {"cmd": "peers"})["peers"]
+    if args.json:
+        _print_json(peers)
+        return 0
+    if not peers:
+        print("no peers")
+    for p in peers:
+        print(f"{p['name']:<16} {p['fingerprint'] or '-':<36} {p['trust']:<9} session {p['session']:<4} "
+              f"{' '.join(p['addresses']) or '-'} {p['last_error']}")
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"cmd": "ping", "peer": args.peer.lower(), "timeout": args.timeout}, args.timeout + 5)
+    print(f"{reply['peer']} ({reply['fingerprint']}): {reply['rtt_ms']:.2f} ms over "
+          f"{reply['kem']}, {reply['signature']}, {reply['aead']}")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------------
+
+
+def _add_home(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", help="node home directory (default: $PQTUNNEL_HOME or ~/.local/state/pqtunnel)")
+
+
+def _add_up_options(parser: argparse.ArgumentParser) -> None:
+    _add_home(parser)
+    parser.add_argument("--config", help="configuration file (default: HOME/config.toml)")
+    parser.add_argument("--listen", help="tunnel listen address HOST:PORT (default 0.0.0.0:7330)")
+    parser.add_argument("--socks", help="SOCKS5 listen address HOST:PORT (default 127.0.0.1:1080, 'off' to disable)")
+    parser.add_argument("--peer", action="append", metavar="NAME=HOST:PORT", help="static peer (repeatable)")
+    parser.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Post-quantum peer-to-peer tunnels for agents.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("init", cmd_init, "create a new hybrid identity (refuses to overwrite)")
+    p.add_argument("--name", required=True, help="this node's name (a DNS label)")
+    _add_home(p)
+    p = command("id", cmd_id, "print this node's name and fingerprint")
+    p.add_argument("--json", action="store_true")
+    _add_home(p)
+    p = command("trust", cmd_trust, "pin a peer's fingerprint")
+    p.add_argument("name")
+    p.add_argument("fingerprint")
+    _add_home(p)
+    _add_up_options(command("up", cmd_up, "run the daemon in the foreground"))
+    for name, handler, text in (("status", cmd_status, "show the running daemon's status"),
+                                ("sessions", cmd_sessions, "list live sessions and their algorithms"),
+                                ("peers", cmd_peers, "list known peers and their trust")):
+        p = command(name, handler, text)
+        p.add_argument("--json", action="store_true")
+        _add_home(p)
+    p = command("ping", cmd_ping, "handshake if needed, then time a round trip through the tunnel")
+    p.add_argument("peer")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    _add_home(p)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except PqtunnelError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+def daemon_main() -> None:
+    """``pqtunneld``: the same as ``pqtunnel up``."""
+    parser = argparse.ArgumentParser(prog="pqtunneld", description="Run the pqtunnel daemon in the foreground.")
+    _add_up_options(parser)
+    args = parser.parse_args()
+    args.command = "up"
+    try:
+        sys.exit(cmd_up(args))
+    except PqtunnelError as exc:
+        print(f"pqtunneld: error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,188 @@
+"""Node configuration: ``HOME/config.toml`` (or ``--config``) merged with command-line flags.
+
+Every mistake becomes a ConfigError naming the file, the key and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pqtunnel.crypto.suites import DEFAULT_AEADS, DEFAULT_ALLOWED_SUITES, Aead, Suite, suite_by_name
+from pqtunnel.errors import ConfigError
+from pqtunnel.names import validate_name
+from pqtunnel.session import SessionTimers
+
+DEFAULT_PORT = 7330
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+DEFAULT_SOCKS = "127.0.0.1:1080"
+CONFIG_FILE = "config.toml"
+CONTROL_SOCKET = "control.sock"
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, what: str, default_port: int | None = None) -> Address:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a message that says what was wrong."""
+    value = text.strip()
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ConfigError(f"{what}: {text!r} is not HOST:PORT")
+        host, port_text = value, str(default_port)
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(f"{what}: {text!r} has no host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{what}: port {port_text!r} in {text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} in {text!r} is out of range")
+    return Address(host, port)
+
+
+def default_home() -> Path:
+    """``$PQTUNNEL_HOME``, else a per-user state directory (XDG)."""
+    if os.environ.get("PQTUNNEL_HOME"):
+        return Path(os.environ["PQTUNNEL_HOME"]).expanduser()
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "pqtunnel"
+
+
+@dataclass(frozen=True)
+class ExecService:
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    home: Path
+    listen: Address = field(default_factory=lambda: parse_address(DEFAULT_LISTEN, "listen"))
+    socks: Address | None = field(default_factory=lambda: parse_address(DEFAULT_SOCKS, "socks"))
+    peers: dict[str, Address] = field(default_factory=dict)
+    services: dict[str, Address | ExecService] = field(default_factory=dict)
+    allowed_ports: frozenset[int] = frozenset()
+    suites: tuple[Suite, ...] = DEFAULT_ALLOWED_SUITES
+    aeads: tuple[Aead, ...] = DEFAULT_AEADS
+    timers: SessionTimers = field(default_factory=SessionTimers)
+    mdns: bool = True
+    log_level: str = "info"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.home / CONTROL_SOCKET
+
+
+def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [{key}] must be a table")
+    return value
+
+
+def _peers(table: dict[str, Any], source: str) -> dict[str, Address]:
+    peers = {}
+    for name, value in table.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: peers.{name} must be \"HOST:PORT\"")
+        peers[validate_name(name, "peer name")] = parse_address(value, f"{source}: peers.{name}", DEFAULT_PORT)
+    return peers
+
+
+def _services(table: dict[str, Any], source: str) -> dict[str, Address | ExecService]:
+    services: dict[str, Address | ExecService] = {}
+    for name, value in table.items():
+        key = validate_name(name, "service name")
+        if isinstance(value, str):
+            services[key] = parse_address(value, f"{source}: services.{name}")
+        elif isinstance(value, dict) and isinstance(value.get("exec"), list) and value["exec"] \
+                and all(isinstance(a, str) for a in value["exec"]):
+            services[key] = ExecService(tuple(value["exec"]))
+        else:
+            raise ConfigError(f"{source}: services.{name} must be \"HOST:PORT\" or {{ exec = [\"cmd\", ...] }}")
+    return services
+
+
+def _string_list(value: Any, key: str, source: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: {key} must be a non-empty list of strings")
+    return value
+
+
+def _timers(table: dict[str, Any], source: str) -> SessionTimers:
+    names = {"keepalive": "keepalive_ms", "dead_after": "dead_after_ms", "handshake_timeout": "handshake_timeout_ms",
+             "rekey_after": "rekey_after_ms"}
+    values: dict[str, int] = {}
+    for key, value in table.items():
+        if key == "rekey_after_bytes":
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{source}: timers.rekey_after_bytes must be a positive integer")
+            values["rekey_after_bytes"] = value
+        elif key in names:
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{source}: timers.{key} must be a positive number of seconds")
+            values[names[key]] = int(value * 1000)
+        else:
+            raise ConfigError(f"{source}: unknown setting timers.{key}")
+    return SessionTimers(**values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def load_config(home: Path, config_path: Path | None = None, *, listen: str | None = None, socks: str | None = None,
+                peers: list[str] | None = None, mdns: bool | None = None) -> NodeConfig:
+    """Build the effective configuration; flags override the file."""
+    path = config_path or home / CONFIG_FILE
+    data = read_config_file(path) if (config_path is not None or path.exists()) else {}
+    source = str(path)
+    node = _table(data, "node", source)
+    known = {"listen", "socks", "suites", "aeads", "allowed_ports", "mdns", "log_level"}
+    unknown = set(node) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [node]: {', '.join(sorted(unknown))}")
+    suites = tuple(suite_by_name(s) for s in _string_list(node.get("suites", [s.name for s in DEFAULT_ALLOWED_SUITES]), "node.suites", source))
+    aeads = tuple(Aead.from_label(a) for a in _string_list(node.get("aeads", [a.label for a in DEFAULT_AEADS]), "node.aeads", source))
+    ports = node.get("allowed_ports", [])
+    if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+        raise ConfigError(f"{source}: node.allowed_ports must be a list of port numbers")
+    static_peers = _peers(_table(data, "peers", source), source)
+    for spec in peers or []:
+        name, sep, address = spec.partition("=")
+        if not sep:
+            raise ConfigError(f"--peer {spec!r}: expected NAME=HOST:PORT")
+        static_peers[validate_name(name, "peer name")] = parse_address(address, f"--peer {spec}", DEFAULT_PORT)
+    socks_text = socks if socks is not None else node.get("socks", DEFAULT_SOCKS)
+    return NodeConfig(
+        home=home,
+        listen=parse_address(listen or node.get("listen", DEFAULT_LISTEN), "listen address"),
+        socks=None if socks_text in ("", "off", "none") else parse_address(socks_text, "socks address"),
+        peers=static_peers,
+        services=_services(_table(data, "services", source), source),
+        allowed_ports=frozenset(ports),
+        suites=suites,
+        aeads=aeads,
+        timers=_timers(_table(data, "timers", source), source),
+        mdns=node.get("mdns", True) if mdns is None else mdns,
+        log_level=str(node.get("log_level", "info")),
+    )

@@ -1,0 +1,149 @@
+"""The control socket: owner-only unix socket in the node home, one JSON request per line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pqtunnel.errors import PqtunnelError, UserError
+
+from .logs import LOG
+
+if TYPE_CHECKING:
+    from .node import Node
+
+MAX_REQUEST = 64 * 1024
+
+
+class DaemonNotRunningError(UserError):
+    """No daemon answers on the control socket."""
+
+
+async def serve_control(node: Node, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    path = node.config.control_socket
+    listener = await _bind_owner_only(path)
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_serve_client, node, stream)
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
+        path.unlink(missing_ok=True)
+
+
+async def _bind_owner_only(path: Path) -> trio.SocketListener:
+    if path.exists():
+        if _socket_alive(path):
+            raise UserError(f"another daemon is already running on {path}")
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return trio.SocketListener(sock)
+
+
+def _socket_alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+async def _serve_client(node: Node, stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            request = await _read_line(stream)
+            response = await _dispatch(node, request)
+        except PqtunnelError as exc:
+            response = {"ok": False, "error": str(exc)}
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        try:
+            await stream.send_all(json.dumps(response).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
+    buffer = bytearray()
+    while b"\n" not in buffer:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        buffer += chunk
+        if len(buffer) > MAX_REQUEST:
+            raise UserError("control request too large")
+    try:
+        request = json.loads(buffer.split(b"\n", 1)[0] or b"{}")
+    except ValueError:
+        raise UserError("control request is not JSON") from None
+    if not isinstance(request, dict):
+        raise UserError("control request must be a JSON object")
+    return request
+
+
+async def _dispatch(node: Node, request: dict[str, Any]) -> dict[str, Any]:
+    command = request.get("cmd")
+    if command == "status":
+        return {"ok": True, **node.status()}
+    if command == "sessions":
+        return {"ok": True, "sessions": node.sessions_info()}
+    if command == "peers":
+        return {"ok": True, "peers": node.peers_info()}
+    if command == "ping":
+        peer = request.get("peer")
+        timeout = request.get("timeout", 10)
+        if not isinstance(peer, str) or not isinstance(timeout, (int, float)):
+            raise UserError("ping needs a peer name")
+        LOG.debug("control: ping %s", peer)
+        return {"ok": True, **await node.ping(peer, float(timeout))}
+    raise UserError(f"unknown control command {command!r}")
+
+
+def call(home: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Blocking client used by the CLI; raises DaemonNotRunningError with a helpful hint."""
+    path = home / "control.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise DaemonNotRunningError(f"no daemon is running for {home} (start one with: pqtunnel up --home {home})") from None
+    except PermissionError:
+        raise UserError(f"permission denied on {path}: the control socket belongs to another user") from None
+    try:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        raise UserError(f"the daemon did not answer within {timeout:.0f} s") from None
+    finally:
+        sock.close()
+    try:
+        response = json.loads(data)
+    except ValueError:
+        raise UserError("the daemon sent an unreadable answer") from None
+    if not response.get("ok"):
+        raise UserError(response.get("error", "the daemon refused the request"))
+    return response

@@ -1,0 +1,298 @@
+"""The daemon: listener, static-peer links, the session table and the control socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import trio
+
+from pqtunnel.crypto import load_backend
+from pqtunnel.crypto.oqs_backend import liboqs_status
+from pqtunnel.errors import PqtunnelError, UntrustedPeerError, UserError
+from pqtunnel.handshake import CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache, ResponderHandshake
+from pqtunnel.identity import Identity, WireIdentity
+from pqtunnel.session import Session
+from pqtunnel.trust import TrustStore
+
+from .config import Address, NodeConfig
+from .connection import Connection, ConnectionClosed, now_ms
+from .logs import LOG
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+DIAL_TIMEOUT = 5.0
+COOKIE_THRESHOLD = 32  # concurrent inbound handshakes before strangers must echo a cookie
+SIMULTANEOUS_WINDOW = 5.0
+
+
+class UnknownPeerError(UserError):
+    """No address is known for the peer and it has no session."""
+
+
+class PeerUnreachableError(PqtunnelError):
+    """The peer could not be reached or authenticated in time."""
+
+
+class PeerLink:
+    """A static peer: keeps one outbound session alive with exponential backoff."""
+
+    def __init__(self, name: str, address: Address) -> None:
+        self.name = name
+        self.address = address
+        self.last_error = ""
+        self.attempts = 0
+        self.wake = trio.Event()
+        self.changed = trio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Node:
+    def __init__(self, config: NodeConfig, identity: Identity, trust: TrustStore) -> None:
+        self.config = config
+        self.identity = identity
+        self.trust = trust
+        self.backend = load_backend()
+        self.handshake_config = HandshakeConfig(allowed_suites=config.suites, aeads=config.aeads)
+        self.replay_cache = ReplayCache(self.handshake_config.replay_window_ms)
+        self.cookies = CookieJar()
+        self.sessions: dict[str, Connection] = {}
+        self.links = {name: PeerLink(name, address) for name, address in config.peers.items()}
+        self.pending_handshakes = 0
+        self.started = time.monotonic()
+        self.listen_address: Address | None = None
+        self.ready = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # --- top level -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from .control import serve_control
+
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            listeners = await self._open_listeners()
+            nursery.start_soon(trio.serve_listeners, self._serve_inbound, listeners)
+            await nursery.start(serve_control, self)
+            for link in self.links.values():
+                nursery.start_soon(self._keep_link, link)
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            self.ready.set()
+            LOG.info("node %s (%s) listening on %s, suites %s", self.identity.name, self.identity.fingerprint,
+                     self.listen_address, ",".join(s.name for s in self.config.suites))
+
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        address = self.config.listen
+        try:
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        bound = listeners[0].socket.getsockname()
+        self.listen_address = Address(address.host, bound[1])
+        return listeners
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                LOG.info("shutting down (%s): closing %d session(s)", signal.Signals(signum).name, len(self.sessions))
+                with trio.CancelScope(shield=True):
+                    for conn in list(self.sessions.values()):
+                        await conn.close("peer is shutting down")
+                scope.cancel()
+                return
+
+    # --- trust ----------------------------------------------------------------------------------------
+
+    def _authorizer(self, dialled: str | None):
+        def authorize(peer: WireIdentity) -> str:
+            return self.trust.require(peer.fingerprint, dialled)
+        return authorize
+
+    # --- inbound -------------------------------------------------------------------------------------
+
+    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
+        remote = _remote_of(stream)
+        self.pending_handshakes += 1
+        handshake = ResponderHandshake(
+            self.identity, self._authorizer(None), peer_address=remote.split(":")[0],
+            config=self.handshake_config, backend=self.backend, replay_cache=self.replay_cache,
+            cookies=self.cookies, require_cookie=self.pending_handshakes > COOKIE_THRESHOLD,
+        )
+        conn = Connection(stream, Session(handshake, now_ms=now_ms(), timers=self.config.timers), remote)
+        try:
+            await self._run_connection(conn)
+        finally:
+            if not conn.established.is_set():
+                self.pending_handshakes -= 1
+
+    async def _run_connection(self, conn: Connection) -> None:
+        def established(c: Connection) -> None:
+            if c.direction == "inbound":
+                self.pending_handshakes -= 1
+            self._register(c)
+
+        conn.on_established = established
+        conn.on_finished = self._unregister
+        await conn.run()
+
+    # --- session table --------------------------------------------------------------------------------
+
+    def _register(self, conn: Connection) -> None:
+        result = conn.result
+        assert result is not None
+        LOG.info("session up: %s %s %s, %s, %s, %s", result.peer_name, conn.direction, conn.remote,
+                 result.suite.kem_label, result.suite.signature_label, result.aead.label)
+        existing = self.sessions.get(result.peer_name)
+        if existing is not None and existing is not conn:
+            loser = self._duplicate_loser(existing, conn)
+            if self._nursery is not None:
+                self._nursery.start_soon(loser.close, "duplicate session replaced")
+            if loser is conn:
+                return
+        self.sessions[result.peer_name] = conn
+        link = self.links.get(result.peer_name)
+        if link is not None:
+            link.notify()
+
+    def _duplicate_loser(self, old: Connection, new: Connection) -> Connection:
+        """Simultaneous dials: both nodes keep the session dialled by the smaller fingerprint."""
+        if new.established_at - old.established_at > SIMULTANEOUS_WINDOW:
+            return old
+        ours = self.identity.fingerprint
+        def dialler(conn: Connection) -> str:
+            assert conn.result is not None
+            return ours if conn.direction == "outbound" else conn.result.peer.fingerprint
+        return new if dialler(old) < dialler(new) else old
+
+    def _unregister(self, conn: Connection) -> None:
+        result = conn.result
+        if result is None:
+            LOG.warning("handshake with %s failed: %s", conn.peer_label, conn.close_reason or "cancelled")
+            return
+        if self.sessions.get(result.peer_name) is conn:
+            del self.sessions[result.peer_name]
+        LOG.info("session down: %s: %s", conn.peer_label, conn.close_reason or "closed")
+        link = self.links.get(result.peer_name)
+        if link is not None:
+            link.notify()
+
+    # --- outbound ------------------------------------------------------------------------------------
+
+    async def _keep_link(self, link: PeerLink) -> None:
+        """Dial, run the session, and redial with exponential backoff when it ends."""
+        delay = BACKOFF_START
+        while True:
+            while link.name in self.sessions:  # e.g. the peer dialled us: one session per peer
+                await link.changed.wait()
+            conn = await self._dial(link)
+            if conn is not None:
+                await self._run_connection(conn)
+                if conn.established.is_set():
+                    delay = BACKOFF_START
+                else:
+                    link.last_error = conn.close_reason
+                    link.notify()
+            with trio.move_on_after(delay):
+                await link.wake.wait()
+            link.wake = trio.Event()
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _dial(self, link: PeerLink) -> Connection | None:
+        link.attempts += 1
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                stream = await trio.open_tcp_stream(link.address.host, link.address.port)
+        except (OSError, trio.TooSlowError) as exc:
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+            if link.last_error != reason:
+                LOG.warning("cannot reach %s at %s: %s", link.name, link.address, reason)
+            link.last_error = reason
+            link.notify()
+            return None
+        handshake = InitiatorHandshake(self.identity, self._authorizer(link.name), config=self.handshake_config,
+                                       backend=self.backend)
+        session = Session(handshake, now_ms=now_ms(), timers=self.config.timers)
+        return Connection(stream, session, str(link.address), dialled=link.name)
+
+    async def session_for(self, peer: str, timeout: float = 10.0) -> Connection:
+        """The live session with ``peer``, waiting for a handshake if one is needed."""
+        conn = self.sessions.get(peer)
+        if conn is not None:
+            return conn
+        link = self.links.get(peer)
+        if link is None:
+            raise UnknownPeerError(f"unknown peer {peer!r}: no session and no address (use --peer {peer}=HOST:PORT)")
+        attempts_before = link.attempts
+        link.wake.set()
+        with trio.move_on_after(timeout):
+            while peer not in self.sessions:
+                await link.changed.wait()
+                if peer not in self.sessions and link.attempts > attempts_before and link.last_error:
+                    break  # a fresh attempt failed: report its reason now, not after the timeout
+        conn = self.sessions.get(peer)
+        if conn is None:
+            reason = link.last_error or f"no session within {timeout:.0f} s"
+            raise PeerUnreachableError(f"{peer} at {link.address}: {reason}")
+        return conn
+
+    # --- reporting -----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.identity.name,
+            "fingerprint": self.identity.fingerprint,
+            "listen": str(self.listen_address),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "sessions": len(self.sessions),
+            "static_peers": len(self.links),
+            "suites": [s.name for s in self.config.suites],
+            "aeads": [a.label for a in self.config.aeads],
+            "crypto_backend": self.backend.name,
+            "liboqs": liboqs_status(),
+        }
+
+    def sessions_info(self) -> list[dict[str, Any]]:
+        return [conn.info() for _, conn in sorted(self.sessions.items())]
+
+    def peers_info(self) -> list[dict[str, Any]]:
+        names = sorted(set(self.links) | {p.name for p in self.trust.peers()} | set(self.sessions))
+        rows = []
+        for name in names:
+            link = self.links.get(name)
+            conn = self.sessions.get(name)
+            rows.append({
+                "name": name,
+                "fingerprint": self.trust.fingerprint_for(name),
+                "addresses": [str(link.address)] if link else ([conn.remote] if conn else []),
+                "trust": "pinned" if self.trust.fingerprint_for(name) else "untrusted",
+                "session": "up" if conn else "down",
+                "last_error": link.last_error if link else "",
+            })
+        return rows
+
+    async def ping(self, peer: str, timeout: float) -> dict[str, Any]:
+        with trio.move_on_after(timeout) as scope:
+            conn = await self.session_for(peer, timeout)
+            try:
+                rtt = await conn.ping()
+            except ConnectionClosed as exc:
+                raise PeerUnreachableError(str(exc)) from None
+        if scope.cancelled_caught:
+            raise PeerUnreachableError(f"no answer from {peer} within {timeout:.0f} s")
+        info = conn.info()
+        return {"peer": peer, "rtt_ms": round(rtt, 3), "fingerprint": info["fingerprint"], "kem": info["kem"],
+                "signature": info["signature"], "aead": info["aead"]}
+
+
+def _remote_of(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "unknown"
+    return f"{host}:{port}"
