@@ -206,3 +206,7 @@ def daemon_main() -> None:
     except PqtunnelError as exc:
         print(f"pqtunneld: error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,20 +66,32 @@ class Connection:
         try:
             with trio.CancelScope() as scope:
                 self._cancel = scope
-                if self.session.is_initiator:
-                    self.session.start(now_ms())
-                    await self.flush()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._ticker)
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
-        except ProtocolError as exc:
-            self.close_reason = str(exc)
-            await self._flush_quietly()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.close_reason = f"connection lost ({_os_reason(exc)})"
+                    nursery.start_soon(self._guarded, self._ticker, nursery.cancel_scope)
+                    await self._guarded(self._main, nursery.cancel_scope)
         finally:
             await self._finish()
+
+    async def _guarded(self, task: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Turn every way a connection can fail into a one-line close reason; never crash the node."""
+        try:
+            await task()
+        except ProtocolError as exc:
+            self.close_reason = self.close_reason or str(exc)
+            await self._flush_quietly()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.close_reason = self.close_reason or f"connection lost ({_os_reason(exc)})"
+        except Exception as exc:  # a bug must cost one connection, not the daemon
+            self.close_reason = f"internal error: {type(exc).__name__}: {exc}"
+            LOG.debug("internal error on connection with %s", self.peer_label, exc_info=True)
+        finally:
+            scope.cancel()
+
+    async def _main(self) -> None:
+        if self.session.is_initiator:
+            self.session.start(now_ms())
+            await self.flush()
+        await self._reader()
 
     async def _reader(self) -> None:
         while True:
@@ -211,9 +223,13 @@ def _set_nodelay(stream: trio.SocketStream) -> None:
 
 
 def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return type(exc).__name__
+    """The most specific OS reason in an exception chain (trio wraps connect errors)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
+            seen = seen.exceptions[-1]
+        else:
+            seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__

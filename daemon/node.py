@@ -18,7 +18,7 @@ from pqtunnel.session import Session
 from pqtunnel.trust import TrustStore
 
 from .config import Address, NodeConfig
-from .connection import Connection, ConnectionClosed, now_ms
+from .connection import Connection, ConnectionClosed, _os_reason, now_ms
 from .logs import LOG
 
 BACKOFF_START = 0.5
@@ -208,7 +208,7 @@ class Node:
             with trio.fail_after(DIAL_TIMEOUT):
                 stream = await trio.open_tcp_stream(link.address.host, link.address.port)
         except (OSError, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+            reason = "connect timed out" if isinstance(exc, trio.TooSlowError) else _os_reason(exc)
             if link.last_error != reason:
                 LOG.warning("cannot reach %s at %s: %s", link.name, link.address, reason)
             link.last_error = reason

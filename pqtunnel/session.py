@@ -16,10 +16,10 @@ from typing import Union
 from noise.functions.hash import hkdf
 
 from .crypto import backend as prim
-from .handshake import Entropy, HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame
+from .handshake import Entropy, HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
 from .errors import HandshakeError, ProtocolError, RecordError, RekeyError
 from .records import ContentType, RecordLayer
-from .wire import MAX_RECORD_PLAINTEXT, FrameDecoder, Kind
+from .wire import MAX_RECORD_PLAINTEXT, Frame, FrameDecoder, Kind
 
 REKEY_IKM_LABEL = b"pqtunnel/1 rekey\x00"
 PING = struct.Struct(">Q")
@@ -106,6 +106,7 @@ class Session:
         self._next_recv_key: bytes | None = None
         self._next_ping_id = 1
         self.closed = False
+        self.confirmed = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -143,7 +144,9 @@ class Session:
                 break
         return events
 
-    def _on_handshake_frame(self, frame, now_ms: int) -> list[Event]:
+    def _on_handshake_frame(self, frame: Frame, now_ms: int) -> list[Event]:
+        if self.is_initiator and frame.kind is Kind.ALERT and not self.confirmed:
+            raise parse_alert(frame.body)  # e.g. the responder does not trust us (after FINISH)
         if self.established:
             raise ProtocolError(f"unexpected {frame.kind.name} frame inside an established session")
         try:
@@ -156,6 +159,10 @@ class Session:
         if step.result is None:
             return []
         self._establish(step.result, now_ms)
+        if self.is_initiator:
+            return []  # Established once the responder's first record confirms the keys
+        self.confirmed = True
+        self.ping(now_ms)  # key confirmation: the initiator's first authenticated record
         return [Established(step.result)]
 
     def _establish(self, result: HandshakeResult, now_ms: int) -> None:
@@ -197,6 +204,13 @@ class Session:
 
     def _on_record(self, body: bytes, now_ms: int) -> list[Event]:
         content_type, data = self._require_records().open(body)
+        if not self.confirmed:
+            self.confirmed = True
+            assert self.result is not None
+            return [Established(self.result), *self._on_content(content_type, data, now_ms)]
+        return self._on_content(content_type, data, now_ms)
+
+    def _on_content(self, content_type: ContentType, data: bytes, now_ms: int) -> list[Event]:
         if content_type is ContentType.DATA:
             self.bytes_received += len(data)
             return [DataReceived(data)]

@@ -54,7 +54,7 @@ HTTP_HINT_RESPONSE: Final = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
     b"Content-Length: " + str(len(_HTTP_HINT_BODY)).encode() + b"\r\n\r\n" + _HTTP_HINT_BODY
 )
-"""Sent when the first byte looks like an HTTP method, so a misconfigured HTTP proxy user sees why."""
+"""Sent when the first byte looks like an HTTP method, so someone using us as an HTTP proxy sees why."""
 
 
 class ReplyCode(enum.IntEnum):
@@ -80,7 +80,7 @@ class AddressType(enum.IntEnum):
 
 
 class State(enum.Enum):
-    """Where the negotiation is; only the caller's decisions move it past the WAIT_*_DECISION states."""
+    """Where the negotiation is; WAIT_AUTH_DECISION and WAIT_REPLY wait for the caller."""
 
     WAIT_GREETING = enum.auto()
     WAIT_CREDENTIALS = enum.auto()
@@ -89,6 +89,14 @@ class State(enum.Enum):
     WAIT_REPLY = enum.auto()
     ESTABLISHED = enum.auto()
     CLOSED = enum.auto()
+
+
+_EOF_STAGES: Final = {
+    State.WAIT_GREETING: "before completing its greeting",
+    State.WAIT_CREDENTIALS: "before completing its credentials",
+    State.WAIT_AUTH_DECISION: "after its credentials, before sending a request",
+    State.WAIT_REQUEST: "before completing its request",
+}
 
 
 # --- events --------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ class Socks5Server:
         the stream, so feeding more raises ``SocksUsageError`` rather than losing data.
         """
         if self._state is State.ESTABLISHED:
-            raise SocksUsageError("receive_data after the tunnel was established; forward bytes directly")
+            raise SocksUsageError("receive_data after the tunnel was established: forward directly")
         if self._state is State.CLOSED:
             return []
         if not data:
@@ -174,9 +182,7 @@ class Socks5Server:
         self._buffer += data
         events = self._process()
         if len(self._buffer) > MAX_BUFFERED and self._state is not State.CLOSED:
-            events.append(self._fail_with_reply(
-                f"client sent more than {MAX_BUFFERED} bytes before the reply", ReplyCode.GENERAL_FAILURE
-            ))
+            events.append(self._overflow())
         return events
 
     def data_to_send(self) -> bytes:
@@ -237,13 +243,20 @@ class Socks5Server:
         self._close()
         return SocksError(reason, code)
 
+    def _overflow(self) -> SocksError:
+        """Bound memory: only pipelined early data can pile up, while a decision is pending."""
+        reason = f"client sent more than {MAX_BUFFERED} bytes before the reply"
+        if self._state is State.WAIT_REPLY:
+            return self._fail_with_reply(reason, ReplyCode.GENERAL_FAILURE)
+        return self._fail(reason, AUTH_FAILURE if self._state is State.WAIT_AUTH_DECISION else b"")
+
     def _receive_eof(self) -> list[Event]:
         if self._state is State.WAIT_REPLY:
             self._eof_received = True
             return []
-        stage = self._state.name.removeprefix("WAIT_").lower().replace("_", " ")
-        detail = f"after {len(self._buffer)} bytes of an incomplete {stage}" if self._buffer else f"while waiting for the {stage}"
-        return [self._fail(f"client closed the connection {detail}")]
+        stage = _EOF_STAGES[self._state]
+        partial = f" ({len(self._buffer)} bytes of it received)" if self._buffer else ""
+        return [self._fail(f"client closed the connection {stage}{partial}")]
 
     def _process(self) -> list[Event]:
         """Parse as far as the buffer and the current state allow."""
@@ -275,7 +288,8 @@ class Socks5Server:
             return None
         nmethods = buf[1]
         if nmethods == 0:
-            return [self._fail("malformed greeting: no authentication methods listed", NO_ACCEPTABLE_METHODS)]
+            reason = "malformed greeting: no authentication methods listed"
+            return [self._fail(reason, NO_ACCEPTABLE_METHODS)]
         if len(buf) < 2 + nmethods:
             return None
         methods = bytes(buf[2 : 2 + nmethods])
@@ -283,17 +297,16 @@ class Socks5Server:
         wanted = METHOD_USERNAME_PASSWORD if self._require_auth else METHOD_NO_AUTH
         if wanted not in methods:
             offered = ", ".join(f"0x{m:02x}" for m in methods)
-            return [self._fail(
-                f"no acceptable authentication method: need 0x{wanted:02x}, client offered {offered}",
-                NO_ACCEPTABLE_METHODS,
-            )]
+            reason = f"no acceptable auth method: need 0x{wanted:02x}, client offered {offered}"
+            return [self._fail(reason, NO_ACCEPTABLE_METHODS)]
         self._outgoing += bytes([SOCKS_VERSION, wanted])
         self._state = State.WAIT_CREDENTIALS if self._require_auth else State.WAIT_REQUEST
         return []
 
     def _refuse_version(self, version: int) -> SocksError:
         if 0x41 <= version <= 0x5A:  # 'A'..'Z': an HTTP method such as GET or CONNECT
-            return self._fail(f"not SOCKS5: first byte 0x{version:02x} looks like HTTP", HTTP_HINT_RESPONSE)
+            reason = f"not SOCKS5: first byte 0x{version:02x} looks like HTTP"
+            return self._fail(reason, HTTP_HINT_RESPONSE)
         return self._fail(f"not SOCKS5: unsupported version byte 0x{version:02x}")
 
     def _parse_credentials(self) -> list[Event] | None:
@@ -301,7 +314,8 @@ class Socks5Server:
         if not buf:
             return None
         if buf[0] != AUTH_SUBNEGOTIATION_VERSION:
-            return [self._fail(f"bad username/password subnegotiation version 0x{buf[0]:02x}", AUTH_FAILURE)]
+            reason = f"bad username/password subnegotiation version 0x{buf[0]:02x}"
+            return [self._fail(reason, AUTH_FAILURE)]
         if len(buf) < 2:
             return None
         ulen = buf[1]
@@ -325,18 +339,21 @@ class Socks5Server:
         if not buf:
             return None
         if buf[0] != SOCKS_VERSION:
-            return [self._fail_with_reply(f"request has version byte 0x{buf[0]:02x}", ReplyCode.GENERAL_FAILURE)]
+            reason = f"request has version byte 0x{buf[0]:02x}"
+            return [self._fail_with_reply(reason, ReplyCode.GENERAL_FAILURE)]
         if len(buf) < 2:
             return None
         if buf[1] != _CMD_CONNECT:
             name = _COMMAND_NAMES.get(buf[1], f"unknown command 0x{buf[1]:02x}")
-            return [self._fail_with_reply(f"{name} is not supported, only CONNECT", ReplyCode.COMMAND_NOT_SUPPORTED)]
+            reason = f"{name} is not supported, only CONNECT"
+            return [self._fail_with_reply(reason, ReplyCode.COMMAND_NOT_SUPPORTED)]
         if len(buf) < 4:
             return None  # byte 2 is RSV: ignored, as RFC 1928 gives it no meaning
         try:
             address_type = AddressType(buf[3])
         except ValueError:
-            return [self._fail_with_reply(f"unknown address type 0x{buf[3]:02x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)]
+            reason = f"unknown address type 0x{buf[3]:02x}"
+            return [self._fail_with_reply(reason, ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)]
         if address_type is AddressType.DOMAIN:
             return self._parse_domain_request()
         size = 4 if address_type is AddressType.IPV4 else 16
@@ -356,12 +373,13 @@ class Socks5Server:
             return None
         raw = bytes(buf[5 : 5 + length])
         if not _PRINTABLE_ASCII.issuperset(raw):
-            return [self._fail_with_reply(
-                f"domain name {raw!r} contains non-ASCII, space or control bytes", ReplyCode.HOST_UNREACHABLE
-            )]
+            reason = f"domain name {raw!r} contains non-ASCII, space or control bytes"
+            return [self._fail_with_reply(reason, ReplyCode.HOST_UNREACHABLE)]
         return [self._connect_requested(raw.decode("ascii"), 5 + length, AddressType.DOMAIN)]
 
-    def _connect_requested(self, host: str, port_offset: int, address_type: AddressType) -> ConnectRequested:
+    def _connect_requested(
+        self, host: str, port_offset: int, address_type: AddressType
+    ) -> ConnectRequested:
         port = int.from_bytes(self._buffer[port_offset : port_offset + 2], "big")
         del self._buffer[: port_offset + 2]
         self._state = State.WAIT_REPLY
@@ -372,17 +390,19 @@ def encode_reply(code: ReplyCode, bind_host: str = "0.0.0.0", bind_port: int = 0
     """Encode a SOCKS5 reply; ``bind_host`` may be an IPv4/IPv6 literal or a domain name."""
     if not 0 <= bind_port <= 0xFFFF:
         raise ValueError(f"bind port {bind_port} is outside 0..65535")
-    return bytes([SOCKS_VERSION, ReplyCode(code), 0x00]) + _encode_address(bind_host) + bind_port.to_bytes(2, "big")
+    header = bytes([SOCKS_VERSION, ReplyCode(code), 0x00])
+    return header + _encode_address(bind_host) + bind_port.to_bytes(2, "big")
 
 
 def _encode_address(host: str) -> bytes:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        raw = host.encode("ascii", errors="replace")
-        if not host.isascii() or not 1 <= len(raw) <= 255:
-            raise ValueError(f"bind host {host!r} is neither an IP address nor a 1-255 byte ASCII name") from None
-        return bytes([AddressType.DOMAIN, len(raw)]) + raw
+        if not host.isascii() or not 1 <= len(host) <= 255:
+            raise ValueError(
+                f"bind host {host!r} is neither an IP address nor a 1-255 byte ASCII name"
+            ) from None
+        return bytes([AddressType.DOMAIN, len(host)]) + host.encode("ascii")
     address_type = AddressType.IPV4 if address.version == 4 else AddressType.IPV6
     return bytes([address_type]) + address.packed
 
@@ -478,14 +498,18 @@ def parse_pq_target(host: str, port: int) -> ServiceTarget | PortTarget:
     name = host[:-1] if host.endswith(".") else host
     if not _has_pq_suffix(name):
         raise NotAPqName(f"{host!r} is not a .pq name; use SERVICE.PEER.pq or PEER.pq")
-    if not name.isascii():  # checked before lower(): 'K' (Kelvin sign) would lower to 'k'
+    if not name.isascii():  # checked before lower(): U+212A KELVIN SIGN lowers to ASCII 'k'
         raise InvalidPqName(f"{host!r} contains non-ASCII characters")
     name = name.lower()
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidPqName(f"{host!r} is {len(name)} characters long, over the {MAX_NAME_LENGTH} allowed")
+        raise InvalidPqName(
+            f"{host!r} is {len(name)} characters long, over the {MAX_NAME_LENGTH} allowed"
+        )
     labels = name[: -len(PQ_SUFFIX)].split(".")
     if len(labels) > 2:
-        raise InvalidPqName(f"{host!r} has {len(labels)} labels before .pq; expected SERVICE.PEER.pq or PEER.pq")
+        raise InvalidPqName(
+            f"{host!r} has {len(labels)} labels before .pq; expected SERVICE.PEER.pq or PEER.pq"
+        )
     for label in labels:
         _check_label(label, host)
     if len(labels) == 2:
@@ -514,5 +538,6 @@ def _check_label(label: str, host: str) -> None:
         raise InvalidPqName(f"{host!r} has an empty label")
     if not _LABEL.fullmatch(label):
         raise InvalidPqName(
-            f"{host!r}: label {label!r} must be 1-63 letters, digits or '-', not starting or ending with '-'"
+            f"{host!r}: label {label!r} must be 1-63 letters, digits or '-',"
+            " not starting or ending with '-'"
         )

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Baseline: ``ssh -N -D`` (OpenSSH default hybrid kex) as a SOCKS5 tunnel.
+
+Run as root: ``python3 benchmarks/ssh_baseline.py [--quick] [--json out.json]``.
+
+Starts the benchmark HTTP server and a private sshd on 127.0.0.1 (isolated in
+its own mount namespace), then for each cipher measures, through ``ssh -D``:
+bulk throughput (curl), new-stream latency (fresh SOCKS5 connection per
+request), N concurrent 1 MiB streams, and peak RSS of the ssh client and sshd.
+A direct (no proxy) row gives context.  pqtunnel rows are added with the same
+``measure_row`` and ``harness`` functions, so all numbers in one table come
+from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Run as a script (python3 benchmarks/ssh_baseline.py): make the sibling harness importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h
+
+CIPHERS = (
+    "chacha20-poly1305@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes and repetitions; --quick shrinks them for a smoke run."""
+
+    bulk_size: int
+    bulk_runs: int
+    latency_n: int
+    latency_warmup: int
+    streams: int
+    stream_size: int
+    concurrent_runs: int
+
+
+FULL = Config(
+    bulk_size=1 << 30,
+    bulk_runs=5,
+    latency_n=500,
+    latency_warmup=20,
+    streams=200,
+    stream_size=h.MIB,
+    concurrent_runs=3,
+)
+QUICK = Config(
+    bulk_size=256 * h.MIB,
+    bulk_runs=3,
+    latency_n=200,
+    latency_warmup=10,
+    streams=100,
+    stream_size=h.MIB,
+    concurrent_runs=1,
+)
+
+
+def metric_names(cfg: Config) -> list[str]:
+    """Column names, in table order; the concurrency column states its shape."""
+    size = f"{cfg.stream_size // h.MIB}MiB" if cfg.stream_size % h.MIB == 0 else f"{cfg.stream_size}B"
+    return [
+        "bulk MB/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        f"{cfg.streams}x{size} s",
+        "client RSS MB",
+        "server RSS MB",
+    ]
+
+
+def measure_row(
+    name: str,
+    socks: int | None,
+    url_for: h.UrlFor,
+    cfg: Config,
+    client_pids: list[int] | None = None,
+    server_pids: list[int] | None = None,
+    note: str = "",
+) -> tuple[h.Row, dict[str, object]]:
+    """Run bulk, latency and concurrency against one SOCKS endpoint (or direct).
+
+    RSS is sampled for the whole measurement; client/server pids are roots
+    whose descendants count too.  Returns the table row and a detail dict for
+    JSON output.
+    """
+    client_pids = client_pids or []
+    server_pids = server_pids or []
+    print(f"== {name}", flush=True)
+    with h.peak_rss_mb(client_pids + server_pids) as rss:
+        bulk = h.bulk_throughput(socks, url_for, runs=cfg.bulk_runs, expected_size=cfg.bulk_size)
+        print(f"   bulk   {', '.join(f'{r:.0f}' for r in bulk.runs_mb_s)} MB/s", flush=True)
+        lat = h.new_stream_latency(socks, url_for, n=cfg.latency_n, warmup=cfg.latency_warmup)
+        print(
+            f"   stream p50 {lat.p50_ms:.2f} ms  p99 {lat.p99_ms:.2f} ms  max {lat.max_ms:.1f} ms", flush=True
+        )
+        conc = [
+            h.concurrent_streams(socks, url_for, n=cfg.streams, size=cfg.stream_size)
+            for _ in range(cfg.concurrent_runs)
+        ]
+        print(
+            f"   {cfg.streams} streams: {', '.join(f'{c.seconds:.2f}' for c in conc)} s"
+            f"  (slowest connect {max(c.slowest_connect_ms for c in conc):.0f} ms)",
+            flush=True,
+        )
+    best_conc = min(c.seconds for c in conc)
+
+    def group_peak(pids: list[int]) -> float | None:
+        return sum(rss.peak_mb_by_root[p] for p in pids) if pids else None
+
+    m = metric_names(cfg)
+    values: dict[str, float | None] = {
+        m[0]: bulk.best_mb_s,
+        m[1]: lat.p50_ms,
+        m[2]: lat.p99_ms,
+        m[3]: lat.max_ms,
+        m[4]: best_conc,
+        m[5]: group_peak(client_pids),
+        m[6]: group_peak(server_pids),
+    }
+    detail: dict[str, object] = {
+        "name": name,
+        "note": note,
+        "bulk": dataclasses.asdict(bulk),
+        "latency": dataclasses.asdict(lat),
+        "concurrent": [dataclasses.asdict(c) for c in conc],
+        "rss_peak_mb_total": rss.peak_mb if (client_pids or server_pids) else None,
+        "rss_hwm_sum_mb": rss.hwm_mb if (client_pids or server_pids) else None,
+        "rss_samples": rss.samples,
+    }
+    return h.Row(name, values, note), detail
+
+
+def _version(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    return (out.stdout + out.stderr).strip().splitlines()[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, smoke run under a minute")
+    ap.add_argument("--json", type=Path, help="also write all results to this JSON file")
+    ap.add_argument("--ciphers", nargs="+", default=list(CIPHERS), help="ssh -c ciphers to measure")
+    ap.add_argument("--baseline", default=None, help="row name for the ratio column (default: first ssh row)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("ssh_baseline.py must run as root (private sshd in its own mount namespace)", file=sys.stderr)
+        return 2
+    h.ensure_tools()
+    cfg = QUICK if args.quick else FULL
+    print(
+        f"host: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, kernel {platform.release()}\n"
+        f"{_version(['ssh', '-V'])}; {_version(['curl', '--version'])}\n"
+        f"config: {dataclasses.asdict(cfg)}",
+        flush=True,
+    )
+    t_start = time.monotonic()
+    rows: list[h.Row] = []
+    details: list[dict[str, object]] = []
+    with h.bulk_http_server(cfg.bulk_size) as srv:
+        row, det = measure_row(
+            "direct (no proxy)", None, srv.url_for, cfg, note="curl/raw sockets straight to the HTTP server"
+        )
+        rows.append(row)
+        details.append(det)
+        with h.private_sshd() as sshd:
+            for cipher in args.ciphers:
+                with h.ssh_socks_proxy(sshd.port, cipher, sshd.identity_file) as px:
+                    name = f"ssh -D {cipher.split('@')[0]}"
+                    row, det = measure_row(
+                        name,
+                        px.socks_port,
+                        srv.url_for,
+                        cfg,
+                        client_pids=[px.pid],
+                        server_pids=[sshd.pid],
+                        note=f"kex {px.negotiated_kex}, cipher {cipher}",
+                    )
+                    det["negotiated_kex"] = px.negotiated_kex
+                    det["cipher"] = cipher
+                    rows.append(row)
+                    details.append(det)
+    print()
+    baseline = args.baseline or rows[1].name
+    h.print_table(rows, baseline, metric_names(cfg))
+    print(
+        "bulk = best of curl runs (MB = 10^6 B); p50/p99/max = new SOCKS5 stream + GET of 1 byte; "
+        "Nx s = best wall time for N parallel verified streams; RSS = sampled peak (MiB), "
+        "client = ssh, server = sshd incl. per-connection children"
+    )
+    print(f"total time {time.monotonic() - t_start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": details}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
