@@ -103,3 +103,25 @@ def test_vector_replay_refuses_a_signature_from_another_transcript() -> None:
     vector["signatures"] = list(reversed(vector["signatures"]))
     with pytest.raises(AssertionError):
         replay(vector)
+
+
+RECORD_KEY = bytes.fromhex("11ff529bc396c356e2647dc54bcbd091d6431720526adf7130fb949b7cf8495a")
+RECORD_SESSION = bytes.fromhex("7af42160e00a9e08")
+RECORD_VECTORS = {
+    "chacha20-poly1305": "00000027107af42160e00a9e080000000000000005fca78f61274a44fc155ac4fc82880404738e499c544d",
+    "aes-256-gcm": "00000027107af42160e00a9e080000000000000005e3ed94a2fe6e38cabcd71aa6b6481a4cbf87c5ba855d",
+}
+
+
+@pytest.mark.parametrize("aead_label", list(RECORD_VECTORS))
+def test_record_vector_from_docs(aead_label: str) -> None:
+    """docs/PROTOCOL.md: DATA "hello" with counter 5 under the hybrid vector's i2r key."""
+    from pqtunnel.crypto.suites import Aead
+    from pqtunnel.records import ContentType, RecordLayer
+
+    aead = Aead.from_label(aead_label)
+    sender = RecordLayer(aead, RECORD_KEY, RECORD_KEY, RECORD_SESSION, first_send_counter=5)
+    frame = sender.seal(ContentType.DATA, b"hello")
+    assert frame.hex() == RECORD_VECTORS[aead_label]
+    receiver = RecordLayer(aead, RECORD_KEY, RECORD_KEY, RECORD_SESSION)
+    assert receiver.open(frame[5:]) == (ContentType.DATA, b"hello")

@@ -1,0 +1,110 @@
+"""Run pqtunnel daemons as child processes: start, wait until ready, talk to, stop.
+
+Used by the demo, the examples, the benchmarks and the end-to-end tests, which all drive
+real processes through the same command-line interface a user has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLI = [sys.executable, "-m", "daemon.cli"]
+READY_TIMEOUT = 20.0
+
+
+def pq(*args: str, home: Path | None = None, timeout: float = 30, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one ``pqtunnel`` command and return the completed process (never raises on failure)."""
+    argv = [*CLI, *args]
+    if home is not None:
+        argv += ["--home", str(home)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def init_node(root: Path, name: str) -> tuple[Path, str]:
+    home = root / name
+    result = pq("init", "--name", name, home=home)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip())
+    return home, result.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class Daemon:
+    home: Path
+    extra: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self) -> Daemon:
+        self.log_path = self.home / "daemon.log"
+        log = self.log_path.open("ab")
+        argv = [*CLI, "up", "--home", str(self.home), "--no-mdns", "--socks", "off", *self._listen_default(), *self.extra]
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+        return self
+
+    def _listen_default(self) -> list[str]:
+        return [] if "--listen" in self.extra else ["--listen", "127.0.0.1:0"]
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.logs()}")
+            if (self.home / "control.sock").exists() and pq("status", home=self.home).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready:\n{self.logs()}")
+
+    def status(self) -> dict[str, Any]:
+        result = pq("status", "--json", home=self.home)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip())
+        return json.loads(result.stdout)
+
+    @property
+    def port(self) -> int:
+        return int(self.status()["listen"].rsplit(":", 1)[1])
+
+    def sessions(self) -> list[dict[str, Any]]:
+        result = pq("sessions", "--json", home=self.home)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip())
+        return json.loads(result.stdout)
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            logs = self.logs()
+            if text in logs:
+                return logs
+            time.sleep(0.05)
+        raise RuntimeError(f"{text!r} not in log:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"daemon did not stop on signal {sig}:\n{self.logs()}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
