@@ -130,6 +130,57 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_connect_target(text: str) -> tuple[str, dict[str, Any]]:
+    """``PEER/SERVICE`` or ``PEER:PORT`` (the peer may carry a ``.pq`` suffix)."""
+    from pqtunnel.errors import ConfigError
+    from pqtunnel.names import validate_name
+
+    if "/" in text:
+        peer, _, service = text.partition("/")
+        return validate_name(peer.removesuffix(".pq"), "peer name"), {"service": validate_name(service, "service name")}
+    peer, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and 0 < int(port) < 65536:
+        return validate_name(peer.removesuffix(".pq"), "peer name"), {"port": int(port)}
+    raise ConfigError(f"connect target {text!r}: expected PEER/SERVICE or PEER:PORT")
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    """stdin/stdout <-> a remote service; works as ssh ProxyCommand and as an MCP stdio transport."""
+    import os
+    import socket
+    import threading
+
+    peer, target = parse_connect_target(args.target)
+    sock, early = control.open_pipe(_home(args), peer, target)
+    out = sys.stdout.buffer
+
+    def upload() -> None:
+        try:
+            while True:
+                chunk = os.read(0, 65536)
+                if not chunk:
+                    break
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threading.Thread(target=upload, daemon=True).start()
+    try:
+        if early:
+            out.write(early)
+            out.flush()
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out.write(chunk)
+            out.flush()
+    finally:
+        sock.close()
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------------
 
 
@@ -172,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, handler, text)
         p.add_argument("--json", action="store_true")
         _add_home(p)
+    p = command("connect", cmd_connect, "splice stdin/stdout to a peer's service (PEER/SERVICE) or port (PEER:PORT)")
+    p.add_argument("target", metavar="PEER/SERVICE|PEER:PORT")
+    _add_home(p)
     p = command("ping", cmd_ping, "handshake if needed, then time a round trip through the tunnel")
     p.add_argument("peer")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")

@@ -78,6 +78,7 @@ class NodeConfig:
     timers: SessionTimers = field(default_factory=SessionTimers)
     mdns: bool = True
     log_level: str = "info"
+    socks_users: dict[str, str] = field(default_factory=dict)
 
     @property
     def control_socket(self) -> Path:
@@ -112,6 +113,14 @@ def _services(table: dict[str, Any], source: str) -> dict[str, Address | ExecSer
         else:
             raise ConfigError(f"{source}: services.{name} must be \"HOST:PORT\" or {{ exec = [\"cmd\", ...] }}")
     return services
+
+
+def _socks_users(table: dict[str, Any], source: str) -> dict[str, str]:
+    """Optional RFC 1929 accounts for the SOCKS endpoint (hosts shared by several users)."""
+    for user, password in table.items():
+        if not isinstance(password, str) or not password:
+            raise ConfigError(f"{source}: socks_users.{user} must be a non-empty password string")
+    return dict(table)
 
 
 def _string_list(value: Any, key: str, source: str) -> list[str]:
@@ -184,5 +193,6 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         aeads=aeads,
         timers=_timers(_table(data, "timers", source), source),
         mdns=node.get("mdns", True) if mdns is None else mdns,
+        socks_users=_socks_users(_table(data, "socks_users", source), source),
         log_level=str(node.get("log_level", "info")),
     )

@@ -1,10 +1,16 @@
-"""Trio shell around one sans-IO Session on one TCP stream."""
+"""Trio shell around one sans-IO Session on one TCP stream.
+
+Three tasks per connection: the reader feeds the session, the writer is the only task that
+writes to the socket, and the ticker drives keepalive and rekey. The reader never waits on
+the socket's send side, so two peers pushing bulk data at each other cannot deadlock;
+application writers get backpressure from ``flush()`` once too much is queued.
+"""
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
@@ -16,8 +22,12 @@ from .logs import LOG
 if TYPE_CHECKING:
     from pqtunnel.handshake import HandshakeResult
 
+    from .streams import StreamHost
+
 RECEIVE_SIZE = 256 * 1024
 TICK_SECONDS = 1.0
+HIGH_WATER = 2 * 1024 * 1024
+CLOSE_FLUSH_SECONDS = 1.0
 
 
 def now_ms() -> int:
@@ -41,12 +51,14 @@ class Connection:
         self.finished = trio.Event()
         self.close_reason = ""
         self.established_at = 0.0
-        self._send_lock = trio.Lock()
+        self.host: StreamHost | None = None
+        self.nursery: trio.Nursery | None = None
+        self._kick = trio.Event()
+        self._progress = trio.Event()
+        self._writing = False
         self._pings: dict[int, trio.Event] = {}
-        self._pong_times: dict[int, int] = {}
         self._cancel: trio.CancelScope | None = None
         self.on_established: Callable[[Connection], None] = lambda conn: None
-        self.on_data: Callable[[Connection, bytes], Awaitable[None] | None] = lambda conn, data: None
         self.on_finished: Callable[[Connection], None] = lambda conn: None
         _set_nodelay(stream)
 
@@ -61,14 +73,18 @@ class Connection:
             return f"{result.peer_name} ({result.peer.fingerprint})"
         return f"{self.dialled or 'unknown peer'} at {self.remote}"
 
+    # --- tasks --------------------------------------------------------------------------------------
+
     async def run(self) -> None:
         """Run until the peer closes, an error occurs, or we are cancelled."""
         try:
             with trio.CancelScope() as scope:
                 self._cancel = scope
                 async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self._guarded, self._writer, nursery.cancel_scope)
                     nursery.start_soon(self._guarded, self._ticker, nursery.cancel_scope)
-                    await self._guarded(self._main, nursery.cancel_scope)
+                    await self._guarded(self._reader, nursery.cancel_scope)
         finally:
             await self._finish()
 
@@ -78,7 +94,7 @@ class Connection:
             await task()
         except ProtocolError as exc:
             self.close_reason = self.close_reason or str(exc)
-            await self._flush_quietly()
+            await self.drain(CLOSE_FLUSH_SECONDS)  # e.g. the ALERT telling the initiator why
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close_reason = self.close_reason or f"connection lost ({_os_reason(exc)})"
         except Exception as exc:  # a bug must cost one connection, not the daemon
@@ -87,13 +103,10 @@ class Connection:
         finally:
             scope.cancel()
 
-    async def _main(self) -> None:
+    async def _reader(self) -> None:
         if self.session.is_initiator:
             self.session.start(now_ms())
-            await self.flush()
-        await self._reader()
-
-    async def _reader(self) -> None:
+            self.kick()
         while True:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
@@ -103,9 +116,32 @@ class Connection:
                 return
             for event in self.session.receive_data(data, now_ms()):
                 await self._handle(event)
-            await self.flush()
+            self.kick()
             if self.session.closed:
+                await self.drain(CLOSE_FLUSH_SECONDS)
                 return
+
+    async def _writer(self) -> None:
+        """The only task that writes to the socket: everything goes out in queue order."""
+        while True:
+            data = self.session.data_to_send()
+            if not data:
+                self._signal_progress()
+                await self._kick.wait()
+                self._kick = trio.Event()
+                continue
+            self._writing = True
+            try:
+                await self.stream.send_all(data)
+            finally:
+                self._writing = False
+            self._signal_progress()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(TICK_SECONDS)
+            self.session.tick(now_ms())
+            self.kick()
 
     async def _handle(self, event: object) -> None:
         if isinstance(event, Established):
@@ -113,11 +149,9 @@ class Connection:
             self.established.set()
             self.on_established(self)
         elif isinstance(event, DataReceived):
-            outcome = self.on_data(self, event.data)
-            if outcome is not None:
-                await outcome
+            if self.host is not None:
+                await self.host.on_session_data(event.data)
         elif isinstance(event, PongReceived):
-            self._pong_times[event.ping_id] = now_ms()
             waiter = self._pings.pop(event.ping_id, None)
             if waiter is not None:
                 waiter.set()
@@ -126,26 +160,29 @@ class Connection:
         elif isinstance(event, PeerClosed):
             self.close_reason = f"peer closed the session: {event.reason}"
 
-    async def _ticker(self) -> None:
-        while True:
-            await trio.sleep(TICK_SECONDS)
-            self.session.tick(now_ms())
-            await self.flush()
+    # --- sending --------------------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Wake the writer; never blocks (safe from the reader)."""
+        self._kick.set()
+
+    def _signal_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def flush(self) -> None:
-        """Send everything the session has queued, in order, one writer at a time."""
-        async with self._send_lock:
-            data = self.session.data_to_send()
-            if data:
-                await self.stream.send_all(data)
+        """Queue-and-go for the writer, waiting only while more than HIGH_WATER is queued."""
+        self.kick()
+        while self.session.pending_bytes > HIGH_WATER and not self.finished.is_set():
+            await self._progress.wait()
 
-    async def _flush_quietly(self) -> None:
-        with trio.move_on_after(1) as scope:
+    async def drain(self, timeout: float) -> None:
+        """Wait (shielded, bounded) until everything queued has been written."""
+        self.kick()
+        with trio.move_on_after(timeout) as scope:
             scope.shield = True
-            try:
-                await self.flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            while (self.session.pending_bytes or self._writing) and not self.finished.is_set():
+                await self._progress.wait()
 
     async def send(self, data: bytes) -> None:
         if self.finished.is_set() or self.session.closed:
@@ -157,19 +194,12 @@ class Connection:
         """Round trip through the encrypted session, in milliseconds."""
         if self.finished.is_set():
             raise ConnectionClosed(f"session with {self.peer_label} is closed")
-        sent = now_ms()
         started = time.perf_counter()
-        ping_id = self.session.ping(sent)
+        ping_id = self.session.ping(now_ms())
         waiter = self._pings[ping_id] = trio.Event()
-        await self.flush()
-        async with trio.open_nursery() as nursery:
-            async def stop_on_finish() -> None:
-                await self.finished.wait()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(stop_on_finish)
-            await waiter.wait()
-            nursery.cancel_scope.cancel()
-        if not waiter.is_set():
+        self.kick()
+        await waiter.wait()  # set by the PONG (which removes it), or by _finish
+        if ping_id in self._pings:
             raise ConnectionClosed(f"session with {self.peer_label} closed during ping: {self.close_reason}")
         return (time.perf_counter() - started) * 1000
 
@@ -179,22 +209,25 @@ class Connection:
             return
         self.close_reason = reason
         self.session.close(reason)
-        await self._flush_quietly()
+        await self.drain(CLOSE_FLUSH_SECONDS)
         if self._cancel is not None:
             self._cancel.cancel()
 
     async def _finish(self) -> None:
+        if self.host is not None:
+            self.host.shutdown(self.close_reason or "closed")
         with trio.CancelScope(shield=True):
             try:
                 await self.stream.aclose()
             except (trio.BrokenResourceError, OSError):
                 pass
         self.finished.set()
+        self._signal_progress()
         for waiter in self._pings.values():
             waiter.set()
         self.on_finished(self)
 
-    def info(self) -> dict[str, object]:
+    def info(self) -> dict[str, Any]:
         result = self.result
         assert result is not None
         return {
@@ -211,6 +244,7 @@ class Connection:
             "bytes_received": self.session.bytes_received,
             "age_s": round(time.monotonic() - self.established_at, 3),
             "rekeys": self.session.epoch,
+            "streams": len(self.host.streams) if self.host else 0,
         }
 
 

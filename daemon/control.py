@@ -69,7 +69,10 @@ def _socket_alive(path: Path) -> bool:
 async def _serve_client(node: Node, stream: trio.SocketStream) -> None:
     async with stream:
         try:
-            request = await _read_line(stream)
+            request, early = await _read_line(stream)
+            if request.get("cmd") == "connect":
+                await _serve_connect(node, stream, request, early)
+                return
             response = await _dispatch(node, request)
         except PqtunnelError as exc:
             response = {"ok": False, "error": str(exc)}
@@ -81,7 +84,27 @@ async def _serve_client(node: Node, stream: trio.SocketStream) -> None:
             pass
 
 
-async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
+async def _serve_connect(node: Node, stream: trio.SocketStream, request: dict[str, Any], early: bytes) -> None:
+    """``pqtunnel connect``: answer one JSON line, then this socket *is* the remote stream."""
+    from .splice import EXPECTED_ERRORS, bridge
+
+    peer, target = request.get("peer"), request.get("target")
+    if not isinstance(peer, str) or not isinstance(target, dict):
+        raise UserError("connect needs a peer and a target")
+    tunnel = await node.open_stream(peer, target)
+    await stream.send_all(json.dumps({"ok": True}).encode() + b"\n")
+    try:
+        if early:
+            await tunnel.send_all(early)
+        await bridge(stream, tunnel)
+    except EXPECTED_ERRORS as exc:
+        LOG.info("connect to %s %s ended: %s", peer, target, exc)
+    finally:
+        await tunnel.aclose()
+
+
+async def _read_line(stream: trio.SocketStream) -> tuple[dict[str, Any], bytes]:
+    """One JSON request line, plus any bytes the client sent after it."""
     buffer = bytearray()
     while b"\n" not in buffer:
         chunk = await stream.receive_some(4096)
@@ -90,13 +113,14 @@ async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
         buffer += chunk
         if len(buffer) > MAX_REQUEST:
             raise UserError("control request too large")
+    line, _, rest = bytes(buffer).partition(b"\n")
     try:
-        request = json.loads(buffer.split(b"\n", 1)[0] or b"{}")
+        request = json.loads(line or b"{}")
     except ValueError:
         raise UserError("control request is not JSON") from None
     if not isinstance(request, dict):
         raise UserError("control request must be a JSON object")
-    return request
+    return request, rest
 
 
 async def _dispatch(node: Node, request: dict[str, Any]) -> dict[str, Any]:
@@ -117,17 +141,51 @@ async def _dispatch(node: Node, request: dict[str, Any]) -> dict[str, Any]:
     raise UserError(f"unknown control command {command!r}")
 
 
-def call(home: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """Blocking client used by the CLI; raises DaemonNotRunningError with a helpful hint."""
+def _connect_socket(home: Path, timeout: float | None) -> socket.socket:
     path = home / "control.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
         raise DaemonNotRunningError(f"no daemon is running for {home} (start one with: pqtunnel up --home {home})") from None
     except PermissionError:
+        sock.close()
         raise UserError(f"permission denied on {path}: the control socket belongs to another user") from None
+    return sock
+
+
+def open_pipe(home: Path, peer: str, target: dict[str, Any], timeout: float = 30.0) -> tuple[socket.socket, bytes]:
+    """Ask the daemon for a stream; returns the socket now spliced to it and any early bytes."""
+    sock = _connect_socket(home, timeout)
+    sock.sendall(json.dumps({"cmd": "connect", "peer": peer, "target": target}).encode() + b"\n")
+    buffer = bytearray()
+    try:
+        while b"\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+    except socket.timeout:
+        sock.close()
+        raise UserError(f"the daemon did not answer within {timeout:.0f} s") from None
+    line, _, rest = bytes(buffer).partition(b"\n")
+    try:
+        response = json.loads(line)
+    except ValueError:
+        sock.close()
+        raise UserError("the daemon closed the connection without answering") from None
+    if not response.get("ok"):
+        sock.close()
+        raise UserError(response.get("error", "the daemon refused the request"))
+    sock.settimeout(None)
+    return sock, rest
+
+
+def call(home: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Blocking client used by the CLI; raises DaemonNotRunningError with a helpful hint."""
+    sock = _connect_socket(home, timeout)
     try:
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = bytearray()

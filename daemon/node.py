@@ -20,6 +20,9 @@ from pqtunnel.trust import TrustStore
 from .config import Address, NodeConfig
 from .connection import Connection, ConnectionClosed, _os_reason, now_ms
 from .logs import LOG
+from .services import serve_stream
+from .socks_server import open_socks_listener, serve_socks_client
+from .streams import StreamError, StreamHost, TunnelStream
 
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
@@ -78,13 +81,30 @@ class Node:
             self._nursery = nursery
             listeners = await self._open_listeners()
             nursery.start_soon(trio.serve_listeners, self._serve_inbound, listeners)
+            if self.config.socks is not None:
+                socks_listeners = await open_socks_listener(self.config.socks)
+                nursery.start_soon(trio.serve_listeners, self._serve_socks, socks_listeners)
             await nursery.start(serve_control, self)
             for link in self.links.values():
                 nursery.start_soon(self._keep_link, link)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             self.ready.set()
-            LOG.info("node %s (%s) listening on %s, suites %s", self.identity.name, self.identity.fingerprint,
-                     self.listen_address, ",".join(s.name for s in self.config.suites))
+            LOG.info("node %s (%s) listening on %s, SOCKS on %s, suites %s", self.identity.name,
+                     self.identity.fingerprint, self.listen_address, self.config.socks or "off",
+                     ",".join(s.name for s in self.config.suites))
+
+    async def _serve_socks(self, client: trio.SocketStream) -> None:
+        await serve_socks_client(self, client)
+
+    async def _serve_stream(self, host: StreamHost, stream: TunnelStream) -> None:
+        await serve_stream(self, host, stream)
+
+    async def open_stream(self, peer: str, target: dict[str, Any]) -> TunnelStream:
+        """A stream to ``target`` on ``peer``, handshaking first if needed."""
+        conn = await self.session_for(peer)
+        if conn.host is None:
+            raise StreamError(f"session with {peer} is not ready for streams")
+        return await conn.host.open(target)
 
     async def _open_listeners(self) -> list[trio.SocketListener]:
         address = self.config.listen
@@ -134,6 +154,8 @@ class Node:
         def established(c: Connection) -> None:
             if c.direction == "inbound":
                 self.pending_handshakes -= 1
+            assert c.nursery is not None
+            c.host = StreamHost(c, self._serve_stream, c.nursery)
             self._register(c)
 
         conn.on_established = established

@@ -124,6 +124,11 @@ class Session:
         self._outgoing.clear()
         return data
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for the socket: the shell applies backpressure on this."""
+        return len(self._outgoing)
+
     def _queue(self, frame: bytes, now_ms: int | None = None) -> None:
         self._outgoing += frame
         if now_ms is not None:

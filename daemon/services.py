@@ -1,0 +1,162 @@
+"""The serving side of streams: a peer asks for a named service or a port; we connect it.
+
+TCP services are spliced to a fresh connection; exec services (stdio, e.g. an MCP tool
+server) get one process per stream, with stdin/stdout spliced to the stream, stderr logged,
+and the process killed and reaped when the stream ends.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pqtunnel import mux
+from pqtunnel.errors import PqtunnelError
+
+from .config import Address, ExecService
+from .connection import _os_reason
+from .logs import LOG
+from .splice import EXPECTED_ERRORS, Duplex, bridge
+from .streams import StreamHost, TunnelStream
+
+if TYPE_CHECKING:
+    from .node import Node
+
+CONNECT_TIMEOUT = 10.0
+KILL_GRACE = 2.0
+
+
+class Refusal(PqtunnelError):
+    def __init__(self, code: mux.ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def describe(target: dict[str, Any]) -> str:
+    if "service" in target:
+        return f"service {target['service']}"
+    return f"port {target.get('port')}"
+
+
+def resolve(node: Node, target: dict[str, Any]) -> Address | ExecService:
+    """Map a stream target to what this node serves, or refuse with the reason."""
+    service, port = target.get("service"), target.get("port")
+    if isinstance(service, str):
+        found = node.config.services.get(service)
+        if found is None:
+            raise Refusal(mux.ErrorCode.UNKNOWN_SERVICE, f"{node.identity.name} has no service {service!r}")
+        return found
+    if isinstance(port, int) and not isinstance(port, bool):
+        if port not in node.config.allowed_ports:
+            raise Refusal(mux.ErrorCode.NOT_ALLOWED, f"port {port} on {node.identity.name} is not allowed")
+        return Address("127.0.0.1", port)
+    raise Refusal(mux.ErrorCode.PROTOCOL_ERROR, "stream target names neither a service nor a port")
+
+
+async def serve_stream(node: Node, host: StreamHost, stream: TunnelStream) -> None:
+    """Own one inbound stream from accept to close; never lets an error escape."""
+    what = describe(stream.target)
+    try:
+        backend = resolve(node, stream.target)
+        if isinstance(backend, ExecService):
+            await _serve_exec(host, stream, backend, what)
+        else:
+            await _serve_tcp(host, stream, backend, what)
+    except Refusal as refusal:
+        LOG.info("refused stream %d from %s to %s: %s", stream.stream_id, host.peer, what, refusal)
+        host.mux.refuse_stream(stream.stream_id, refusal.code, str(refusal))
+        host.streams.pop(stream.stream_id, None)
+        await _flush_quietly(host)
+    except (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        LOG.info("stream %d from %s to %s ended: %s", stream.stream_id, host.peer, what, _os_reason(exc) if isinstance(exc, OSError) else exc)
+        await stream.aclose()
+    except Exception as exc:  # a bug costs one stream, never the session
+        LOG.warning("stream %d from %s to %s failed: %s: %s", stream.stream_id, host.peer, what, type(exc).__name__, exc)
+        await stream.aclose()
+
+
+async def _flush_quietly(host: StreamHost) -> None:
+    try:
+        await host.flush()
+    except (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+async def _serve_tcp(host: StreamHost, stream: TunnelStream, address: Address, what: str) -> None:
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            target = await trio.open_tcp_stream(address.host, address.port)
+    except (OSError, trio.TooSlowError) as exc:
+        reason = "timed out" if isinstance(exc, trio.TooSlowError) else _os_reason(exc)
+        raise Refusal(mux.ErrorCode.REFUSED, f"{what} ({address}): {reason}") from None
+    async with target:
+        host.mux.accept_stream(stream.stream_id)
+        await host.flush()
+        LOG.info("stream %d: %s -> %s (%s)", stream.stream_id, host.peer, what, address)
+        await bridge(stream, target)
+    LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, host.peer, what,
+             stream.bytes_in, stream.bytes_out)
+
+
+async def _serve_exec(host: StreamHost, stream: TunnelStream, service: ExecService, what: str) -> None:
+    try:
+        process = await trio.lowlevel.open_process(list(service.argv), stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise Refusal(mux.ErrorCode.UNREACHABLE, f"{what} failed to start {service.argv[0]!r}: {_os_reason(exc)}") from None
+    host.mux.accept_stream(stream.stream_id)
+    await host.flush()
+    LOG.info("stream %d: %s -> %s (pid %d)", stream.stream_id, host.peer, what, process.pid)
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_log_stderr, process.stderr, what, process.pid)
+            try:
+                await bridge(stream, Duplex(process.stdout, process.stdin))
+            except EXPECTED_ERRORS as exc:
+                error = exc
+            else:
+                with trio.move_on_after(KILL_GRACE):  # both directions ended: let it exit by itself
+                    await process.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await _reap(process)
+    if error is not None:
+        raise error
+    LOG.info("stream %d: %s -> %s closed, exit status %s", stream.stream_id, host.peer, what, process.returncode)
+
+
+async def _log_stderr(stderr: trio.abc.ReceiveStream, what: str, pid: int) -> None:
+    buffer = b""
+    while True:
+        try:
+            chunk = await stderr.receive_some(65536)
+        except EXPECTED_ERRORS:
+            chunk = b""
+        if not chunk:
+            break
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            LOG.info("%s[%d] stderr: %s", what, pid, line.decode(errors="replace")[:500])
+        buffer = buffer[-4096:]
+    if buffer:
+        LOG.info("%s[%d] stderr: %s", what, pid, buffer.decode(errors="replace")[:500])
+
+
+async def _reap(process: trio.Process) -> None:
+    """Terminate, then kill, and always wait: no zombies, no orphans."""
+    if process.returncode is None:
+        process.terminate()
+        with trio.move_on_after(KILL_GRACE):
+            await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            await trio.aclose_forcefully(pipe)

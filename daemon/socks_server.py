@@ -1,0 +1,131 @@
+"""The local SOCKS5 endpoint: ``SERVICE.PEER.pq`` and ``PEER.pq:PORT`` through the tunnel."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pqtunnel import mux, socks
+from pqtunnel.errors import PqtunnelError, UserError
+
+from .config import Address
+from .logs import LOG
+from .splice import bridge
+from .streams import StreamError, StreamRefusedError
+
+if TYPE_CHECKING:
+    from .node import Node
+
+NEGOTIATION_TIMEOUT = 10.0
+
+_FAILURE_FOR_CODE = {
+    mux.ErrorCode.UNKNOWN_SERVICE: socks.TargetFailure.UNKNOWN_SERVICE,
+    mux.ErrorCode.NOT_ALLOWED: socks.TargetFailure.POLICY_DENIED,
+    mux.ErrorCode.REFUSED: socks.TargetFailure.SERVICE_REFUSED,
+    mux.ErrorCode.UNREACHABLE: socks.TargetFailure.SERVICE_REFUSED,
+}
+
+
+def target_dict(target: socks.ServiceTarget | socks.PortTarget) -> dict[str, Any]:
+    if isinstance(target, socks.ServiceTarget):
+        return {"service": target.service}
+    return {"port": target.port}
+
+
+def failure_for(exc: BaseException) -> socks.TargetFailure:
+    """One mapping from why a stream could not open to the SOCKS reply (via socks.reply_for)."""
+    from .node import PeerUnreachableError, UnknownPeerError
+
+    if isinstance(exc, UnknownPeerError):
+        return socks.TargetFailure.UNKNOWN_PEER
+    if isinstance(exc, PeerUnreachableError):
+        return socks.TargetFailure.PEER_UNREACHABLE
+    if isinstance(exc, StreamRefusedError):
+        return _FAILURE_FOR_CODE.get(exc.code, socks.TargetFailure.SERVICE_REFUSED)  # type: ignore[call-overload]
+    if isinstance(exc, StreamError):
+        return socks.TargetFailure.PEER_UNREACHABLE
+    return socks.TargetFailure.INTERNAL_ERROR
+
+
+async def open_socks_listener(address: Address) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(address.port, host=address.host)
+    except OSError as exc:
+        raise UserError(f"cannot listen for SOCKS on {address}: {exc.strerror or exc}") from None
+
+
+async def serve_socks_client(node: Node, client: trio.SocketStream) -> None:
+    """Negotiate, open the tunnel stream, reply, then splice; one line of log per outcome."""
+    async with client:
+        try:
+            with trio.fail_after(NEGOTIATION_TIMEOUT):
+                server, request = await _negotiate(node, client)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        if request is None:
+            return
+        await _connect(node, client, server, request)
+
+
+async def _negotiate(node: Node, client: trio.SocketStream) -> tuple[socks.Socks5Server, socks.ConnectRequested | None]:
+    server = socks.Socks5Server(require_auth=bool(node.config.socks_users))
+    while True:
+        data = await client.receive_some(65536)
+        events = server.receive_data(data)
+        while events:
+            event = events.pop(0)
+            if isinstance(event, socks.AuthRequested):
+                expected = node.config.socks_users.get(event.username)
+                ok = expected is not None and hmac.compare_digest(expected.encode(), event.password.encode())
+                if not ok:
+                    LOG.info("SOCKS: wrong credentials for user %r", event.username)
+                events.extend(server.accept_credentials(ok))
+            elif isinstance(event, socks.ConnectRequested):
+                await _send(client, server)
+                return server, event
+            elif isinstance(event, socks.SocksError):
+                LOG.info("SOCKS client refused: %s", event.reason)
+                await _send(client, server)
+                return server, None
+        await _send(client, server)
+        if not data:
+            return server, None
+
+
+async def _send(client: trio.SocketStream, server: socks.Socks5Server) -> None:
+    out = server.data_to_send()
+    if out:
+        await client.send_all(out)
+
+
+async def _connect(node: Node, client: trio.SocketStream, server: socks.Socks5Server,
+                   request: socks.ConnectRequested) -> None:
+    try:
+        target = socks.target_for_request(request)
+    except socks.TargetNameError as exc:
+        LOG.info("SOCKS: refused %s:%d: %s", request.host, request.port, exc)
+        server.reply(socks.reply_for(exc.failure))
+        await _send(client, server)
+        return
+    label = f"{request.host}:{request.port}"
+    try:
+        stream = await node.open_stream(target.peer, target_dict(target))
+    except (PqtunnelError, OSError) as exc:
+        failure = failure_for(exc)
+        LOG.info("SOCKS: %s refused (%s): %s", label, failure.name.lower().replace("_", " "), exc)
+        server.reply(socks.reply_for(failure))
+        await _send(client, server)
+        return
+    server.reply(socks.ReplyCode.SUCCEEDED)
+    await _send(client, server)
+    early = server.trailing_data()
+    try:
+        if early:
+            await stream.send_all(early)
+        await bridge(client, stream)
+    except (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        LOG.info("SOCKS: %s ended: %s", label, exc)
+    finally:
+        await stream.aclose()

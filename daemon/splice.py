@@ -1,0 +1,85 @@
+"""Copy bytes both ways between two streams, honouring half-close in each direction."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+from pqtunnel.errors import PqtunnelError
+
+CHUNK = 256 * 1024
+EXPECTED_ERRORS = (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class Readable(Protocol):
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
+
+
+class Writable(Protocol):
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
+class Duplex:
+    """A receive side and a send side (e.g. a process's stdout and stdin) as one stream."""
+
+    def __init__(self, receive: Any, send: Any) -> None:
+        self._receive, self._send = receive, send
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._receive.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._send.send_all(data)
+
+    async def send_eof(self) -> None:
+        await self._send.aclose()
+
+
+async def half_close(stream: Any) -> None:
+    """send_eof where the stream has it (TCP, tunnel streams), else close it."""
+    try:
+        if hasattr(stream, "send_eof"):
+            await stream.send_eof()
+        else:
+            await stream.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+async def pump(source: Readable, sink: Writable) -> int:
+    """Copy until EOF, then half-close the sink; returns the number of bytes copied."""
+    copied = 0
+    while True:
+        data = await source.receive_some(CHUNK)
+        if not data:
+            break
+        await sink.send_all(data)
+        copied += len(data)
+    await half_close(sink)
+    return copied
+
+
+async def bridge(a: Any, b: Any) -> tuple[int, int]:
+    """Splice ``a`` and ``b`` until both directions end.
+
+    Returns (bytes a->b, bytes b->a). If either direction fails, the other is cancelled and
+    the first error is raised as itself (not wrapped in an exception group), so callers can
+    log one precise reason.
+    """
+    counts = [0, 0]
+    errors: list[BaseException] = []
+
+    async def forward(index: int, source: Any, sink: Any, scope: trio.CancelScope) -> None:
+        try:
+            counts[index] = await pump(source, sink)
+        except EXPECTED_ERRORS as exc:
+            errors.append(exc)
+            scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forward, 0, a, b, nursery.cancel_scope)
+        nursery.start_soon(forward, 1, b, a, nursery.cancel_scope)
+    if errors:
+        raise errors[0]
+    return counts[0], counts[1]
