@@ -12,8 +12,16 @@ name the target" so pqtunnel and ``ssh -N -D`` are measured by the same code:
   to the proxy unresolved (curl ``--socks5-hostname``, SOCKS5 ATYP 3) and IP
   literals as addresses, so both kinds of tunnel can be driven identically.
 
-The HTTP server, the private sshd and the ssh client are started as context
-managers that kill and reap their processes and delete their temp dirs.
+The HTTP server (its own process), the private sshd and the ssh client are
+started as context managers that kill and reap their processes and delete
+their temp dirs.  Typical use for one tunnel::
+
+    with bulk_http_server(1 << 30) as srv, peak_rss_mb([client_pid, server_pid]) as rss:
+        url_for = srv.url_for                      # or http_url_for("http://web.bob.pq")
+        bulk = bulk_throughput(socks_port, url_for, expected_size=1 << 30)
+        lat = new_stream_latency(socks_port, url_for)
+        conc = concurrent_streams(socks_port, url_for)
+    print(rss.peak_mb_by_root[server_pid])
 
 Only the standard library is used, so the harness runs before pqtunnel's own
 dependencies are installed.  Linux only (reads /proc); the private sshd needs
@@ -24,23 +32,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import ipaddress
 import math
 import os
 import random
 import re
+import resource
+import selectors
 import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 MB = 1_000_000  # throughput is reported in decimal MB/s, like curl's speed_download
 MIB = 1 << 20
@@ -240,13 +252,12 @@ class _BulkHandler:
 
 
 @contextlib.contextmanager
-def bulk_http_server(size_bytes: int, host: str = "127.0.0.1") -> Iterator[HttpServer]:
-    """Run a threaded HTTP/1.1 server serving deterministic payloads.
+def http_server_threads(size_bytes: int, host: str = "127.0.0.1") -> Iterator[HttpServer]:
+    """The HTTP server itself, running in threads of the calling process.
 
-    Resources: ``/1`` (1 byte, latency probe), ``/mib`` (1 MiB, concurrency),
-    ``/bulk`` (``size_bytes``, throughput), ``/bytes/N`` (any N up to
-    max(size_bytes, 1 MiB)).  All bodies are prefixes of ``expected_body``.
-    Yields ``HttpServer(host, port, path_of_backing_file)``.
+    Used by ``bulk_http_server`` inside a child process; call directly only
+    when a separate process is impossible (it then shares the GIL with the
+    measuring client).
     """
     tmp = Path(tempfile.mkdtemp(prefix="pqbench-http-"))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -295,6 +306,55 @@ def bulk_http_server(size_bytes: int, host: str = "127.0.0.1") -> Iterator[HttpS
         if fd >= 0:
             os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bulk_http_server(size_bytes: int, host: str = "127.0.0.1") -> Iterator[HttpServer]:
+    """Run the benchmark HTTP/1.1 server in its own process; yield (host, port, path).
+
+    Resources: ``/1`` (1 byte, latency probe), ``/mib`` (1 MiB), ``/bulk``
+    (``size_bytes``, throughput), ``/bytes/N`` (any N up to max(size_bytes,
+    1 MiB), used by the concurrency test).  All bodies are prefixes of
+    ``expected_body``; ``path`` is the backing file.  Thread per connection
+    (keep-alive, 4096 backlog), bodies via sendfile: measured ~2-3 GB/s to
+    curl directly with ~0 s of Python CPU, the rest is the kernel's loopback
+    TCP cost that any server pays.  A separate process keeps the server's
+    200+ threads off the GIL of the measuring client.  Also runnable by hand:
+    ``python3 benchmarks/harness.py serve SIZE [HOST]``.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "serve", str(size_bytes), host],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    data: Path | None = None
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        if len(line) != 3 or line[0] != "READY":
+            raise RuntimeError(f"benchmark HTTP server failed to start (exit {proc.wait()}): {line!r}")
+        data = Path(line[2])
+        yield HttpServer(host, int(line[1]), data)
+    finally:
+        _stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if data is not None:  # normally removed by the child; not if it had to be killed
+            shutil.rmtree(data.parent, ignore_errors=True)
+
+
+def _serve_main(size_bytes: int, host: str) -> None:
+    """Child-process entry of ``bulk_http_server``: serve until SIGTERM."""
+
+    def on_term(_sig: int, _frame: object) -> None:
+        raise SystemExit(0)  # unwinds the context manager, removing the temp dir
+
+    signal.signal(signal.SIGTERM, on_term)
+    with http_server_threads(size_bytes, host) as srv:
+        print(f"READY {srv.port} {srv.path}", flush=True)
+        while True:
+            signal.pause()
 
 
 # --------------------------------------------------------------------------
@@ -348,7 +408,7 @@ def process_tree(pids: Iterable[int]) -> list[int]:
     return out
 
 
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+def _stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout``; always reaps."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -603,6 +663,54 @@ def ssh_socks_proxy(sshd_port: int, cipher: str, identity_file: Path) -> Iterato
 # --------------------------------------------------------------------------
 
 
+def socks5_request(host: str, port: int) -> bytes:
+    """SOCKS5 CONNECT request: IP literals as addresses, names as ATYP 3 (remote DNS).
+
+    Names are resolved by the proxy, as with curl --socks5-hostname, which is
+    how pqtunnel's ``*.pq`` names reach the daemon.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+        addr = (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+    except ValueError:
+        name = host.encode("idna")
+        addr = b"\x03" + bytes([len(name)]) + name
+    return b"\x05\x01\x00" + addr + struct.pack(">H", port)
+
+
+def _socks5_reply_len(head: bytes | bytearray) -> int | None:
+    """Total length of a SOCKS5 reply given its first bytes, or None if more are needed."""
+    if len(head) < 5:
+        return None
+    atyp = head[3]
+    if atyp == 1:
+        return 4 + 4 + 2
+    if atyp == 4:
+        return 4 + 16 + 2
+    if atyp == 3:
+        return 4 + 1 + head[4] + 2
+    raise ConnectionError(f"SOCKS5 reply with unknown ATYP {atyp}")
+
+
+def http_request(host: str, port: int, path: str) -> bytes:
+    """A minimal HTTP/1.1 GET with Connection: close (one request per stream)."""
+    h = f"[{host}]" if ":" in host else host
+    hostport = h if port == 80 else f"{h}:{port}"
+    return f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n".encode()
+
+
+def _parse_http_head(head: bytes) -> int:
+    """Check for status 200 and return Content-Length."""
+    status = head.split(b"\r\n", 1)[0]
+    parts = status.split()
+    if len(parts) < 2 or parts[1] != b"200":
+        raise ConnectionError(f"HTTP status line {status!r}")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    if not m:
+        raise ConnectionError("response without Content-Length")
+    return int(m.group(1))
+
+
 def socks5_connect(
     socks: int | None,
     host: str,
@@ -612,9 +720,9 @@ def socks5_connect(
 ) -> socket.socket:
     """Open a TCP stream to host:port, through the SOCKS5 proxy if ``socks`` is set.
 
-    No-auth method only; IP literals are sent as addresses, names as ATYP 3
-    (remote resolution, as curl --socks5-hostname does).  TCP_NODELAY is set
-    so our own Nagle never adds latency to the measurement.
+    Blocking, no-auth method only, one round trip per SOCKS step (what a
+    normal client does).  TCP_NODELAY is set so our own Nagle never adds
+    latency to the measurement.
     """
     if socks is None:
         s = socket.create_connection((host, port), timeout=timeout)
@@ -626,24 +734,13 @@ def socks5_connect(
         s.sendall(b"\x05\x01\x00")
         if _recv_exact(s, 2) != b"\x05\x00":
             raise ConnectionError("SOCKS5 proxy refused the no-auth method")
-        try:
-            ip = ipaddress.ip_address(host)
-            addr = (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
-        except ValueError:
-            name = host.encode("idna")
-            addr = b"\x03" + bytes([len(name)]) + name
-        s.sendall(b"\x05\x01\x00" + addr + struct.pack(">H", port))
-        ver, rep, _rsv, atyp = _recv_exact(s, 4)
-        if ver != 5 or rep != 0:
-            raise ConnectionError(f"SOCKS5 CONNECT to {host}:{port} failed: reply code {rep}")
-        if atyp == 1:
-            _recv_exact(s, 4 + 2)
-        elif atyp == 4:
-            _recv_exact(s, 16 + 2)
-        elif atyp == 3:
-            _recv_exact(s, _recv_exact(s, 1)[0] + 2)
-        else:
-            raise ConnectionError(f"SOCKS5 reply with unknown ATYP {atyp}")
+        s.sendall(socks5_request(host, port))
+        reply = _recv_exact(s, 5)
+        if reply[0] != 5 or reply[1] != 0:
+            raise ConnectionError(f"SOCKS5 CONNECT to {host}:{port} failed: reply code {reply[1]}")
+        total = _socks5_reply_len(reply)
+        assert total is not None
+        _recv_exact(s, total - 5)
         return s
     except BaseException:
         s.close()
@@ -659,10 +756,7 @@ def http_get(
     close handling is not part of the latency.  The body goes into ``into``
     (reused buffer, must be large enough) when given.  Returns a view of the body.
     """
-    hostport = host if port == 80 else f"{host}:{port}"
-    if ":" in host and not host.startswith("["):
-        hostport = f"[{host}]" if port == 80 else f"[{host}]:{port}"
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n".encode())
+    sock.sendall(http_request(host, port, path))
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -670,13 +764,7 @@ def http_get(
             raise ConnectionError(f"EOF before HTTP headers ({len(buf)} bytes read)")
         buf += chunk
     head, rest = buf.split(b"\r\n\r\n", 1)
-    status = head.split(b"\r\n", 1)[0].split()
-    if len(status) < 2 or status[1] != b"200":
-        raise ConnectionError(f"HTTP status {head.splitlines()[0]!r} for {path}")
-    m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
-    if not m:
-        raise ConnectionError("response without Content-Length")
-    n = int(m.group(1))
+    n = _parse_http_head(head)
     if into is None:
         into = bytearray(n)
     if len(rest) > n:
@@ -689,7 +777,7 @@ def http_get(
         if r == 0:
             raise ConnectionError(f"EOF after {got} of {n} body bytes")
         got += r
-    return memoryview(into)[:n]
+    return view[:n]
 
 
 # --------------------------------------------------------------------------
@@ -808,7 +896,39 @@ class ConcurrentResult:
     seconds: float
     streams: int
     size: int
-    slowest_connect_ms: float  # connect+SOCKS handshake; ~1000 ms means a SYN was dropped (backlog)
+    # connect + SOCKS5 handshake of the slowest stream; ~1000 ms means a SYN
+    # was dropped because the proxy's listen backlog overflowed.
+    slowest_connect_ms: float
+
+
+class _Stream:
+    """State of one stream in ``concurrent_streams``' event loop."""
+
+    CONNECTING, GREETING, REPLY, HEAD, BODY = range(5)
+
+    __slots__ = ("body", "got", "hs", "need", "sock", "state", "t_end", "t_ready", "view")
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        self.sock = sock
+        self.state = _Stream.CONNECTING
+        self.hs = bytearray()  # handshake / header bytes
+        # Filled (not calloc'ed) so its pages are faulted in before the clock starts.
+        self.body = bytearray(b"\xff") * size
+        self.view = memoryview(self.body)
+        self.got = 0
+        self.need = -1
+        self.t_ready = 0.0
+        self.t_end = 0.0
+
+
+def _raise_nofile(n: int) -> None:
+    """Lift the soft fd limit towards the hard one so n streams (2 fds each with a local server) fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n * 3 + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard)
+        )
 
 
 def concurrent_streams(
@@ -819,57 +939,182 @@ def concurrent_streams(
     socks_host: str = "127.0.0.1",
     timeout_s: float = 120.0,
 ) -> ConcurrentResult:
-    """Start ``n`` streams at once, each fetching ``/bytes/size``; time until the last byte.
+    """Open ``n`` streams at once, each fetching ``/bytes/size``; time until the last byte.
 
-    Threads with raw sockets wait on one gate so the proxy sees a burst of
-    simultaneous stream opens (an agent fanning out).  Every body is compared
-    byte for byte with ``expected_body(size)``, so a tunnel that mixes, drops
-    or truncates streams fails instead of looking fast.
+    One thread drives all streams with non-blocking sockets and epoll, so
+    the proxy sees a burst of simultaneous stream opens (an agent fanning
+    out) and the client costs little CPU: a thread per stream measured ~2x
+    slower than ``curl -Z`` (200 x 1 MiB direct), this loop matches it.  Every
+    body is compared byte for byte with ``expected_body(size)``, so a tunnel
+    that mixes, drops or truncates streams fails instead of looking fast.
     """
     host, port, path = _split_url(url_for(f"/bytes/{size}"))
     expected = expected_body(size)
-    gate = threading.Event()
-    ends = [0.0] * n
-    connects = [0.0] * n
-    errors: list[str] = []
-    err_lock = threading.Lock()
-
-    def worker(i: int) -> None:
-        buf = bytearray(size)
-        gate.wait()
-        try:
-            t0 = time.perf_counter()
-            s = socks5_connect(socks, host, port, socks_host=socks_host, timeout=timeout_s)
-            connects[i] = time.perf_counter() - t0
-            try:
-                body = http_get(s, host, port, path, into=buf)
-                ends[i] = time.perf_counter()
-            finally:
-                s.close()
-            if len(body) != size or body != expected:
-                raise RuntimeError(f"stream {i}: body corrupted ({len(body)} bytes)")
-        except Exception as e:  # noqa: BLE001 - reported below, with the stream index
-            with err_lock:
-                errors.append(f"stream {i}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)  # let every thread reach the gate
-    start = time.perf_counter()
-    gate.set()
-    for t in threads:
-        t.join(timeout_s)
-    if any(t.is_alive() for t in threads):
-        raise RuntimeError(f"concurrent_streams: streams still running after {timeout_s}s")
-    if errors:
-        raise RuntimeError(f"{len(errors)}/{n} streams failed; first: {errors[0]}")
+    request = http_request(host, port, path)
+    connect_req = socks5_request(host, port)
+    target = (socks_host, socks) if socks is not None else (host, port)
+    family, _, _, _, addr = socket.getaddrinfo(*target, type=socket.SOCK_STREAM)[0]
+    _raise_nofile(n)
+    sel = selectors.DefaultSelector()
+    streams: list[_Stream] = []
+    try:
+        for _ in range(n):
+            streams.append(_Stream(socket.socket(family, socket.SOCK_STREAM), size))
+        start = time.perf_counter()
+        for st in streams:
+            st.sock.setblocking(False)
+            st.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = st.sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS):
+                raise ConnectionError(f"connect to {target}: {os.strerror(err)}")
+            sel.register(st.sock, selectors.EVENT_WRITE, st)
+        deadline = start + timeout_s
+        done = 0
+        while done < n:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(
+                    f"concurrent_streams: {n - done}/{n} streams unfinished after {timeout_s}s"
+                )
+            for key, _events in sel.select(left):
+                st = key.data
+                if _advance(st, socks is not None, connect_req, request, sel):
+                    st.t_end = time.perf_counter()
+                    sel.unregister(st.sock)
+                    st.sock.close()
+                    # bytearray == bytes is a memcmp; memoryview == bytes is ~50x slower.
+                    if st.need != size or st.body != expected:
+                        raise ConnectionError(f"stream body corrupted ({st.need} bytes, expected {size})")
+                    st.view.release()
+                    st.body = bytearray()
+                    done += 1
+    finally:
+        sel.close()
+        for st in streams:
+            st.sock.close()
     return ConcurrentResult(
-        seconds=max(ends) - start,
+        seconds=max(st.t_end for st in streams) - start,
         streams=n,
         size=size,
-        slowest_connect_ms=max(connects) * 1000,
+        slowest_connect_ms=(max(st.t_ready for st in streams) - start) * 1000,
     )
+
+
+def _advance(
+    st: _Stream, via_socks: bool, connect_req: bytes, request: bytes, sel: selectors.BaseSelector
+) -> bool:
+    """Move one stream forward on a readiness event; True when its body is complete.
+
+    The small writes (greeting, CONNECT, GET) go to fresh sockets with empty
+    send buffers, so a single send() always takes them whole.
+    """
+    s = st.sock
+    if st.state == _Stream.CONNECTING:
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectionError(f"connect failed: {os.strerror(err)}")
+        sel.modify(s, selectors.EVENT_READ, st)
+        if via_socks:
+            s.send(b"\x05\x01\x00")
+            st.state = _Stream.GREETING
+        else:
+            st.t_ready = time.perf_counter()
+            s.send(request)
+            st.state = _Stream.HEAD
+        return False
+    if st.state == _Stream.BODY:
+        try:
+            r = s.recv_into(st.view[st.got : st.need])
+        except BlockingIOError:
+            return False
+        if r == 0:
+            raise ConnectionError(f"EOF after {st.got} of {st.need} body bytes")
+        st.got += r
+        return st.got == st.need
+    try:
+        data = s.recv(65536)
+    except BlockingIOError:
+        return False
+    if not data:
+        raise ConnectionError(f"EOF during {('connect', 'greeting', 'SOCKS reply', 'HTTP head')[st.state]}")
+    st.hs += data
+    if st.state == _Stream.GREETING and len(st.hs) >= 2:
+        if st.hs[:2] != b"\x05\x00":
+            raise ConnectionError("SOCKS5 proxy refused the no-auth method")
+        del st.hs[:2]
+        s.send(connect_req)
+        st.state = _Stream.REPLY
+    elif st.state == _Stream.REPLY:
+        total = _socks5_reply_len(st.hs)
+        if total is not None and len(st.hs) >= total:
+            if st.hs[0] != 5 or st.hs[1] != 0:
+                raise ConnectionError(f"SOCKS5 CONNECT failed: reply code {st.hs[1]}")
+            del st.hs[:total]
+            st.t_ready = time.perf_counter()
+            s.send(request)
+            st.state = _Stream.HEAD
+    elif st.state == _Stream.HEAD and b"\r\n\r\n" in st.hs:
+        head, rest = bytes(st.hs).split(b"\r\n\r\n", 1)
+        st.need = _parse_http_head(head)
+        if st.need > len(st.body) or len(rest) > st.need:
+            raise ConnectionError(f"unexpected Content-Length {st.need}")
+        st.body[: len(rest)] = rest
+        st.got = len(rest)
+        st.hs = bytearray()
+        st.state = _Stream.BODY
+        return st.got == st.need
+    return False
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already included in user/nice
+    return total - idle, total
+
+
+def cpu_busy_fraction(interval_s: float = 1.0) -> float:
+    """Fraction of all CPUs busy during ``interval_s`` (0..1), e.g. before a run.
+
+    Benchmarks on a 2-core box are only comparable when nothing else runs;
+    callers print this so a contaminated table is recognisable as such.
+    """
+    b0, t0 = _cpu_times()
+    time.sleep(interval_s)
+    b1, t1 = _cpu_times()
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class ForeignCpu:
+    """Share of the machine's CPU used by processes other than this one and its children.
+
+    Busy time from /proc/stat minus our own and our reaped children's CPU
+    time (getrusage), over the life of the object.  Stop it only after every
+    process the benchmark started has been reaped, or their time counts as
+    foreign.  Loopback softirq work is not always charged to a task, so an
+    idle machine reads a few percent, not exactly 0.
+    """
+
+    def __init__(self) -> None:
+        self._busy0, self._total0 = _cpu_times()
+        self._own0 = self._own_cpu_s()
+
+    @staticmethod
+    def _own_cpu_s() -> float:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def fraction(self) -> float:
+        """Foreign CPU since construction, as a fraction of all CPUs (0..1)."""
+        hz = os.sysconf("SC_CLK_TCK")
+        busy, total = _cpu_times()
+        if total <= self._total0:
+            return 0.0
+        foreign_s = (busy - self._busy0) / hz - (self._own_cpu_s() - self._own0)
+        return max(0.0, foreign_s / ((total - self._total0) / hz))
 
 
 def _read_status_kb(pid: int) -> tuple[int, int] | None:
@@ -1030,3 +1275,10 @@ def print_table(rows: Sequence[Row], baseline_name: str, metrics: Sequence[str] 
     for r in rows:
         if r.note:
             print(f"  {r.name}: {r.note}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "serve":
+        _serve_main(int(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else "127.0.0.1")
+    else:
+        sys.exit("usage: harness.py serve SIZE_BYTES [HOST]   (benchmark HTTP server; SIGTERM to stop)")

@@ -19,9 +19,11 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 # Run as a script (python3 benchmarks/ssh_baseline.py): make the sibling harness importable.
@@ -56,7 +58,7 @@ FULL = Config(
     latency_warmup=20,
     streams=200,
     stream_size=h.MIB,
-    concurrent_runs=3,
+    concurrent_runs=5,
 )
 QUICK = Config(
     bulk_size=256 * h.MIB,
@@ -65,7 +67,7 @@ QUICK = Config(
     latency_warmup=10,
     streams=100,
     stream_size=h.MIB,
-    concurrent_runs=1,
+    concurrent_runs=3,
 )
 
 
@@ -77,7 +79,8 @@ def metric_names(cfg: Config) -> list[str]:
         "p50 ms",
         "p99 ms",
         "max ms",
-        f"{cfg.streams}x{size} s",
+        f"{cfg.streams}x{size} 1st s",
+        f"{cfg.streams}x{size} median s",
         "client RSS MB",
         "server RSS MB",
     ]
@@ -117,7 +120,7 @@ def measure_row(
             f"  (slowest connect {max(c.slowest_connect_ms for c in conc):.0f} ms)",
             flush=True,
         )
-    best_conc = min(c.seconds for c in conc)
+    median_conc = statistics.median(c.seconds for c in conc)
 
     def group_peak(pids: list[int]) -> float | None:
         return sum(rss.peak_mb_by_root[p] for p in pids) if pids else None
@@ -128,9 +131,10 @@ def measure_row(
         m[1]: lat.p50_ms,
         m[2]: lat.p99_ms,
         m[3]: lat.max_ms,
-        m[4]: best_conc,
-        m[5]: group_peak(client_pids),
-        m[6]: group_peak(server_pids),
+        m[4]: conc[0].seconds,
+        m[5]: median_conc,
+        m[6]: group_peak(client_pids),
+        m[7]: group_peak(server_pids),
     }
     detail: dict[str, object] = {
         "name": name,
@@ -143,6 +147,52 @@ def measure_row(
         "rss_samples": rss.samples,
     }
     return h.Row(name, values, note), detail
+
+
+def wait_for_no_children(pid: int, timeout_s: float = 10.0) -> None:
+    """Wait until ``pid`` has no descendants, so the previous row's per-connection
+    sshd has exited and does not inflate the next row's server RSS."""
+    deadline = time.monotonic() + timeout_s
+    while len(h.process_tree([pid])) > 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"children of pid {pid} still alive after {timeout_s}s")
+        time.sleep(0.02)
+
+
+DIRECT_NOTE = "curl / raw sockets straight to the HTTP server"
+
+
+def ssh_row_name(cipher: str) -> str:
+    """Row name for an ssh cipher, e.g. 'ssh -D chacha20-poly1305' (the default baseline)."""
+    return f"ssh -D {cipher.split('@')[0]}"
+
+
+def measure_ssh_rows(
+    srv: h.HttpServer, cfg: Config, ciphers: Sequence[str] = CIPHERS
+) -> list[tuple[h.Row, dict[str, object]]]:
+    """Measure ``ssh -N -D`` with each cipher through one private sshd.
+
+    Each cipher gets a fresh ssh connection (fresh sshd child), so RSS and
+    cold-start numbers are per cipher; the negotiated kex goes in the note.
+    """
+    out: list[tuple[h.Row, dict[str, object]]] = []
+    with h.private_sshd() as sshd:
+        for cipher in ciphers:
+            wait_for_no_children(sshd.pid)
+            with h.ssh_socks_proxy(sshd.port, cipher, sshd.identity_file) as px:
+                row, det = measure_row(
+                    ssh_row_name(cipher),
+                    px.socks_port,
+                    srv.url_for,
+                    cfg,
+                    client_pids=[px.pid],
+                    server_pids=[sshd.pid],
+                    note=f"kex {px.negotiated_kex}, cipher {cipher}",
+                )
+                det["negotiated_kex"] = px.negotiated_kex
+                det["cipher"] = cipher
+                out.append((row, det))
+    return out
 
 
 def _version(cmd: list[str]) -> str:
@@ -168,43 +218,38 @@ def main() -> int:
         f"config: {dataclasses.asdict(cfg)}",
         flush=True,
     )
+    busy = h.cpu_busy_fraction()
+    print(f"CPU busy before the run (other processes): {busy:.0%}", flush=True)
+    if busy > 0.10:
+        print("WARNING: the machine is not idle; numbers will be low and noisy", flush=True)
     t_start = time.monotonic()
-    rows: list[h.Row] = []
-    details: list[dict[str, object]] = []
+    foreign = h.ForeignCpu()
+    results: list[tuple[h.Row, dict[str, object]]] = []
     with h.bulk_http_server(cfg.bulk_size) as srv:
-        row, det = measure_row(
-            "direct (no proxy)", None, srv.url_for, cfg, note="curl/raw sockets straight to the HTTP server"
-        )
-        rows.append(row)
-        details.append(det)
-        with h.private_sshd() as sshd:
-            for cipher in args.ciphers:
-                with h.ssh_socks_proxy(sshd.port, cipher, sshd.identity_file) as px:
-                    name = f"ssh -D {cipher.split('@')[0]}"
-                    row, det = measure_row(
-                        name,
-                        px.socks_port,
-                        srv.url_for,
-                        cfg,
-                        client_pids=[px.pid],
-                        server_pids=[sshd.pid],
-                        note=f"kex {px.negotiated_kex}, cipher {cipher}",
-                    )
-                    det["negotiated_kex"] = px.negotiated_kex
-                    det["cipher"] = cipher
-                    rows.append(row)
-                    details.append(det)
+        results.append(measure_row("direct (no proxy)", None, srv.url_for, cfg, note=DIRECT_NOTE))
+        results += measure_ssh_rows(srv, cfg, args.ciphers)
+    other_cpu = foreign.fraction()  # after every benchmark process was reaped
+    rows = [r for r, _ in results]
+    details = [d for _, d in results]
     print()
-    baseline = args.baseline or rows[1].name
+    baseline = args.baseline or ssh_row_name(args.ciphers[0])
     h.print_table(rows, baseline, metric_names(cfg))
     print(
-        "bulk = best of curl runs (MB = 10^6 B); p50/p99/max = new SOCKS5 stream + GET of 1 byte; "
-        "Nx s = best wall time for N parallel verified streams; RSS = sampled peak (MiB), "
-        "client = ssh, server = sshd incl. per-connection children"
+        "bulk: best of curl runs, MB = 10^6 B | p50/p99/max: fresh TCP connection + SOCKS5 handshake\n"
+        "+ GET of 1 byte, to the last byte | NxSIZE 1st/median: wall time for N simultaneous streams,\n"
+        "every body verified; first (cold) run and median of all runs | RSS: sampled peak in MiB\n"
+        "(2^20 B); client = ssh, server = sshd incl. its per-connection child"
     )
-    print(f"total time {time.monotonic() - t_start:.0f} s")
+    print(f"CPU used by other processes during the run: {other_cpu:.0%} of the machine")
+    if other_cpu > 0.10:
+        print("WARNING: other processes competed for the CPU; rerun on an idle machine for real numbers")
+    load1, load5, _ = os.getloadavg()
+    print(
+        f"total time {time.monotonic() - t_start:.0f} s; load average at end {load1:.2f} (1 min) {load5:.2f} (5 min)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": details}, indent=2))
+        doc = {"config": dataclasses.asdict(cfg), "other_cpu_fraction": other_cpu, "rows": details}
+        args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
 

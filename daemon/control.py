@@ -86,7 +86,7 @@ async def _serve_client(node: Node, stream: trio.SocketStream) -> None:
 
 async def _serve_connect(node: Node, stream: trio.SocketStream, request: dict[str, Any], early: bytes) -> None:
     """``pqtunnel connect``: answer one JSON line, then this socket *is* the remote stream."""
-    from .splice import EXPECTED_ERRORS, bridge
+    from .splice import EXPECTED_ERRORS, bridge, wait_for_hangup
 
     peer, target = request.get("peer"), request.get("target")
     if not isinstance(peer, str) or not isinstance(target, dict):
@@ -94,11 +94,20 @@ async def _serve_connect(node: Node, stream: trio.SocketStream, request: dict[st
     tunnel = await node.open_stream(peer, target)
     await stream.send_all(json.dumps({"ok": True}).encode() + b"\n")
     try:
-        if early:
-            await tunnel.send_all(early)
-        await bridge(stream, tunnel)
-    except EXPECTED_ERRORS as exc:
-        LOG.info("connect to %s %s ended: %s", peer, target, exc)
+        async with trio.open_nursery() as nursery:
+            async def reset_on_hangup() -> None:
+                await wait_for_hangup(stream.socket)
+                LOG.info("connect to %s %s: the local client went away", peer, target)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(reset_on_hangup)
+            try:
+                if early:
+                    await tunnel.send_all(early)
+                await bridge(stream, tunnel)
+            except EXPECTED_ERRORS as exc:
+                LOG.info("connect to %s %s ended: %s", peer, target, exc)
+            nursery.cancel_scope.cancel()
     finally:
         await tunnel.aclose()
 

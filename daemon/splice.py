@@ -63,23 +63,53 @@ async def pump(source: Readable, sink: Writable) -> int:
 async def bridge(a: Any, b: Any) -> tuple[int, int]:
     """Splice ``a`` and ``b`` until both directions end.
 
-    Returns (bytes a->b, bytes b->a). If either direction fails, the other is cancelled and
-    the first error is raised as itself (not wrapped in an exception group), so callers can
-    log one precise reason.
+    Returns (bytes a->b, bytes b->a). If either direction fails, or a side that can be
+    aborted (a tunnel stream that is reset) is aborted, everything stops and the first error
+    is raised as itself (not wrapped in an exception group), so callers log one reason.
     """
     counts = [0, 0]
     errors: list[BaseException] = []
-
-    async def forward(index: int, source: Any, sink: Any, scope: trio.CancelScope) -> None:
-        try:
-            counts[index] = await pump(source, sink)
-        except EXPECTED_ERRORS as exc:
-            errors.append(exc)
-            scope.cancel()
+    watchers: list[trio.CancelScope] = []
+    finished = 0
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(forward, 0, a, b, nursery.cancel_scope)
-        nursery.start_soon(forward, 1, b, a, nursery.cancel_scope)
+        async def forward(index: int, source: Any, sink: Any) -> None:
+            nonlocal finished
+            try:
+                counts[index] = await pump(source, sink)
+            except EXPECTED_ERRORS as exc:
+                errors.append(exc)
+                nursery.cancel_scope.cancel()
+            finished += 1
+            if finished == 2:
+                for scope in watchers:
+                    scope.cancel()
+
+        async def watch(side: Any, scope: trio.CancelScope) -> None:
+            with scope:
+                errors.append(await side.wait_aborted())
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(forward, 0, a, b)
+        nursery.start_soon(forward, 1, b, a)
+        for side in (a, b):
+            if hasattr(side, "wait_aborted"):
+                watchers.append(trio.CancelScope())
+                nursery.start_soon(watch, side, watchers[-1])
     if errors:
         raise errors[0]
     return counts[0], counts[1]
+
+
+async def wait_for_hangup(sock: Any, interval: float = 0.2) -> None:
+    """Return once the peer of a unix socket has gone away completely (POLLHUP).
+
+    A plain EOF cannot tell "the client half-closed and waits for the answer" from "the
+    client died"; on a unix socket POLLHUP is set only in the second case.
+    """
+    import select
+
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP)
+    while not any(mask & select.POLLHUP for _, mask in poller.poll(0)):
+        await trio.sleep(interval)

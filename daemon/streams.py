@@ -55,6 +55,7 @@ class TunnelStream:
         self._eof = False
         self._sent_eof = False
         self._error: StreamError | None = None
+        self._aborted = trio.Event()
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -73,6 +74,17 @@ class TunnelStream:
             self._error = error
         self._readable.set()
         self._writable.set()
+        self._aborted.set()
+
+    async def wait_aborted(self) -> StreamError:
+        """Block until the stream is reset or its session ends; returns why.
+
+        Whoever splices this stream to something else watches this, so a reset also stops
+        the direction that is waiting on the *other* side (e.g. a silent process's stdout).
+        """
+        await self._aborted.wait()
+        assert self._error is not None
+        return self._error
 
     def _credit(self) -> None:
         self._writable.set()

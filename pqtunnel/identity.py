@@ -19,7 +19,7 @@ from typing import Any
 
 from .crypto import backend as prim
 from .crypto.suites import Suite
-from .errors import IdentityError, IdentityExistsError, InsecureKeyFileError, MalformedHandshakeError
+from .errors import IdentityError, IdentityExistsError, InsecureKeyFileError, MalformedHandshakeError, UserError
 from .names import validate_name
 
 KEY_FILE = "identity.key"
@@ -183,6 +183,8 @@ class Identity:
 
     @classmethod
     def from_file_dict(cls, data: dict[str, Any], path: Path) -> Identity:
+        if not isinstance(data.get("name"), str):
+            raise IdentityError(f"identity key file {path} is malformed (name missing or not a string)")
         try:
             return cls(
                 name=validate_name(data["name"]),
@@ -193,7 +195,7 @@ class Identity:
                 },
                 x25519_static=_unb64(data["x25519_static"], 32),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, UserError) as exc:
             raise IdentityError(f"identity key file {path} is malformed ({exc})") from None
 
 

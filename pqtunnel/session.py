@@ -105,6 +105,7 @@ class Session:
         self._pending: _PendingRekey | None = None
         self._next_recv_key: bytes | None = None
         self._next_ping_id = 1
+        self._last_ping_ms = now_ms
         self.closed = False
         self.confirmed = False
 
@@ -181,6 +182,8 @@ class Session:
     def _require_records(self) -> RecordLayer:
         if self.records is None:
             raise RecordError("session is not established yet")
+        if self.closed:
+            raise RecordError("session is closed")
         return self.records
 
     def send(self, data: bytes, now_ms: int) -> None:
@@ -196,6 +199,7 @@ class Session:
         """Queue a PING; the matching PongReceived carries the returned id."""
         ping_id = self._next_ping_id
         self._next_ping_id += 1
+        self._last_ping_ms = now_ms
         self._queue(self._require_records().seal(ContentType.PING, PING.pack(ping_id) + PING.pack(now_ms)), now_ms)
         return ping_id
 
@@ -235,7 +239,7 @@ class Session:
 
     def tick(self, now_ms: int) -> None:
         """Drive keepalive and rekey from the shell's clock; raises KeepaliveTimeout."""
-        if not self.established:
+        if not self.confirmed:
             if now_ms - self.started_ms > self.timers.handshake_timeout_ms:
                 raise KeepaliveTimeout(f"handshake did not finish within {self.timers.handshake_timeout_ms / 1000:.0f} s")
             return
@@ -244,7 +248,9 @@ class Session:
             raise KeepaliveTimeout(f"peer silent for {silent_for / 1000:.0f} s")
         if self.rekey_due(now_ms):
             self.start_rekey(now_ms)
-        if now_ms - self.last_sent_ms >= self.timers.keepalive_ms or silent_for >= self.timers.keepalive_ms:
+        idle = now_ms - self.last_sent_ms >= self.timers.keepalive_ms
+        unanswered = silent_for >= self.timers.keepalive_ms and now_ms - self._last_ping_ms >= self.timers.keepalive_ms
+        if idle or unanswered:
             self.ping(now_ms)
 
     def rekey_due(self, now_ms: int) -> bool:
