@@ -181,6 +181,50 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from pqtunnel.ca import CertificateAuthority
+
+    ca = CertificateAuthority.create(Path(args.ca_dir).expanduser(), args.name)
+    print(f"created CA {ca.identity.name} in {args.ca_dir}")
+    print(f"public key for nodes' [ca] public = ...: {Path(args.ca_dir) / 'identity.pub'}")
+    print(ca.identity.fingerprint)
+    return 0
+
+
+def cmd_ca_sign(args: argparse.Namespace) -> int:
+    import time
+
+    from pqtunnel.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load(Path(args.ca_dir).expanduser())
+    now = int(time.time())
+    groups = tuple(g for g in (args.groups or "").split(",") if g)
+    cert = ca.sign(args.name, args.fingerprint, groups=groups, not_before=now - 60,
+                   not_after=now + int(args.days * 86400))
+    if args.out:
+        Path(args.out).write_text(cert.armor())
+        print(f"wrote certificate for {cert.name} (serial {cert.serial}) to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(cert.armor())
+    return 0
+
+
+def cmd_ca_revoke(args: argparse.Namespace) -> int:
+    from pqtunnel.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load(Path(args.ca_dir).expanduser())
+    added = ca.revoke(args.serial)
+    print(f"{'revoked' if added else 'already revoked'} {args.serial.lower()}; distribute {Path(args.ca_dir) / 'revoked'}")
+    return 0
+
+
+def cmd_ca_show(args: argparse.Namespace) -> int:
+    from pqtunnel.ca import read_certificate_file
+
+    _print_json(read_certificate_file(Path(args.certificate)).describe())
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------------
 
 
@@ -223,6 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, handler, text)
         p.add_argument("--json", action="store_true")
         _add_home(p)
+    ca = sub.add_parser("ca", help="network CA: init, sign, revoke, show", description="A hybrid-signed network CA.")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="CA_COMMAND")
+    p = ca_sub.add_parser("init", help="create a CA key pair in a directory (refuses to overwrite)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--ca-dir", required=True)
+    p.set_defaults(handler=cmd_ca_init)
+    p = ca_sub.add_parser("sign", help="certify a node's fingerprint under a name")
+    p.add_argument("--ca-dir", required=True)
+    p.add_argument("--name", required=True, help="the node name the certificate proves")
+    p.add_argument("--fingerprint", required=True, help="the node's fingerprint (pqtunnel id)")
+    p.add_argument("--groups", help="comma-separated groups")
+    p.add_argument("--days", type=float, default=365.0, help="validity in days (default 365)")
+    p.add_argument("--out", help="write the certificate here (e.g. NODE_HOME/node.cert) instead of stdout")
+    p.set_defaults(handler=cmd_ca_sign)
+    p = ca_sub.add_parser("revoke", help="add a certificate serial to the CA's revocation list")
+    p.add_argument("--ca-dir", required=True)
+    p.add_argument("serial")
+    p.set_defaults(handler=cmd_ca_revoke)
+    p = ca_sub.add_parser("show", help="print a certificate's contents")
+    p.add_argument("certificate")
+    p.set_defaults(handler=cmd_ca_show)
     p = command("connect", cmd_connect, "splice stdin/stdout to a peer's service (PEER/SERVICE) or port (PEER:PORT)")
     p.add_argument("target", metavar="PEER/SERVICE|PEER:PORT")
     _add_home(p)

@@ -79,6 +79,9 @@ class NodeConfig:
     mdns: bool = True
     log_level: str = "info"
     socks_users: dict[str, str] = field(default_factory=dict)
+    ca_public: Path | None = None
+    certificate: Path | None = None
+    revocation_list: Path | None = None
 
     @property
     def control_socket(self) -> Path:
@@ -121,6 +124,24 @@ def _socks_users(table: dict[str, Any], source: str) -> dict[str, str]:
         if not isinstance(password, str) or not password:
             raise ConfigError(f"{source}: socks_users.{user} must be a non-empty password string")
     return dict(table)
+
+
+def _ca_settings(table: dict[str, Any], source: str, home: Path) -> dict[str, Path | None]:
+    """``[ca]``: the network CA's public key, this node's certificate, the revocation list."""
+    unknown = set(table) - {"public", "certificate", "revoked"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [ca]: {', '.join(sorted(unknown))}")
+    paths: dict[str, Path | None] = {}
+    for key, field_name in (("public", "ca_public"), ("certificate", "certificate"), ("revoked", "revocation_list")):
+        value = table.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{source}: ca.{key} must be a file path")
+        paths[field_name] = (home / value).resolve() if value else None
+    if paths["certificate"] is None and (home / "node.cert").exists():
+        paths["certificate"] = home / "node.cert"
+    if paths["ca_public"] is not None and not paths["ca_public"].exists():
+        raise ConfigError(f"{source}: ca.public {paths['ca_public']} does not exist")
+    return paths
 
 
 def _string_list(value: Any, key: str, source: str) -> list[str]:
@@ -194,5 +215,6 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         timers=_timers(_table(data, "timers", source), source),
         mdns=node.get("mdns", True) if mdns is None else mdns,
         socks_users=_socks_users(_table(data, "socks_users", source), source),
+        **_ca_settings(_table(data, "ca", source), source, home),
         log_level=str(node.get("log_level", "info")),
     )

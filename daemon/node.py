@@ -18,6 +18,7 @@ from pqtunnel.session import Session
 from pqtunnel.trust import TrustStore
 
 from .config import Address, NodeConfig
+from .trustpolicy import authorize_peer, load_ca_setup
 from .connection import Connection, ConnectionClosed, _os_reason, now_ms
 from .logs import LOG
 from .services import serve_stream
@@ -62,6 +63,7 @@ class Node:
         self.trust = trust
         self.backend = load_backend()
         self.handshake_config = HandshakeConfig(allowed_suites=config.suites, aeads=config.aeads)
+        self.ca, self.certificate = load_ca_setup(config, identity)
         self.replay_cache = ReplayCache(self.handshake_config.replay_window_ms)
         self.cookies = CookieJar()
         self.sessions: dict[str, Connection] = {}
@@ -130,8 +132,11 @@ class Node:
 
     def _authorizer(self, dialled: str | None):
         def authorize(peer: WireIdentity) -> str:
-            return self.trust.require(peer.fingerprint, dialled)
+            return authorize_peer(self.trust, self.ca, peer, dialled, int(time.time()))
         return authorize
+
+    def trust_source(self, name: str, fingerprint: str) -> str:
+        return "pinned" if self.trust.fingerprint_for(name) == fingerprint else "ca"
 
     # --- inbound -------------------------------------------------------------------------------------
 
@@ -142,6 +147,7 @@ class Node:
             self.identity, self._authorizer(None), peer_address=remote.split(":")[0],
             config=self.handshake_config, backend=self.backend, replay_cache=self.replay_cache,
             cookies=self.cookies, require_cookie=self.pending_handshakes > COOKIE_THRESHOLD,
+            certificate=self.certificate,
         )
         conn = Connection(stream, Session(handshake, now_ms=now_ms(), timers=self.config.timers), remote)
         try:
@@ -179,6 +185,7 @@ class Node:
         self.sessions[result.peer_name] = conn
         link = self.links.get(result.peer_name)
         if link is not None:
+            link.last_error = ""
             link.notify()
 
     def _duplicate_loser(self, old: Connection, new: Connection) -> Connection:
@@ -237,7 +244,7 @@ class Node:
             link.notify()
             return None
         handshake = InitiatorHandshake(self.identity, self._authorizer(link.name), config=self.handshake_config,
-                                       backend=self.backend)
+                                       backend=self.backend, certificate=self.certificate)
         session = Session(handshake, now_ms=now_ms(), timers=self.config.timers)
         return Connection(stream, session, str(link.address), dialled=link.name)
 
@@ -276,11 +283,25 @@ class Node:
             "suites": [s.name for s in self.config.suites],
             "aeads": [a.label for a in self.config.aeads],
             "crypto_backend": self.backend.name,
+            "ca": self.ca.ca.fingerprint if self.ca else None,
+            "certificate": self._certificate_summary(),
             "liboqs": liboqs_status(),
         }
 
+    def _certificate_summary(self) -> dict[str, Any] | None:
+        if self.certificate is None:
+            return None
+        from pqtunnel.ca import decode_certificate
+
+        return decode_certificate(self.certificate).describe()
+
     def sessions_info(self) -> list[dict[str, Any]]:
-        return [conn.info() for _, conn in sorted(self.sessions.items())]
+        rows = []
+        for name, conn in sorted(self.sessions.items()):
+            info = conn.info()
+            info["trust"] = self.trust_source(name, info["fingerprint"])
+            rows.append(info)
+        return rows
 
     def peers_info(self) -> list[dict[str, Any]]:
         names = sorted(set(self.links) | {p.name for p in self.trust.peers()} | set(self.sessions))
@@ -290,13 +311,18 @@ class Node:
             conn = self.sessions.get(name)
             rows.append({
                 "name": name,
-                "fingerprint": self.trust.fingerprint_for(name),
+                "fingerprint": conn.result.peer.fingerprint if conn and conn.result else self.trust.fingerprint_for(name),
                 "addresses": [str(link.address)] if link else ([conn.remote] if conn else []),
-                "trust": "pinned" if self.trust.fingerprint_for(name) else "untrusted",
+                "trust": self._trust_label(name, conn),
                 "session": "up" if conn else "down",
                 "last_error": link.last_error if link else "",
             })
         return rows
+
+    def _trust_label(self, name: str, conn: Connection | None) -> str:
+        if conn is not None and conn.result is not None:
+            return self.trust_source(name, conn.result.peer.fingerprint)
+        return "pinned" if self.trust.fingerprint_for(name) else ("ca" if self.ca else "untrusted")
 
     async def ping(self, peer: str, timeout: float) -> dict[str, Any]:
         with trio.move_on_after(timeout) as scope:

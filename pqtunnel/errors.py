@@ -121,3 +121,11 @@ class RekeyError(RecordError):
 
 class HandshakeRefusedError(HandshakeError):
     """The peer sent an ALERT refusing the handshake (reason included)."""
+
+
+class CertificateError(UntrustedPeerError):
+    """A network-CA certificate is malformed, forged, expired, revoked or for another node."""
+
+
+class CaError(UserError):
+    """The CA directory or a CA command's input is unusable."""

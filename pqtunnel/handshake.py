@@ -15,6 +15,7 @@ changes ``h`` and the handshake fails. See docs/PROTOCOL.md for byte layouts and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -51,6 +52,7 @@ REKEY_LABEL = b"pqtunnel/1 rekey chain"
 COOKIE_LABEL = b"pqtunnel/1 cookie\x00"
 COOKIE_BUCKET_MS = 60_000
 MAX_PAYLOAD = 16 * 1024
+MAX_CERTIFICATE = 8 * 1024
 
 Authorizer = Callable[[WireIdentity], str]
 
@@ -255,6 +257,11 @@ def _finish(state: NoiseState, *, initiator: bool, suite: Suite, aead: Aead, pee
 def _verify_peer(state: NoiseState, backend: prim.CryptographyBackend, suite: Suite, role: bytes,
                  signed_hash: bytes, payload: dict[str, Any]) -> WireIdentity:
     peer = WireIdentity.from_wire(payload.get("id"), suite)
+    certificate = payload.get("cert")
+    if certificate is not None:
+        if not isinstance(certificate, bytes) or len(certificate) > MAX_CERTIFICATE:
+            raise MalformedHandshakeError("certificate field is malformed or too large")
+        peer = dataclasses.replace(peer, certificate=certificate)
     if not peer.verify(backend, suite, _signature_message(role, signed_hash), payload.get("sig")):
         raise BadSignatureError(f"{peer.claimed_name} ({peer.fingerprint}): hybrid signature over the transcript did not verify")
     return peer
@@ -267,8 +274,10 @@ class InitiatorHandshake:
     """The dialling side. It reveals its identity only after authenticating the responder."""
 
     def __init__(self, identity: Identity, authorize: Authorizer, *, config: HandshakeConfig | None = None,
-                 backend: prim.CryptographyBackend | None = None, entropy: Entropy | None = None) -> None:
+                 backend: prim.CryptographyBackend | None = None, entropy: Entropy | None = None,
+                 certificate: bytes | None = None) -> None:
         self.identity = identity
+        self.certificate = certificate
         self.authorize = authorize
         self.config = config or HandshakeConfig()
         self.backend = backend or prim.CryptographyBackend()
@@ -346,7 +355,10 @@ class InitiatorHandshake:
         out = state.write_s()
         state.se()
         signature = self.identity.sign(self.backend, suite, _signature_message(b"I", state.h))
-        out += state.encrypt_and_hash(encode_payload({"id": self.identity.public.to_wire(suite), "sig": signature}))
+        finish: dict[str, Any] = {"id": self.identity.public.to_wire(suite), "sig": signature}
+        if self.certificate is not None:
+            finish["cert"] = self.certificate
+        out += state.encrypt_and_hash(encode_payload(finish))
         self.done = True
         result = _finish(state, initiator=True, suite=suite, aead=Aead(aead_id), peer=peer, peer_name=peer_name)
         return HandshakeStep(to_send=encode_frame(Kind.FINISH, out), result=result)
@@ -361,8 +373,10 @@ class ResponderHandshake:
     def __init__(self, identity: Identity, authorize: Authorizer, *, peer_address: str,
                  config: HandshakeConfig | None = None, backend: prim.CryptographyBackend | None = None,
                  entropy: Entropy | None = None, replay_cache: ReplayCache | None = None,
-                 cookies: CookieJar | None = None, require_cookie: bool = False) -> None:
+                 cookies: CookieJar | None = None, require_cookie: bool = False,
+                 certificate: bytes | None = None) -> None:
         self.identity = identity
+        self.certificate = certificate
         self.authorize = authorize
         self.peer_address = peer_address
         self.config = config or HandshakeConfig()
@@ -461,7 +475,9 @@ class ResponderHandshake:
         state.es()
         signature = self.identity.sign(self.backend, suite, _signature_message(b"R", state.h))
         assert self._aead is not None
-        payload = {"aead": int(self._aead), "id": self.identity.public.to_wire(suite), "sig": signature}
+        payload: dict[str, Any] = {"aead": int(self._aead), "id": self.identity.public.to_wire(suite), "sig": signature}
+        if self.certificate is not None:
+            payload["cert"] = self.certificate
         return out + state.encrypt_and_hash(encode_payload(payload))
 
     def _on_finish(self, body: bytes) -> HandshakeStep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import struct
@@ -181,3 +182,33 @@ def test_cli_user_mistakes_give_one_line_errors(tmp_path: Path) -> None:
     (home / "identity.key").chmod(0o644)
     insecure = pq("id", home=home)
     assert insecure.returncode == 1 and "chmod 600" in insecure.stderr
+
+
+def test_ca_mode_end_to_end_with_revocation(tmp_path: Path) -> None:
+    """No pins at all: both nodes trust a network CA; revoking alice's certificate locks her out."""
+    ca_dir = tmp_path / "ca"
+    assert pq("ca", "init", "--name", "corp", "--ca-dir", str(ca_dir)).returncode == 0
+    homes = {}
+    for name in ("alice", "bob"):
+        home, fingerprint = init_node(tmp_path, name)
+        signed = pq("ca", "sign", "--ca-dir", str(ca_dir), "--name", name, "--fingerprint", fingerprint,
+                    "--groups", "agents", "--out", str(home / "node.cert"))
+        assert signed.returncode == 0, signed.stderr
+        (home / "config.toml").write_text(f'[ca]\npublic = "{ca_dir / "identity.pub"}"\nrevoked = "{ca_dir / "revoked"}"\n')
+        homes[name] = home
+    bob = Daemon(homes["bob"]).start()
+    alice = Daemon(homes["alice"], ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    try:
+        assert pq("ping", "bob", home=homes["alice"]).returncode == 0
+        (session,) = bob.sessions()
+        assert session["peer"] == "alice" and session["trust"] == "ca"
+        serial = json.loads(pq("ca", "show", str(homes["alice"] / "node.cert")).stdout)["serial"]
+        assert pq("ca", "revoke", "--ca-dir", str(ca_dir), serial).returncode == 0
+        alice.stop()
+        alice = Daemon(homes["alice"], ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+        refused = pq("ping", "bob", "--timeout", "5", home=homes["alice"])
+        assert refused.returncode == 1 and "untrusted" in refused.stderr
+        bob.wait_for_log(f"(serial {serial}) is revoked")
+    finally:
+        alice.kill()
+        bob.kill()
