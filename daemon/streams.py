@@ -15,6 +15,7 @@ import trio
 from pqtunnel import mux
 from pqtunnel.errors import PqtunnelError
 
+from .connection import now_ms
 from .logs import LOG
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ class StreamHost:
             self._dispatch(event)
         out = self.mux.data_to_send()
         if out and not self.conn.session.closed:
-            self.conn.session.send(out, 0)
+            self.conn.session.send(out, now_ms())
             self.conn.kick()
 
     def _dispatch(self, event: mux.Event) -> None:

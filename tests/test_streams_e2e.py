@@ -195,3 +195,39 @@ def test_a_stalled_reader_does_not_make_either_daemon_buffer(net: dict) -> None:
     for name in ("alice", "bob"):
         growth_mb = (after[name] - before[name]) / 1024
         assert growth_mb < 16, f"{name} grew by {growth_mb:.1f} MiB while a reader stalled"
+
+
+def test_rekey_under_load_does_not_interrupt_a_transfer(tmp_path: Path) -> None:
+    """With a 1 s rekey budget, a multi-second transfer crosses several rekeys intact."""
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    pq("trust", "bob", fp_bob, home=alice_home)
+    pq("trust", "alice", fp_alice, home=bob_home)
+    digest_script = "import sys,hashlib; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest(), flush=True)"
+    (bob_home / "config.toml").write_text(
+        "[timers]\nrekey_after = 1\n"
+        f'[services]\ndigest = {{ exec = ["{sys.executable}", "-c", "{digest_script}"] }}\n')
+    (alice_home / "config.toml").write_text("[timers]\nrekey_after = 1\n")
+    bob = Daemon(bob_home).start()
+    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    try:
+        assert pq("ping", "bob", home=alice_home).returncode == 0
+        client = subprocess.Popen([sys.executable, "-m", "daemon.cli", "connect", "bob/digest", "--home", str(alice_home)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        digest = hashlib.sha256()
+        assert client.stdin is not None
+        deadline = time.monotonic() + 3.5
+        block = bytes(range(256)) * 256
+        while time.monotonic() < deadline:
+            client.stdin.write(block)
+            digest.update(block)
+        client.stdin.close()
+        out = client.stdout.read().decode().strip() if client.stdout else ""
+        assert client.wait(30) == 0
+        assert out == digest.hexdigest()
+        (session,) = alice.sessions()
+        assert session["rekeys"] >= 2
+        assert "rekeyed session with bob" in alice.logs()
+    finally:
+        alice.kill()
+        bob.kill()
