@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from .streams import StreamHost
 
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 1024 * 1024
 TICK_SECONDS = 1.0
 HIGH_WATER = 2 * 1024 * 1024
 CLOSE_FLUSH_SECONDS = 1.0
@@ -124,15 +124,15 @@ class Connection:
     async def _writer(self) -> None:
         """The only task that writes to the socket: everything goes out in queue order."""
         while True:
-            data = self.session.data_to_send()
-            if not data:
+            buffers = self.session.buffers_to_send()
+            if not buffers:
                 self._signal_progress()
                 await self._kick.wait()
                 self._kick = trio.Event()
                 continue
             self._writing = True
             try:
-                await self.stream.send_all(data)
+                await _send_buffers(self.stream.socket, buffers)
             finally:
                 self._writing = False
             self._signal_progress()
@@ -246,6 +246,25 @@ class Connection:
             "rekeys": self.session.epoch,
             "streams": len(self.host.streams) if self.host else 0,
         }
+
+
+IOV_BATCH = 512  # below the kernel's IOV_MAX (1024)
+
+
+async def _send_buffers(sock: trio.socket.SocketType, buffers: list[bytes | memoryview]) -> None:
+    """Scatter-gather send: record headers and ciphertexts go out without being joined."""
+    views = [memoryview(b) for b in buffers]
+    index = 0
+    while index < len(views):
+        sent = await sock.sendmsg(views[index : index + IOV_BATCH])
+        while sent and index < len(views):
+            size = len(views[index])
+            if sent >= size:
+                sent -= size
+                index += 1
+            else:
+                views[index] = views[index][sent:]
+                sent = 0
 
 
 def _set_nodelay(stream: trio.SocketStream) -> None:

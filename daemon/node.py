@@ -144,7 +144,7 @@ class Node:
         remote = _remote_of(stream)
         self.pending_handshakes += 1
         handshake = ResponderHandshake(
-            self.identity, self._authorizer(None), peer_address=remote.split(":")[0],
+            self.identity, self._authorizer(None), peer_address=remote.rpartition(":")[0],
             config=self.handshake_config, backend=self.backend, replay_cache=self.replay_cache,
             cookies=self.cookies, require_cookie=self.pending_handshakes > COOKIE_THRESHOLD,
             certificate=self.certificate,

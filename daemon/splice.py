@@ -8,7 +8,7 @@ import trio
 
 from pqtunnel.errors import PqtunnelError
 
-CHUNK = 256 * 1024
+CHUNK = 252 * 1024  # four 64 KiB mux frames with headers fit one 256 KiB record
 EXPECTED_ERRORS = (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 

@@ -34,7 +34,7 @@ HEADER: Final = struct.Struct(">BBII")
 HEADER_SIZE: Final = HEADER.size
 MAX_DATA_PAYLOAD: Final = 64 * 1024
 MAX_CONTROL_PAYLOAD: Final = 4096
-DEFAULT_INITIAL_WINDOW: Final = 256 * 1024
+DEFAULT_INITIAL_WINDOW: Final = 1024 * 1024
 DEFAULT_MAX_STREAMS: Final = 1024
 MAX_STREAM_ID: Final = 0xFFFF_FFFF
 MAX_WINDOW: Final = 0xFFFF_FFFF
@@ -545,11 +545,14 @@ class Multiplexer:
         self._sent_goaway = True
         self._queue(FrameType.GOAWAY, 0, payload)
 
-    def data_to_send(self) -> bytes:
-        """Drain everything queued since the last call; hand it to the session in order."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Drain everything queued since the last call; hand it to the session in order.
+
+        The internal buffer itself is handed over (no copy): it is never touched again.
+        """
         if not self._outbuf:
             return b""
-        out = bytes(self._outbuf)
+        out = self._outbuf
         self._outbuf = bytearray()
         return out
 

@@ -57,6 +57,11 @@ class RecordLayer:
 
     def seal(self, content_type: ContentType, data: bytes | memoryview = b"") -> bytes:
         """Encrypt one record and return the complete frame."""
+        header, ciphertext = self.seal_parts(content_type, data)
+        return header + ciphertext
+
+    def seal_parts(self, content_type: ContentType, data: bytes | memoryview = b"") -> tuple[bytes, bytes]:
+        """Encrypt one record; returns (header, ciphertext) so the sender can scatter-gather."""
         if len(data) > MAX_RECORD_PLAINTEXT:
             raise OversizedRecordError(f"record of {len(data)} bytes exceeds {MAX_RECORD_PLAINTEXT}")
         counter = self.next_send_counter
@@ -66,10 +71,13 @@ class RecordLayer:
         length = 1 + RECORD_PREFIX.size + 1 + len(data) + TAG_SIZE
         header = RECORD_HEADER.pack(length, Kind.RECORD, self.session_id, counter)
         plaintext = bytes((content_type,)) + data
-        return header + self._sealer.encrypt(NONCE_PREFIX + counter.to_bytes(8, "big"), plaintext, header)
+        return header, self._sealer.encrypt(NONCE_PREFIX + counter.to_bytes(8, "big"), plaintext, header)
 
-    def open(self, body: bytes) -> tuple[ContentType, bytes]:
-        """Authenticate and decrypt a RECORD frame body; raises a RecordError subclass."""
+    def open(self, body: bytes | memoryview) -> tuple[ContentType, memoryview]:
+        """Authenticate and decrypt a RECORD frame body; raises a RecordError subclass.
+
+        The data comes back as a memoryview of the plaintext: no copy on the hot path.
+        """
         if len(body) < RECORD_PREFIX.size + 1 + TAG_SIZE:
             raise RecordError(f"record of {len(body)} bytes is too short")
         session_id, counter = RECORD_PREFIX.unpack_from(body)
@@ -87,4 +95,4 @@ class RecordLayer:
             content_type = ContentType(plaintext[0])
         except ValueError:
             raise RecordError(f"record {counter} has unknown content type 0x{plaintext[0]:02x}") from None
-        return content_type, plaintext[1:]
+        return content_type, memoryview(plaintext)[1:]

@@ -32,7 +32,7 @@ class Established:
 
 @dataclass(frozen=True)
 class DataReceived:
-    data: bytes
+    data: bytes | memoryview  # a view of the decrypted record: consume it before the next feed
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ class Session:
         self.result: HandshakeResult | None = None
         self.records: RecordLayer | None = None
         self._decoder = FrameDecoder()
-        self._outgoing = bytearray()
+        self._outgoing: list[bytes | memoryview] = []
+        self._queued_bytes = 0
         self.started_ms = now_ms
         self.last_received_ms = now_ms
         self.last_sent_ms = now_ms
@@ -121,17 +122,22 @@ class Session:
         self._queue(self.handshake.start(now_ms), now_ms)
 
     def data_to_send(self) -> bytes:
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
+        return b"".join(self.buffers_to_send())
+
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """Everything queued, as separate buffers for a scatter-gather send (no joining copy)."""
+        buffers, self._outgoing, self._queued_bytes = self._outgoing, [], 0
+        return buffers
 
     @property
     def pending_bytes(self) -> int:
         """Bytes queued for the socket: the shell applies backpressure on this."""
-        return len(self._outgoing)
+        return self._queued_bytes
 
     def _queue(self, frame: bytes, now_ms: int | None = None) -> None:
-        self._outgoing += frame
+        if frame:
+            self._outgoing.append(frame)
+            self._queued_bytes += len(frame)
         if now_ms is not None:
             self.last_sent_ms = now_ms
 
@@ -191,7 +197,8 @@ class Session:
         records = self._require_records()
         view = memoryview(data)
         for offset in range(0, len(view), MAX_RECORD_PLAINTEXT):
-            self._queue(records.seal(ContentType.DATA, view[offset : offset + MAX_RECORD_PLAINTEXT]))
+            for part in records.seal_parts(ContentType.DATA, view[offset : offset + MAX_RECORD_PLAINTEXT]):
+                self._queue(part)
         self.bytes_sent += len(data)
         self.last_sent_ms = now_ms
 
@@ -219,10 +226,13 @@ class Session:
             return [Established(self.result), *self._on_content(content_type, data, now_ms)]
         return self._on_content(content_type, data, now_ms)
 
-    def _on_content(self, content_type: ContentType, data: bytes, now_ms: int) -> list[Event]:
+    def _on_content(self, content_type: ContentType, data: memoryview, now_ms: int) -> list[Event]:
         if content_type is ContentType.DATA:
             self.bytes_received += len(data)
             return [DataReceived(data)]
+        return self._on_control(content_type, bytes(data), now_ms)
+
+    def _on_control(self, content_type: ContentType, data: bytes, now_ms: int) -> list[Event]:
         if content_type is ContentType.PING:
             self._queue(self._require_records().seal(ContentType.PONG, data), now_ms)
             return []

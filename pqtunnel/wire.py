@@ -38,8 +38,10 @@ def encode_frame(kind: Kind, body: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Frame:
+    """One frame. A RECORD body is a zero-copy memoryview of the received bytes."""
+
     kind: Kind
-    body: bytes
+    body: bytes | memoryview
 
 
 def _limit_for(kind: int) -> int:
@@ -50,46 +52,68 @@ def _limit_for(kind: int) -> int:
     raise FramingError(f"unknown frame kind 0x{kind:02x}")
 
 
+def _check_header(length: int, kind: int) -> Kind:
+    if length < 1:
+        raise FramingError("frame length 0")
+    limit = _limit_for(kind)
+    if length > limit:
+        raise FramingError(f"{Kind(kind).name} frame of {length} bytes exceeds the limit of {limit}")
+    return Kind(kind)
+
+
 class FrameDecoder:
-    """Splits a TCP byte stream into frames; keeps at most one partial frame buffered."""
+    """Splits a TCP byte stream into frames; keeps at most one partial frame buffered.
+
+    Frames that arrive whole are sliced out of the received bytes without copying (this is
+    the bulk-data hot path); only a frame split across reads is assembled in a buffer.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._offset = 0
 
-    def feed(self, data: bytes) -> list[Frame]:
-        self._buffer += data
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if not isinstance(data, bytes):
+            data = bytes(data)  # slices must not see later mutation
+        view = memoryview(data)
         frames: list[Frame] = []
-        while True:
-            frame = self._next_frame()
-            if frame is None:
+        pos = self._complete_pending(view, frames) if self._buffer else 0
+        if self._buffer:
+            return frames
+        end = len(view)
+        while end - pos >= FRAME_HEADER.size:
+            length, kind_value = FRAME_HEADER.unpack_from(view, pos)
+            kind = _check_header(length, kind_value)
+            stop = pos + 4 + length
+            if stop > end:
                 break
-            frames.append(frame)
-        self._compact()
+            body = view[pos + FRAME_HEADER.size : stop]
+            frames.append(Frame(kind, body if kind is Kind.RECORD else bytes(body)))
+            pos = stop
+        if pos < end:
+            self._buffer = bytearray(view[pos:])
+            if len(self._buffer) >= FRAME_HEADER.size:
+                _check_header(*FRAME_HEADER.unpack_from(self._buffer))  # refuse before buffering a body
         return frames
 
-    def _next_frame(self) -> Frame | None:
-        available = len(self._buffer) - self._offset
-        if available < FRAME_HEADER.size:
-            return None
-        length, kind = FRAME_HEADER.unpack_from(self._buffer, self._offset)
-        if length < 1:
-            raise FramingError("frame length 0")
-        limit = _limit_for(kind)
-        if length > limit:
-            raise FramingError(f"{Kind(kind).name} frame of {length} bytes exceeds the limit of {limit}")
-        end = self._offset + 4 + length
-        if len(self._buffer) < end:
-            return None
-        body = bytes(self._buffer[self._offset + FRAME_HEADER.size : end])
-        self._offset = end
-        return Frame(Kind(kind), body)
-
-    def _compact(self) -> None:
-        if self._offset:
-            del self._buffer[: self._offset]
-            self._offset = 0
+    def _complete_pending(self, view: memoryview, frames: list[Frame]) -> int:
+        """Top up the buffered partial frame from ``view``; returns how much of ``view`` was used."""
+        used = 0
+        if len(self._buffer) < FRAME_HEADER.size:
+            used = min(FRAME_HEADER.size - len(self._buffer), len(view))
+            self._buffer += view[:used]
+            if len(self._buffer) < FRAME_HEADER.size:
+                return used
+        length, kind_value = FRAME_HEADER.unpack_from(self._buffer)
+        kind = _check_header(length, kind_value)
+        missing = 4 + length - len(self._buffer)
+        take = min(missing, len(view) - used)
+        self._buffer += view[used : used + take]
+        used += take
+        if take == missing:
+            frames.append(Frame(kind, bytes(self._buffer[FRAME_HEADER.size :])))
+            self._buffer = bytearray()
+        return used
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer) - self._offset
+        return len(self._buffer)

@@ -844,7 +844,8 @@ def test_vector_stream_lifecycle_is_reproduced_byte_for_byte() -> None:
 
 
 def test_vector_control_frames_are_reproduced_byte_for_byte() -> None:
-    a, b = make_pair()
+    window = 262144  # the vector's W (docs/PROTOCOL.md), not the current default
+    a, b = make_pair(initial_window=window)
     open_accepted(a, b)
     produced: dict[str, str] = {}
     a.mux.open_stream({"port": 8080})
@@ -855,9 +856,9 @@ def test_vector_control_frames_are_reproduced_byte_for_byte() -> None:
     a.feed(bytes.fromhex(produced["open_err"]))
     stream_id = open_accepted(a, b)
     b.stalled.add(stream_id)
-    a.mux.send_data(stream_id, bytes(DEFAULT_INITIAL_WINDOW))
+    a.mux.send_data(stream_id, bytes(window))
     pump(a, b)
-    b.mux.consumed(stream_id, DEFAULT_INITIAL_WINDOW // 2)
+    b.mux.consumed(stream_id, window // 2)
     produced["window"] = b.mux.data_to_send().hex()
     a.mux.reset_stream(stream_id, ErrorCode.CANCELLED, "bye")
     produced["rst"] = a.mux.data_to_send().hex()
