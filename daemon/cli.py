@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -67,7 +68,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     identity = load_identity(home)
     trust = TrustStore.load(home)
     config = load_config(home, Path(args.config) if args.config else None, listen=args.listen, socks=args.socks,
-                         peers=args.peer, mdns=False if args.no_mdns else None)
+                         peers=args.peer, mdns=False if args.no_mdns else None,
+                         mdns_interfaces=args.mdns_interface)
     setup_logging(identity.name, config.log_level)
     node = Node(config, identity, trust)
     try:
@@ -118,8 +120,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if not peers:
         print("no peers")
     for p in peers:
-        print(f"{p['name']:<16} {p['fingerprint'] or '-':<36} {p['trust']:<9} session {p['session']:<4} "
-              f"{' '.join(p['addresses']) or '-'} {p['last_error']}")
+        seen = f"seen {time.time() - p['last_seen']:.0f} s ago" if p.get("last_seen") else ""
+        print(f"{p['name']:<16} {p['fingerprint'] or '-':<36} {p['trust']:<9} {p['source']:<7} session {p['session']:<4} "
+              f"{' '.join(p['addresses']) or '-'} {seen} {p['last_error']}".rstrip())
     return 0
 
 
@@ -239,6 +242,8 @@ def _add_up_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socks", help="SOCKS5 listen address HOST:PORT (default 127.0.0.1:1080, 'off' to disable)")
     parser.add_argument("--peer", action="append", metavar="NAME=HOST:PORT", help="static peer (repeatable)")
     parser.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    parser.add_argument("--mdns-interface", action="append", metavar="IP",
+                        help="advertise and browse only on the interface with this address (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

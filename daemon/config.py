@@ -77,6 +77,7 @@ class NodeConfig:
     aeads: tuple[Aead, ...] = DEFAULT_AEADS
     timers: SessionTimers = field(default_factory=SessionTimers)
     mdns: bool = True
+    mdns_interfaces: list[str] | None = None
     log_level: str = "info"
     socks_users: dict[str, str] = field(default_factory=dict)
     ca_public: Path | None = None
@@ -144,6 +145,22 @@ def _ca_settings(table: dict[str, Any], source: str, home: Path) -> dict[str, Pa
     return paths
 
 
+def _mdns_interfaces(value: Any, source: str) -> list[str] | None:
+    """Interface IP addresses mDNS uses (None: zeroconf's default choice)."""
+    if value is None:
+        return None
+    import ipaddress
+
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{source}: node.mdns_interfaces must be a non-empty list of IP addresses")
+    for item in value:
+        try:
+            ipaddress.ip_address(item)
+        except (ValueError, TypeError):
+            raise ConfigError(f"mDNS interface {item!r} is not an IP address") from None
+    return list(value)
+
+
 def _string_list(value: Any, key: str, source: str) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{source}: {key} must be a non-empty list of strings")
@@ -181,13 +198,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def load_config(home: Path, config_path: Path | None = None, *, listen: str | None = None, socks: str | None = None,
-                peers: list[str] | None = None, mdns: bool | None = None) -> NodeConfig:
+                peers: list[str] | None = None, mdns: bool | None = None,
+                mdns_interfaces: list[str] | None = None) -> NodeConfig:
     """Build the effective configuration; flags override the file."""
     path = config_path or home / CONFIG_FILE
     data = read_config_file(path) if (config_path is not None or path.exists()) else {}
     source = str(path)
     node = _table(data, "node", source)
-    known = {"listen", "socks", "suites", "aeads", "allowed_ports", "mdns", "log_level"}
+    known = {"listen", "socks", "suites", "aeads", "allowed_ports", "mdns", "mdns_interfaces", "log_level"}
     unknown = set(node) - known
     if unknown:
         raise ConfigError(f"{source}: unknown setting(s) in [node]: {', '.join(sorted(unknown))}")
@@ -214,6 +232,7 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         aeads=aeads,
         timers=_timers(_table(data, "timers", source), source),
         mdns=node.get("mdns", True) if mdns is None else mdns,
+        mdns_interfaces=_mdns_interfaces(mdns_interfaces or node.get("mdns_interfaces"), source),
         socks_users=_socks_users(_table(data, "socks_users", source), source),
         **_ca_settings(_table(data, "ca", source), source, home),
         log_level=str(node.get("log_level", "info")),

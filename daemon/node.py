@@ -20,6 +20,7 @@ from pqtunnel.trust import TrustStore
 from .config import Address, NodeConfig
 from .trustpolicy import authorize_peer, load_ca_setup
 from .connection import Connection, ConnectionClosed, _os_reason, now_ms
+from .discovered import DiscoveryWiring
 from .logs import LOG
 from .services import serve_stream
 from .socks_server import open_socks_listener, serve_socks_client
@@ -41,19 +42,46 @@ class PeerUnreachableError(PqtunnelError):
 
 
 class PeerLink:
-    """A static peer: keeps one outbound session alive with exponential backoff."""
+    """A peer we dial: keeps one outbound session alive with exponential backoff.
 
-    def __init__(self, name: str, address: Address) -> None:
+    Static links come from ``--peer``/config; mDNS links from discovery. An mDNS link may
+    have several candidate addresses (e.g. two nodes claim one name): a failed dial or
+    handshake moves on to the next, and only the handshake decides who the peer is.
+    """
+
+    def __init__(self, name: str, address: Address, source: str = "static") -> None:
         self.name = name
-        self.address = address
+        self.candidates = [address]
+        self.index = 0
+        self.source = source
         self.last_error = ""
         self.attempts = 0
+        self.failures = 0
         self.wake = trio.Event()
         self.changed = trio.Event()
+        self.scope = trio.CancelScope()
+
+    @property
+    def address(self) -> Address:
+        return self.candidates[self.index % len(self.candidates)]
+
+    def set_candidates(self, addresses: list[Address]) -> None:
+        current = self.address
+        self.candidates = addresses or self.candidates
+        self.index = self.candidates.index(current) if current in self.candidates else 0
+
+    def rotate(self) -> None:
+        self.index = (self.index + 1) % len(self.candidates)
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def failed(self, reason: str) -> None:
+        self.last_error = reason
+        self.failures += 1
+        self.rotate()
+        self.notify()
 
 
 class Node:
@@ -73,6 +101,7 @@ class Node:
         self.listen_address: Address | None = None
         self.ready = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.discovery = DiscoveryWiring(self)
 
     # --- top level -------------------------------------------------------------------------------
 
@@ -81,15 +110,17 @@ class Node:
 
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self._watch_signals, nursery.cancel_scope)  # before anything can be asked to stop
             listeners = await self._open_listeners()
             nursery.start_soon(trio.serve_listeners, self._serve_inbound, listeners)
             if self.config.socks is not None:
                 socks_listeners = await open_socks_listener(self.config.socks)
                 nursery.start_soon(trio.serve_listeners, self._serve_socks, socks_listeners)
             await nursery.start(serve_control, self)
-            for link in self.links.values():
-                nursery.start_soon(self._keep_link, link)
-            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            for link in list(self.links.values()):
+                self.start_link(link)
+            if self.config.mdns:
+                await nursery.start(self.discovery.run)
             self.ready.set()
             LOG.info("node %s (%s) listening on %s, SOCKS on %s, suites %s", self.identity.name,
                      self.identity.fingerprint, self.listen_address, self.config.socks or "off",
@@ -118,8 +149,9 @@ class Node:
         self.listen_address = Address(address.host, bound[1])
         return listeners
 
-    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+    async def _watch_signals(self, scope: trio.CancelScope, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 LOG.info("shutting down (%s): closing %d session(s)", signal.Signals(signum).name, len(self.sessions))
                 with trio.CancelScope(shield=True):
@@ -212,6 +244,22 @@ class Node:
 
     # --- outbound ------------------------------------------------------------------------------------
 
+    def start_link(self, link: PeerLink) -> None:
+        """Own ``link``'s redial loop in the node's nursery until the link is dropped."""
+        assert self._nursery is not None
+        self.links[link.name] = link
+        self._nursery.start_soon(self._run_link, link)
+
+    async def _run_link(self, link: PeerLink) -> None:
+        with link.scope:
+            await self._keep_link(link)
+
+    def drop_link(self, link: PeerLink) -> None:
+        """Stop dialling (e.g. the peer left mDNS); a live session runs on until it dies."""
+        link.scope.cancel()
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
+
     async def _keep_link(self, link: PeerLink) -> None:
         """Dial, run the session, and redial with exponential backoff when it ends."""
         delay = BACKOFF_START
@@ -224,8 +272,7 @@ class Node:
                 if conn.established.is_set():
                     delay = BACKOFF_START
                 else:
-                    link.last_error = conn.close_reason
-                    link.notify()
+                    link.failed(conn.close_reason)
             with trio.move_on_after(delay):
                 await link.wake.wait()
             link.wake = trio.Event()
@@ -240,8 +287,7 @@ class Node:
             reason = "connect timed out" if isinstance(exc, trio.TooSlowError) else _os_reason(exc)
             if link.last_error != reason:
                 LOG.warning("cannot reach %s at %s: %s", link.name, link.address, reason)
-            link.last_error = reason
-            link.notify()
+            link.failed(reason)
             return None
         handshake = InitiatorHandshake(self.identity, self._authorizer(link.name), config=self.handshake_config,
                                        backend=self.backend, certificate=self.certificate)
@@ -255,14 +301,15 @@ class Node:
             return conn
         link = self.links.get(peer)
         if link is None:
-            raise UnknownPeerError(f"unknown peer {peer!r}: no session and no address (use --peer {peer}=HOST:PORT)")
-        attempts_before = link.attempts
+            raise self.discovery.why_unknown(peer) if self.config.mdns else UnknownPeerError(
+                f"unknown peer {peer!r}: no session and no address (use --peer {peer}=HOST:PORT or mDNS)")
+        failures_before = link.failures
         link.wake.set()
         with trio.move_on_after(timeout):
             while peer not in self.sessions:
                 await link.changed.wait()
-                if peer not in self.sessions and link.attempts > attempts_before and link.last_error:
-                    break  # a fresh attempt failed: report its reason now, not after the timeout
+                if peer not in self.sessions and link.failures > failures_before:
+                    break  # an attempt failed: report its reason now, not after the timeout
         conn = self.sessions.get(peer)
         if conn is None:
             reason = link.last_error or f"no session within {timeout:.0f} s"
@@ -304,20 +351,28 @@ class Node:
         return rows
 
     def peers_info(self) -> list[dict[str, Any]]:
+        """Configured, pinned and connected peers, plus every mDNS advertisement seen."""
+        discovered = self.discovery.rows()
+        covered = {(row["name"], row["fingerprint"]) for row in discovered}
         names = sorted(set(self.links) | {p.name for p in self.trust.peers()} | set(self.sessions))
         rows = []
         for name in names:
             link = self.links.get(name)
             conn = self.sessions.get(name)
+            fingerprint = conn.result.peer.fingerprint if conn and conn.result else self.trust.fingerprint_for(name)
+            if (link is None or link.source == "mdns") and (name, fingerprint) in covered:
+                continue
             rows.append({
                 "name": name,
-                "fingerprint": conn.result.peer.fingerprint if conn and conn.result else self.trust.fingerprint_for(name),
-                "addresses": [str(link.address)] if link else ([conn.remote] if conn else []),
+                "fingerprint": fingerprint,
+                "addresses": [str(a) for a in link.candidates] if link else ([conn.remote] if conn else []),
                 "trust": self._trust_label(name, conn),
+                "source": link.source if link else ("inbound" if conn else "pinned"),
                 "session": "up" if conn else "down",
+                "last_seen": None,
                 "last_error": link.last_error if link else "",
             })
-        return rows
+        return sorted(rows + discovered, key=lambda row: (row["name"], row["trust"]))
 
     def _trust_label(self, name: str, conn: Connection | None) -> str:
         if conn is not None and conn.result is not None:

@@ -45,9 +45,9 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.log_path = self.home / "daemon.log"
-        log = self.log_path.open("ab")
         argv = [*CLI, "up", "--home", str(self.home), "--no-mdns", "--socks", "off", *self._listen_default(), *self.extra]
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self.wait_ready()
         return self
 

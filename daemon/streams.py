@@ -165,7 +165,7 @@ class StreamHost:
         self.nursery = nursery
         self.streams: dict[int, TunnelStream] = {}
         self._opening: dict[int, trio.Event] = {}
-        self._refusals: dict[int, StreamRefusedError] = {}
+        self._refusals: dict[int, StreamError] = {}
         self.closed = False
 
     @property
@@ -261,6 +261,6 @@ class StreamHost:
             stream._fail(error)
         self.streams.clear()
         for stream_id, waiter in list(self._opening.items()):
-            self._refusals[stream_id] = StreamRefusedError(mux.ErrorCode.UNREACHABLE, error.args[0])
+            self._refusals[stream_id] = error  # not a refusal by the peer: the peer is gone
             waiter.set()
         self._opening.clear()

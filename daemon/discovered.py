@@ -1,0 +1,127 @@
+"""mDNS discovery wired into the node: advertisements become dial candidates, never proof.
+
+A discovered node is dialled only if its advertised fingerprint matches the pin for that
+name, or (with a network CA) if it may hold a certificate for the name; the handshake then
+proves it. Advertisements that contradict a pin are listed as untrusted and never used.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pqtunnel.discovery import MdnsDiscovery, Peer, PeerAppeared, PeerChanged, PeerEvent, PeerLeft
+
+from .config import Address
+from .logs import LOG
+
+if TYPE_CHECKING:
+    from .node import Node
+
+
+class DiscoveryWiring:
+    """Consumes PeerEvents and keeps the node's mDNS links in step with them."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.mdns: MdnsDiscovery | None = None
+        self.peers: dict[str, Peer] = {}
+        self.last_seen: dict[str, float] = {}
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        node = self.node
+        assert node.listen_address is not None
+        send, receive = trio.open_memory_channel[PeerEvent](256)
+        self.mdns = MdnsDiscovery(node.identity.name, node.identity.fingerprint, node.listen_address.port,
+                                  interfaces=node.config.mdns_interfaces)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.mdns.run, send)
+            task_status.started()
+            async for event in receive:
+                self.apply(event)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def classify(self, peer: Peer) -> str:
+        """pinned (fingerprint matches the pin), ca (a certificate may prove it), or untrusted."""
+        pinned = self.node.trust.fingerprint_for(peer.name)
+        if pinned is not None:
+            return "pinned" if pinned == peer.fingerprint else "untrusted"
+        if peer.name == self.node.identity.name:
+            return "untrusted"  # somebody else claims our own name
+        return "ca" if self.node.ca is not None else "untrusted"
+
+    def apply(self, event: PeerEvent) -> None:
+        peer = event.peer
+        if isinstance(event, PeerLeft):
+            self.peers.pop(peer.instance, None)
+            self.last_seen.pop(peer.instance, None)
+        else:
+            self.peers[peer.instance] = peer
+            self.last_seen[peer.instance] = time.time()
+            if isinstance(event, PeerAppeared) or (isinstance(event, PeerChanged) and "fingerprint" in event.changes):
+                self._warn_if_untrusted(peer)
+        self._sync(peer.name)
+
+    def _warn_if_untrusted(self, peer: Peer) -> None:
+        if self.classify(peer) != "untrusted" or peer.fingerprint == self.node.identity.fingerprint:
+            return
+        pinned = self.node.trust.fingerprint_for(peer.name)
+        why = f"does not match the pinned {pinned} (possible spoofing)" if pinned else "is neither pinned nor under a CA"
+        LOG.warning("mDNS: %r advertised by %s at %s %s; not used", peer.name, peer.fingerprint,
+                    ", ".join(peer.addresses), why)
+
+    def _sync(self, name: str) -> None:
+        """Create, update or drop the mDNS link for ``name`` from its usable advertisements."""
+        node = self.node
+        if name == node.identity.name:
+            return
+        link = node.links.get(name)
+        if link is not None and link.source == "static":
+            return  # configuration wins over discovery
+        usable = [p for p in self.peers.values() if p.name == name and p.compatible and self.classify(p) != "untrusted"]
+        if not usable:
+            if link is not None:
+                node.drop_link(link)
+            return
+        addresses = [Address(address, p.port) for p in usable for address in p.addresses]
+        if link is None:
+            from .node import PeerLink
+
+            link = PeerLink(name, addresses[0], source="mdns")
+            link.set_candidates(addresses)
+            node.start_link(link)
+        else:
+            link.set_candidates(addresses)
+            link.wake.set()  # e.g. it came back at a new address: dial now, not after the backoff
+
+    # --- queries -----------------------------------------------------------------------------------
+
+    def why_unknown(self, name: str) -> Exception:
+        from .node import PeerUnreachableError, UnknownPeerError
+
+        claims = sorted({p.fingerprint for p in self.peers.values() if p.name == name})
+        if claims:
+            return PeerUnreachableError(f"{name} is advertised only by untrusted nodes ({', '.join(claims)})")
+        return UnknownPeerError(f"unknown peer {name!r}: not discovered by mDNS and no static address")
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for peer in self.peers.values():
+            conn = self.node.sessions.get(peer.name)
+            same = conn is not None and conn.result is not None and conn.result.peer.fingerprint == peer.fingerprint
+            rows.append({
+                "name": peer.name,
+                "fingerprint": peer.fingerprint,
+                "addresses": [str(Address(a, peer.port)) for a in peer.addresses],
+                "trust": self.classify(peer),
+                "source": "mdns",
+                "session": "up" if same else "down",
+                "last_seen": self.last_seen.get(peer.instance),
+                "conflict": peer.conflict,
+                "compatible": peer.compatible,
+                "last_error": "",
+            })
+        return rows

@@ -1,0 +1,1076 @@
+"""mDNS / DNS-SD discovery of pqtunnel nodes on the local link.
+
+Each node advertises ``NAME._pqtunnel._tcp.local.`` with a TXT record holding its claimed
+name (``name``), fingerprint (``fp``) and protocol version(s) (``v``). Everything learnt
+this way is a *hint*: anyone on the link can advertise anything, so a sighting only tells
+the daemon where it might dial. Whether the peer really is who it claims is decided by
+the handshake against the pinned fingerprint (see ``pqtunnel.trust``).
+
+The module is split like the rest of pqtunnel:
+
+* sans-IO: ``advertisement_properties``, ``parse_advertisement`` (defensive against
+  hostile records) and ``PeerTable`` (the caller passes ``now``), all pure and testable;
+* the trio/zeroconf bridge ``MdnsDiscovery``: python-zeroconf runs its own asyncio loop
+  in its own threads; this class talks to it with ``asyncio.run_coroutine_threadsafe``
+  and gets woken back through the trio token, so the trio thread never blocks.
+
+See docs/discovery.md for the record layout, limits and timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import enum
+import ipaddress
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import ifaddr  # zeroconf's own dependency for listing interfaces
+import trio
+import zeroconf
+from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceInfo
+
+from .errors import ProtocolError, UserError
+from .handshake import PROTOCOL_VERSION
+from .identity import FINGERPRINT_PREFIX, normalise_fingerprint
+from .names import validate_name
+
+LOG = logging.getLogger("pqtunneld")
+
+SERVICE_TYPE: Final = "_pqtunnel._tcp.local."
+TXT_NAME: Final = "name"
+TXT_FINGERPRINT: Final = "fp"
+TXT_VERSION: Final = "v"
+
+# --- limits on what a record may contain (anything larger is refused, not truncated) ---------
+MAX_TXT_KEYS: Final = 32
+MAX_TXT_ENTRY: Final = 255
+"""One TXT string (``key=value``) is at most 255 bytes on the wire; more cannot be genuine."""
+MAX_TXT_BYTES: Final = 1300
+"""Whole TXT record (RFC 6763 6.2: should fit one packet; ours is ~60 bytes)."""
+MAX_NAME_VALUE: Final = 63
+MAX_FINGERPRINT_VALUE: Final = 40
+MAX_VERSION_VALUE: Final = 32
+MAX_VERSIONS: Final = 8
+MAX_INSTANCE_LABEL: Final = 63
+MAX_ADDRESSES: Final = 16
+MAX_ADDRESS_TEXT: Final = 64
+
+# --- table and timing defaults -----------------------------------------------------------------
+RECORD_TTL: Final = 120
+"""TTL (s) of every record we publish (RFC 6762's value for records naming a host)."""
+PEER_TTL: Final = 100.0
+"""A table entry not re-confirmed for this long is dropped. This is what notices a crashed
+node: zeroconf keeps PTR records at least 1125 s, but SRV/TXT expire after RECORD_TTL, after
+which re-confirmation has to ask the network and gets no answer."""
+REFRESH_INTERVAL: Final = 30.0
+"""How often the bridge re-confirms every advertised name (zeroconf's cache, else a query)."""
+RESOLVE_TIMEOUT: Final = 3.0
+MAX_PEERS: Final = 1024
+MAX_FINGERPRINTS_PER_INSTANCE: Final = 4
+"""Candidates one instance may hold (a genuine re-key needs 2); more is a fingerprint flood."""
+CHANGE_BURST: Final = 4
+CHANGE_INTERVAL: Final = 5.0
+"""Per-instance rate limit: ``CHANGE_BURST`` changes at once, then one per ``CHANGE_INTERVAL`` s."""
+RESOLVERS: Final = 8
+"""Concurrent resolutions: an unresolvable flood cannot starve a genuine peer of all of them."""
+MAX_BROWSED: Final = 4 * MAX_PEERS
+GOODBYE_TIMEOUT: Final = 3.0
+CLOSE_TIMEOUT: Final = 5.0
+
+_VERSION_LIST = re.compile(r"[0-9]{1,3}(,[0-9]{1,3})*")
+_SERVICE_SUFFIX = "." + SERVICE_TYPE
+_T = TypeVar("_T")
+
+
+class InvalidAdvertisement(ProtocolError):
+    """An mDNS record for our service type is malformed or hostile; it is ignored."""
+
+    def __init__(self, reason: str, instance: object = None) -> None:
+        self.reason = reason
+        self.instance = instance
+        shown = repr(instance)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid mDNS advertisement {shown}: {reason}")
+
+
+class DiscoveryError(UserError):
+    """mDNS cannot run here (no multicast route, no address to advertise, bad settings)."""
+
+
+# --- advertisements (sans-IO) ----------------------------------------------------------------------
+
+
+def _version_list(version: int | Iterable[int]) -> tuple[int, ...]:
+    versions = (version,) if isinstance(version, int) else tuple(version)
+    if not versions or len(versions) > MAX_VERSIONS:
+        raise ValueError(f"advertise 1-{MAX_VERSIONS} protocol versions, not {len(versions)}")
+    for value in versions:
+        if type(value) is not int or not 1 <= value <= 255:
+            raise ValueError(f"protocol version must be an integer 1-255, not {value!r}")
+    return tuple(sorted(set(versions)))
+
+
+def advertisement_properties(name: str, fingerprint: str,
+                             version: int | Iterable[int] = PROTOCOL_VERSION) -> dict[bytes, bytes]:
+    """The TXT record of our own advertisement; refuses values a peer would reject."""
+    versions = _version_list(version)
+    return {
+        TXT_NAME.encode(): validate_name(name).encode("ascii"),
+        TXT_FINGERPRINT.encode(): normalise_fingerprint(fingerprint).encode("ascii"),
+        TXT_VERSION.encode(): ",".join(str(v) for v in versions).encode("ascii"),
+    }
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """One validated advertisement: where a node claiming ``name`` says it listens."""
+
+    instance: str  # DNS-SD instance label (lower case): the handle removals refer to
+    name: str
+    fingerprint: str
+    addresses: tuple[str, ...]
+    port: int
+    versions: tuple[int, ...]
+
+    @property
+    def compatible(self) -> bool:
+        """False if the node speaks no protocol version we do: listed, but not worth dialling."""
+        return PROTOCOL_VERSION in self.versions
+
+
+def parse_advertisement(instance_name: object, properties: object, addresses: object, port: object) -> Sighting:
+    """Validate a resolved record; raise InvalidAdvertisement on anything odd.
+
+    Every argument comes off the network, so nothing about its type or size is assumed.
+    Unknown TXT keys are ignored (room for later versions), unknown protocol versions are
+    kept but make the sighting ``compatible=False`` so the daemon can report it.
+    """
+    instance = instance_label(instance_name)
+    try:
+        fields = _txt_fields(properties)
+        name = _name_field(fields)
+        fingerprint = _fingerprint_field(fields)
+        versions = _version_field(fields)
+        return Sighting(instance=instance, name=name, fingerprint=fingerprint,
+                        addresses=_addresses(addresses), port=_port(port), versions=versions)
+    except InvalidAdvertisement as exc:
+        raise InvalidAdvertisement(exc.reason, instance_name) from None
+
+
+def instance_label(instance_name: object) -> str:
+    """The instance label of ``LABEL._pqtunnel._tcp.local.`` (or a bare label), lower-cased."""
+    if not isinstance(instance_name, str):
+        raise InvalidAdvertisement("instance name is not text", instance_name)
+    if len(instance_name) > 4 * MAX_INSTANCE_LABEL + len(_SERVICE_SUFFIX):
+        raise InvalidAdvertisement("instance name too long", instance_name)
+    label = instance_name
+    if label.lower().endswith(_SERVICE_SUFFIX):
+        label = label[: -len(_SERVICE_SUFFIX)]
+    elif label.endswith("."):
+        raise InvalidAdvertisement(f"not a {SERVICE_TYPE} instance", instance_name)
+    if not label or len(label.encode("utf-8", "surrogatepass")) > MAX_INSTANCE_LABEL:
+        raise InvalidAdvertisement(f"instance label must be 1-{MAX_INSTANCE_LABEL} bytes", instance_name)
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000 for ch in label):
+        raise InvalidAdvertisement("instance label contains control characters", instance_name)
+    return label.lower()
+
+
+def _as_bytes(value: object, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        if len(value) > MAX_TXT_ENTRY:
+            raise InvalidAdvertisement(f"{what} longer than {MAX_TXT_ENTRY} bytes")
+        return value.encode("utf-8", "surrogatepass")
+    raise InvalidAdvertisement(f"{what} has type {type(value).__name__}, expected bytes")
+
+
+def _txt_fields(properties: object) -> dict[bytes, bytes | None]:
+    """TXT map with keys lower-cased (RFC 6763 6.4); sizes capped; duplicates refused."""
+    if not isinstance(properties, Mapping):
+        raise InvalidAdvertisement("TXT record is not a key/value map")
+    if len(properties) > MAX_TXT_KEYS:
+        raise InvalidAdvertisement(f"TXT record has {len(properties)} keys (at most {MAX_TXT_KEYS})")
+    fields: dict[bytes, bytes | None] = {}
+    total = 0
+    for raw_key, raw_value in properties.items():
+        key = _as_bytes(raw_key, "TXT key")
+        value = None if raw_value is None else _as_bytes(raw_value, f"TXT value of {key[:20]!r}")
+        entry = len(key) + (0 if value is None else 1 + len(value))
+        if not key or b"=" in key:
+            raise InvalidAdvertisement("TXT key is empty or contains '='")
+        if entry > MAX_TXT_ENTRY:
+            raise InvalidAdvertisement(f"TXT entry {key[:20]!r} longer than {MAX_TXT_ENTRY} bytes")
+        total += 1 + entry
+        if total > MAX_TXT_BYTES:
+            raise InvalidAdvertisement(f"TXT record longer than {MAX_TXT_BYTES} bytes")
+        folded = key.lower()
+        if folded in fields:
+            raise InvalidAdvertisement(f"TXT key {folded[:20]!r} appears more than once")
+        fields[folded] = value
+    return fields
+
+
+def _ascii_field(fields: dict[bytes, bytes | None], key: str, limit: int) -> str:
+    if key.encode() not in fields:
+        raise InvalidAdvertisement(f"TXT key {key!r} missing")
+    value = fields[key.encode()]
+    if value is None:
+        raise InvalidAdvertisement(f"TXT key {key!r} has no value")
+    if len(value) > limit:
+        raise InvalidAdvertisement(f"TXT {key!r} longer than {limit} bytes")
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidAdvertisement(f"TXT {key!r} is not ASCII") from None
+    if not text.isprintable() or text != text.strip():
+        raise InvalidAdvertisement(f"TXT {key!r} contains spaces or control characters")
+    return text
+
+
+def _name_field(fields: dict[bytes, bytes | None]) -> str:
+    text = _ascii_field(fields, TXT_NAME, MAX_NAME_VALUE)
+    try:
+        return validate_name(text, "advertised name")
+    except UserError as exc:
+        raise InvalidAdvertisement(str(exc)) from None
+
+
+def _fingerprint_field(fields: dict[bytes, bytes | None]) -> str:
+    text = _ascii_field(fields, TXT_FINGERPRINT, MAX_FINGERPRINT_VALUE)
+    try:
+        return normalise_fingerprint(text)
+    except UserError:
+        raise InvalidAdvertisement(f"TXT 'fp' is not a {FINGERPRINT_PREFIX} fingerprint") from None
+
+
+def _version_field(fields: dict[bytes, bytes | None]) -> tuple[int, ...]:
+    text = _ascii_field(fields, TXT_VERSION, MAX_VERSION_VALUE)
+    if not _VERSION_LIST.fullmatch(text):
+        raise InvalidAdvertisement("TXT 'v' is not a comma-separated list of version numbers")
+    versions = {int(part) for part in text.split(",")}
+    if len(versions) > MAX_VERSIONS or not all(1 <= v <= 255 for v in versions):
+        raise InvalidAdvertisement(f"TXT 'v' must list 1-{MAX_VERSIONS} versions between 1 and 255")
+    return tuple(sorted(versions))
+
+
+def _address(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        ip = value
+    elif isinstance(value, (bytes, bytearray)):
+        if len(value) not in (4, 16):
+            raise InvalidAdvertisement(f"packed address has {len(value)} bytes")
+        ip = ipaddress.ip_address(bytes(value))
+    elif isinstance(value, str):
+        if len(value) > MAX_ADDRESS_TEXT or not value.isascii() or not value.isprintable():
+            raise InvalidAdvertisement("address is not an IP address")
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            raise InvalidAdvertisement(f"address {value!r} is not an IP address") from None
+    else:
+        raise InvalidAdvertisement(f"address has type {type(value).__name__}")
+    if ip.is_unspecified or ip.is_multicast:
+        raise InvalidAdvertisement(f"address {ip} cannot be dialled")
+    return ip
+
+
+def _addresses(addresses: object) -> tuple[str, ...]:
+    """Unique addresses in a stable order (IPv4 first), so reordering is not a change."""
+    if isinstance(addresses, (str, bytes, bytearray)) or not isinstance(addresses, Iterable):
+        raise InvalidAdvertisement("addresses are not a list")
+    found: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+    for count, value in enumerate(addresses, start=1):
+        if count > MAX_ADDRESSES:
+            raise InvalidAdvertisement(f"more than {MAX_ADDRESSES} addresses")
+        ip = _address(value)
+        found[str(ip)] = ip
+    if not found:
+        raise InvalidAdvertisement("no address")
+    ordered = sorted(found.items(), key=lambda item: (item[1].version, item[1].packed, item[0]))
+    return tuple(text for text, _ in ordered)
+
+
+def _port(port: object) -> int:
+    if type(port) is not int:
+        raise InvalidAdvertisement(f"port has type {type(port).__name__}")
+    if not 1 <= port <= 65535:
+        raise InvalidAdvertisement(f"port {port} out of range 1-65535")
+    return port
+
+
+# --- the peer table (sans-IO) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What the table currently believes about one advertised instance."""
+
+    instance: str
+    name: str
+    fingerprint: str
+    addresses: tuple[str, ...]
+    port: int
+    versions: tuple[int, ...]
+    conflict: bool = False
+    """Another instance advertises the same name with a different fingerprint."""
+
+    @property
+    def compatible(self) -> bool:
+        return PROTOCOL_VERSION in self.versions
+
+    @classmethod
+    def from_sighting(cls, sighting: Sighting, conflict: bool) -> Peer:
+        return cls(instance=sighting.instance, name=sighting.name, fingerprint=sighting.fingerprint,
+                   addresses=sighting.addresses, port=sighting.port, versions=sighting.versions,
+                   conflict=conflict)
+
+    def same_data(self, sighting: Sighting) -> bool:
+        return (self.name, self.fingerprint, self.addresses, self.port, self.versions) == (
+            sighting.name, sighting.fingerprint, sighting.addresses, sighting.port, sighting.versions)
+
+
+_CHANGE_FIELDS: Final = ("addresses", "port", "versions", "conflict")
+
+
+@dataclass(frozen=True)
+class PeerAppeared:
+    peer: Peer
+
+
+@dataclass(frozen=True)
+class PeerChanged:
+    peer: Peer
+    previous: Peer
+
+    @property
+    def changes(self) -> tuple[str, ...]:
+        """Names of the fields that differ: addresses, port, versions, conflict.
+
+        Never the fingerprint: another fingerprint is another candidate (see PeerTable).
+        """
+        return tuple(f for f in _CHANGE_FIELDS if getattr(self.peer, f) != getattr(self.previous, f))
+
+
+class LeaveReason(str, enum.Enum):
+    REMOVED = "removed"  # goodbye packet, or zeroconf's cache expired the record
+    EXPIRED = "expired"  # not re-confirmed within the table TTL
+    INVALID = "invalid"  # its current record no longer validates
+    RENAMED = "renamed"  # the same instance now claims another name (an Appeared follows)
+
+
+@dataclass(frozen=True)
+class PeerLeft:
+    peer: Peer
+    reason: LeaveReason
+
+
+PeerEvent = PeerAppeared | PeerChanged | PeerLeft
+
+
+@dataclass
+class _Bucket:
+    """Token bucket: ``burst`` at once, then one token every ``interval`` seconds."""
+
+    tokens: float
+    stamp: float
+
+    def refill(self, now: float, burst: int, interval: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(float(burst), self.tokens + (now - self.stamp) / interval)
+            self.stamp = now
+
+    def take(self, now: float, burst: int, interval: float) -> bool:
+        self.refill(now, burst, interval)
+        if self.tokens >= 1.0 - 1e-9:
+            self.tokens = max(0.0, self.tokens - 1.0)
+            return True
+        return False
+
+    def ready_at(self, interval: float) -> float:
+        return self.stamp + max(0.0, 1.0 - self.tokens) * interval
+
+
+_Key = tuple[str, str]  # (instance, fingerprint)
+
+
+@dataclass
+class _Slot:
+    current: Peer | None  # what the caller was told (None: the appearance is still held back)
+    pending: Sighting | None  # newer data held back by the rate limit
+    last_seen: float
+
+
+@dataclass
+class TableStats:
+    """Counters the I/O shell turns into (rate-limited) log lines."""
+
+    dropped_full: int = 0  # new candidates refused because the table was full
+    dropped_fingerprints: int = 0  # refused: the instance already has too many fingerprints
+    throttled: int = 0  # changes held back by the per-instance rate limit
+
+
+class PeerTable:
+    """Who advertises what, with expiry, a size cap and a per-instance change rate limit.
+
+    One entry per (DNS-SD instance, fingerprint). Whenever one name is claimed by more
+    than one fingerprint (two instances, or one instance whose fingerprint changed), every
+    candidate is kept with ``conflict=True``: discovery cannot know which is genuine, so it
+    never picks one; the daemon decides by handshake proof against the pinned fingerprint.
+    A superseded candidate leaves when it expires or its instance says goodbye.
+
+    A change beyond the rate limit is held, not lost: the latest data is delivered when
+    the instance has a token again (``tick``). Removals are never rate-limited.
+    """
+
+    def __init__(self, *, ttl: float = PEER_TTL, max_entries: int = MAX_PEERS,
+                 change_burst: int = CHANGE_BURST, change_interval: float = CHANGE_INTERVAL) -> None:
+        if ttl <= 0 or max_entries < 1 or change_burst < 1 or change_interval <= 0:
+            raise ValueError("PeerTable limits must be positive")
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.change_burst = change_burst
+        self.change_interval = change_interval
+        self.stats = TableStats()
+        self._slots: dict[_Key, _Slot] = {}
+        self._by_instance: dict[str, set[_Key]] = {}
+        self._by_name: dict[str, set[_Key]] = {}  # only entries the caller has been told about
+        self._buckets: dict[str, _Bucket] = {}  # per live instance
+        self._recent: OrderedDict[str, _Bucket] = OrderedDict()  # buckets of instances that left
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, instance: object) -> bool:
+        return instance in self._by_instance
+
+    def peers(self) -> list[Peer]:
+        """Every peer the caller has been told about."""
+        return [slot.current for slot in self._slots.values() if slot.current is not None]
+
+    def candidates(self, name: str) -> list[Peer]:
+        """All advertised peers claiming ``name`` (several if there is a conflict)."""
+        return sorted((self._visible(key) for key in self._by_name.get(name, ())),
+                      key=lambda peer: (peer.instance, peer.fingerprint))
+
+    def fingerprints(self, name: str) -> tuple[str, ...]:
+        """The distinct fingerprints advertised for ``name`` (more than one: a conflict)."""
+        return tuple(sorted({fingerprint for _, fingerprint in self._by_name.get(name, ())}))
+
+    def conflicts(self) -> dict[str, tuple[str, ...]]:
+        """Names claimed by more than one fingerprint, with those fingerprints."""
+        result = {}
+        for name, keys in self._by_name.items():
+            fingerprints = {fingerprint for _, fingerprint in keys}
+            if len(fingerprints) > 1:
+                result[name] = tuple(sorted(fingerprints))
+        return result
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` next has work (an expiry or a held change), or None."""
+        deadlines = [slot.last_seen + self.ttl for slot in self._slots.values()]
+        deadlines += [self._buckets[instance].ready_at(self.change_interval)
+                      for (instance, _), slot in self._slots.items() if slot.pending is not None]
+        return min(deadlines, default=None)
+
+    # --- updates -------------------------------------------------------------------------------
+
+    def apply(self, sighting: Sighting, now: float) -> list[PeerEvent]:
+        """Record a (re-)sighting; returns the events it causes (none for a plain refresh)."""
+        key = (sighting.instance, sighting.fingerprint)
+        slot = self._slots.get(key)
+        if slot is None:
+            if len(self._slots) >= self.max_entries:
+                self.stats.dropped_full += 1
+                return []
+            if len(self._by_instance.get(sighting.instance, ())) >= MAX_FINGERPRINTS_PER_INSTANCE:
+                self.stats.dropped_fingerprints += 1
+                return []
+            slot = self._slots[key] = _Slot(current=None, pending=sighting, last_seen=now)
+            self._by_instance.setdefault(sighting.instance, set()).add(key)
+            if sighting.instance not in self._buckets:
+                self._buckets[sighting.instance] = self._bucket_for(sighting.instance, now)
+            return self._release(key, slot, now)
+        slot.last_seen = max(slot.last_seen, now)
+        if slot.current is not None and slot.current.same_data(sighting):
+            slot.pending = None  # a held change was reverted before it was delivered
+            return []
+        slot.pending = sighting
+        return self._release(key, slot, now)
+
+    def remove(self, instance: str, now: float, reason: LeaveReason = LeaveReason.REMOVED) -> list[PeerEvent]:
+        """Forget every candidate of an instance (its goodbye, or its record became invalid)."""
+        events: list[PeerEvent] = []
+        for key in sorted(self._by_instance.get(instance, ())):
+            events += self._drop(key, reason)
+        return events
+
+    def tick(self, now: float) -> list[PeerEvent]:
+        """Expire stale entries and deliver held changes whose rate limit has passed."""
+        events: list[PeerEvent] = []
+        for key in [key for key, slot in self._slots.items() if now >= slot.last_seen + self.ttl]:
+            events += self._drop(key, LeaveReason.EXPIRED)
+        for key, slot in list(self._slots.items()):
+            if slot.pending is not None:
+                events += self._release(key, slot, now)
+        return events
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _visible(self, key: _Key) -> Peer:
+        peer = self._slots[key].current
+        assert peer is not None, "only announced entries are indexed by name"
+        return peer
+
+    def _drop(self, key: _Key, reason: LeaveReason) -> list[PeerEvent]:
+        slot = self._slots.pop(key)
+        instance = key[0]
+        keys = self._by_instance[instance]
+        keys.discard(key)
+        if not keys:
+            del self._by_instance[instance]
+            self._remember_bucket(instance, self._buckets.pop(instance))
+        if slot.current is None:
+            return []
+        self._unindex(key, slot.current.name)
+        return [PeerLeft(slot.current, reason), *self._refresh_conflicts(slot.current.name)]
+
+    def _bucket_for(self, instance: str, now: float) -> _Bucket:
+        """A returning instance gets its old bucket back: leaving does not refill it."""
+        bucket = self._recent.pop(instance, None)
+        return bucket if bucket is not None else _Bucket(tokens=float(self.change_burst), stamp=now)
+
+    def _remember_bucket(self, instance: str, bucket: _Bucket) -> None:
+        """Keep a departed instance's bucket, so leaving and coming back is rate-limited too."""
+        self._recent[instance] = bucket
+        self._recent.move_to_end(instance)
+        while len(self._recent) > self.max_entries:
+            self._recent.popitem(last=False)
+
+    def _release(self, key: _Key, slot: _Slot, now: float) -> list[PeerEvent]:
+        if slot.pending is None:
+            return []
+        if not self._buckets[key[0]].take(now, self.change_burst, self.change_interval):
+            self.stats.throttled += 1
+            return []
+        sighting, slot.pending = slot.pending, None
+        return self._commit(key, slot, sighting)
+
+    def _commit(self, key: _Key, slot: _Slot, sighting: Sighting) -> list[PeerEvent]:
+        events: list[PeerEvent] = []
+        old = slot.current
+        if old is not None and old.name != sighting.name:
+            slot.current = None
+            self._unindex(key, old.name)
+            events += [PeerLeft(old, LeaveReason.RENAMED), *self._refresh_conflicts(old.name)]
+            old = None
+        claimed_by_other = any(fp != sighting.fingerprint for _, fp in self._by_name.get(sighting.name, ()))
+        peer = Peer.from_sighting(sighting, conflict=claimed_by_other)
+        slot.current = peer
+        self._by_name.setdefault(peer.name, set()).add(key)
+        events.append(PeerAppeared(peer) if old is None else PeerChanged(peer, old))
+        return events + self._refresh_conflicts(peer.name)
+
+    def _unindex(self, key: _Key, name: str) -> None:
+        keys = self._by_name.get(name)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_name[name]
+
+    def _refresh_conflicts(self, name: str) -> list[PeerEvent]:
+        """Flip ``conflict`` on every peer of ``name`` whose flag no longer matches."""
+        keys = sorted(self._by_name.get(name, ()))
+        conflict = len({fingerprint for _, fingerprint in keys}) > 1
+        events: list[PeerEvent] = []
+        for key in keys:
+            slot = self._slots[key]
+            old = self._visible(key)
+            if old.conflict != conflict:
+                slot.current = dataclasses.replace(old, conflict=conflict)
+                events.append(PeerChanged(slot.current, old))
+        return events
+
+
+# --- log flood control (sans-IO) --------------------------------------------------------------------
+
+
+class LogLimiter:
+    """Per-category token bucket for log lines, so a record flood cannot flood the log."""
+
+    def __init__(self, burst: int = 20, interval: float = 5.0) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._buckets: dict[str, _Bucket] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, category: str, now: float) -> tuple[bool, int]:
+        """(may log now, lines suppressed since the last allowed one in this category)."""
+        bucket = self._buckets.setdefault(category, _Bucket(tokens=float(self.burst), stamp=now))
+        if not bucket.take(now, self.burst, self.interval):
+            self._suppressed[category] = self._suppressed.get(category, 0) + 1
+            return False, 0
+        return True, self._suppressed.pop(category, 0)
+
+
+# --- the trio / zeroconf bridge ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    name: str
+    properties: dict[Any, Any]
+    addresses: list[str]
+    port: int | None
+
+
+@dataclass(frozen=True)
+class _Unresolved:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Removed:
+    pass
+
+
+_InboxItem = _Resolved | _Unresolved | _Removed
+
+
+class _Resolving(enum.Enum):
+    CURRENT = "current"
+    AGAIN = "again"  # the records changed while resolving: resolve once more
+    DROPPED = "dropped"  # the instance was removed while resolving: discard the result
+
+
+async def _async_register(zc: Zeroconf, info: ServiceInfo) -> str:
+    """On zeroconf's loop: probe, register and wait for the announcements to go out."""
+    announced = await zc.async_register_service(info, allow_name_change=True)
+    await announced
+    return info.name
+
+
+async def _async_update(zc: Zeroconf, info: ServiceInfo) -> None:
+    announced = await zc.async_update_service(info)
+    await announced
+
+
+async def _async_unregister(zc: Zeroconf, info: ServiceInfo) -> None:
+    goodbyes = await zc.async_unregister_service(info)
+    await goodbyes
+
+
+async def _async_resolve(zc: Zeroconf, name: str, timeout_ms: int) -> _Resolved | _Unresolved:
+    """On zeroconf's loop: SRV/TXT/addresses from the cache, or from the network if missing."""
+    info = AsyncServiceInfo(SERVICE_TYPE, name)
+    if not await info.async_request(zc, timeout_ms):
+        return _Unresolved("no complete answer (SRV, TXT and an address) in time")
+    return _Resolved(name=name, properties=dict(info.properties),
+                     addresses=info.parsed_scoped_addresses(), port=info.port)
+
+
+def _host_addresses() -> list[str]:
+    """Non-loopback IPv4 addresses of this host (what InterfaceChoice.All announces on)."""
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback and ip.ip not in found:
+                found.append(ip.ip)
+    return found
+
+
+class MdnsDiscovery:
+    """Advertise this node and report other nodes as PeerEvents, under trio.
+
+    ``interfaces=None`` lets zeroconf choose (its default, every interface); otherwise a
+    list of interface IP addresses (tests use ``["127.0.0.1"]``). ``addresses`` are what
+    the A/AAAA records say; they default to the listed interface addresses, or to the
+    host's non-loopback IPv4 addresses.
+    """
+
+    def __init__(self, name: str, fingerprint: str, port: int, *, interfaces: list[str] | None = None,
+                 addresses: Sequence[str] | None = None, version: int | Iterable[int] = PROTOCOL_VERSION,
+                 table: PeerTable | None = None, refresh_interval: float = REFRESH_INTERVAL,
+                 resolve_timeout: float = RESOLVE_TIMEOUT) -> None:
+        self.name = validate_name(name)
+        self.fingerprint = normalise_fingerprint(fingerprint)
+        self.port = _config_port(port)
+        self.versions = _version_list(version)
+        self.interfaces = list(interfaces) if interfaces is not None else None
+        self._addresses = _config_addresses(addresses) if addresses is not None else None
+        self.table = table if table is not None else PeerTable()
+        self.refresh_interval = refresh_interval
+        self.resolve_timeout = resolve_timeout
+        self._server = f"pq1-{self.fingerprint.removeprefix(FINGERPRINT_PREFIX)}.local."
+        self._log_limiter = LogLimiter()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._zc: Zeroconf | None = None
+        self._info: ServiceInfo | None = None
+        self._accepting = False
+        self._browsed: dict[str, str] = {}  # key (lower-case service name) -> name as zeroconf spells it
+        self._want: OrderedDict[str, str] = OrderedDict()
+        self._resolving: dict[str, _Resolving] = {}
+        self._want_ready = trio.Event()
+        self._inbox: OrderedDict[str, _InboxItem] = OrderedDict()
+        self._inbox_ready = trio.Event()
+        self._contested: set[str] = set()  # names already warned about (bounded by the table)
+
+    @property
+    def instance_name(self) -> str | None:
+        """Our registered service name (zeroconf appends -2, -3... if the name was taken)."""
+        return self._info.name if self._info is not None else None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self, send_channel: trio.abc.SendChannel[PeerEvent],
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Advertise, browse and send PeerEvents until cancelled; then say goodbye.
+
+        ``task_status.started()`` fires once the advertisement has been announced.
+        The channel is not closed on exit: the caller owns it.
+        """
+        self._token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope(shield=True):  # a cancelled open must not leak zeroconf's threads
+            zc = await trio.to_thread.run_sync(self._open_zeroconf)
+        self._zc = zc
+        browser: ServiceBrowser | None = None
+        try:
+            await self._register(zc)
+            async with trio.open_nursery() as nursery:
+                for _ in range(RESOLVERS):
+                    nursery.start_soon(self._resolver, zc)
+                self._accepting = True
+                browser = await trio.to_thread.run_sync(self._open_browser, zc)
+                task_status.started()
+                await self._process(send_channel)
+                nursery.cancel_scope.cancel()  # the receiver is gone: stop the resolvers too
+        finally:
+            self._accepting = False
+            await self._shutdown(zc, browser)
+
+    async def update(self, *, port: int | None = None, addresses: Sequence[str] | None = None) -> None:
+        """Re-announce with a new port and/or addresses (only while ``run`` is running)."""
+        zc, info = self._zc, self._info
+        if zc is None or info is None:
+            raise RuntimeError("MdnsDiscovery.update() needs run() to have started")
+        new_port = self.port if port is None else _config_port(port)
+        new_addresses = self._addresses if addresses is None else _config_addresses(addresses)
+        new_info = self._service_info(info.name, new_port, new_addresses or self._advertised_addresses())
+        await self._on_loop(zc, _async_update(zc, new_info))
+        self._info, self.port, self._addresses = new_info, new_port, new_addresses
+        LOG.info("mDNS: re-announced %r on port %d at %s", info.name, new_port, ", ".join(new_info.parsed_addresses()))
+
+    def _open_zeroconf(self) -> Zeroconf:
+        """Worker thread: zeroconf starts its own asyncio loop thread here."""
+        try:
+            if self.interfaces is None:
+                return Zeroconf()
+            return Zeroconf(interfaces=list(self.interfaces))
+        except OSError as exc:
+            raise DiscoveryError(
+                f"mDNS cannot start on {self.interfaces or 'the default interfaces'}: {exc} "
+                "(is there a multicast route? disable mDNS with --no-mdns)"
+            ) from None
+
+    def _open_browser(self, zc: Zeroconf) -> ServiceBrowser:
+        return ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_state_change])
+
+    async def _register(self, zc: Zeroconf) -> None:
+        addresses = self._addresses or self._advertised_addresses()
+        info = self._service_info(f"{self.name}.{SERVICE_TYPE}", self.port, addresses)
+        try:
+            registered = await self._on_loop(zc, _async_register(zc, info))
+        except zeroconf.Error as exc:
+            raise DiscoveryError(f"mDNS registration of {info.name!r} failed: {exc!r}") from None
+        self._info = info
+        if registered.lower() != f"{self.name}.{SERVICE_TYPE}":
+            LOG.warning("mDNS: the name %r is already advertised on this link; advertising as %r",
+                        self.name, registered)
+        LOG.info("mDNS: advertising %r on port %d at %s (fp %s)", registered, self.port,
+                 ", ".join(addresses), self.fingerprint)
+
+    def _service_info(self, service_name: str, port: int, addresses: Sequence[str]) -> ServiceInfo:
+        return ServiceInfo(
+            SERVICE_TYPE, service_name, port=port,
+            properties=advertisement_properties(self.name, self.fingerprint, self.versions),
+            server=self._server, parsed_addresses=list(addresses),
+            host_ttl=RECORD_TTL, other_ttl=RECORD_TTL,
+        )
+
+    def _advertised_addresses(self) -> list[str]:
+        if self.interfaces is not None:
+            candidates = [a for a in self.interfaces if isinstance(a, str) and _is_ip(a)]
+        else:
+            candidates = _host_addresses()
+        if not candidates:
+            raise DiscoveryError("mDNS has no address to advertise (pass addresses= or interfaces=)")
+        return candidates
+
+    async def _shutdown(self, zc: Zeroconf, browser: ServiceBrowser | None) -> None:
+        """Goodbye packets first (so peers drop us at once), then close; shielded and bounded."""
+        info, self._info = self._info, None
+        if info is not None:
+            with trio.move_on_after(GOODBYE_TIMEOUT, shield=True):
+                try:
+                    await self._on_loop(zc, _async_unregister(zc, info))
+                except zeroconf.Error as exc:
+                    LOG.debug("mDNS: goodbye for %r failed: %r", info.name, exc)
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await trio.to_thread.run_sync(_close_zeroconf, zc, browser, abandon_on_cancel=True)
+        self._zc = None
+
+    async def _on_loop(self, zc: Zeroconf, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on zeroconf's asyncio loop; wait without blocking the trio thread."""
+        assert zc.loop is not None
+        future = asyncio.run_coroutine_threadsafe(coro, zc.loop)
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_: concurrent.futures.Future[_T]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            future.cancel()
+            raise
+        return future.result()
+
+    # --- zeroconf's browser thread -----------------------------------------------------------------
+
+    def _on_state_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                         state_change: ServiceStateChange) -> None:
+        """Runs on zeroconf's browser thread: hand the event to trio and return.
+
+        zeroconf calls handlers with these keyword names, hence ``zeroconf`` shadowing the module.
+        """
+        removed = state_change is ServiceStateChange.Removed
+        assert self._token is not None
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(self._note_browser_event, name, removed, trio_token=self._token)
+
+    # --- trio side ---------------------------------------------------------------------------------
+
+    def _note_browser_event(self, name: str, removed: bool) -> None:
+        if not self._accepting:
+            return
+        key = name.lower()
+        if removed:
+            known = self._browsed.pop(key, None) is not None  # unknown names cannot be in the table
+            self._want.pop(key, None)
+            if key in self._resolving:
+                self._resolving[key] = _Resolving.DROPPED
+            if known:
+                self._post(key, _Removed())
+            return
+        if key not in self._browsed:
+            if len(self._browsed) >= MAX_BROWSED:
+                self._log(logging.WARNING, "overload", "mDNS: already tracking %d advertised names; ignoring %r",
+                          len(self._browsed), name)
+                return
+            self._browsed[key] = name
+        self._want_resolve(key)
+
+    def _want_resolve(self, key: str) -> None:
+        state = self._resolving.get(key)
+        if state is not None:
+            self._resolving[key] = _Resolving.AGAIN
+            return
+        self._want[key] = self._browsed[key]
+        self._want_ready.set()
+
+    def _post(self, key: str, item: _InboxItem) -> None:
+        self._inbox[key] = item
+        self._inbox.move_to_end(key)
+        self._inbox_ready.set()
+
+    async def _next_wanted(self) -> tuple[str, str]:
+        while not self._want:
+            if self._want_ready.is_set():
+                self._want_ready = trio.Event()
+            await self._want_ready.wait()
+        return self._want.popitem(last=False)
+
+    async def _resolver(self, zc: Zeroconf) -> None:
+        """One of RESOLVERS workers: resolve wanted names and post the raw results."""
+        while True:
+            key, name = await self._next_wanted()
+            self._resolving[key] = _Resolving.CURRENT
+            try:
+                item = await self._on_loop(zc, _async_resolve(zc, name, int(self.resolve_timeout * 1000)))
+            except Exception as exc:  # noqa: BLE001 - zeroconf handling a hostile record must not end discovery
+                self._log(logging.WARNING, "invalid", "mDNS: ignoring advertisement %r: zeroconf cannot resolve it (%r)",
+                          name, exc)
+                item = _Unresolved(repr(exc))
+            state = self._resolving.pop(key)
+            if state is _Resolving.DROPPED:
+                continue
+            if state is _Resolving.AGAIN and key in self._browsed:
+                self._want_resolve(key)
+            self._post(key, item)
+
+    async def _process(self, send_channel: trio.abc.SendChannel[PeerEvent]) -> None:
+        """The only writer of the table: applies results, ticks, refreshes, sends events.
+
+        Returns (ending ``run``) when the receiving side of the channel has been closed.
+        """
+        try:
+            await self._process_forever(send_channel)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            LOG.info("mDNS: nobody reads discovery events any more; stopping discovery")
+
+    async def _process_forever(self, send_channel: trio.abc.SendChannel[PeerEvent]) -> None:
+        next_refresh = trio.current_time() + self.refresh_interval
+        while True:
+            table_deadline = self.table.next_deadline()
+            deadline = next_refresh if table_deadline is None else min(next_refresh, table_deadline)
+            with trio.move_on_at(deadline):
+                await self._inbox_ready.wait()
+            self._inbox_ready = trio.Event()
+            while self._inbox:
+                key, item = self._inbox.popitem(last=False)
+                await self._publish(send_channel, self._handle(key, item, trio.current_time()))
+            now = trio.current_time()
+            await self._publish(send_channel, self.table.tick(now))
+            if now >= next_refresh:
+                for key in list(self._browsed):
+                    self._want_resolve(key)
+                next_refresh = now + self.refresh_interval
+
+    def _handle(self, key: str, item: _InboxItem, now: float) -> list[PeerEvent]:
+        try:
+            label = instance_label(key)
+        except InvalidAdvertisement:
+            label = None
+        if isinstance(item, _Removed):
+            return self.table.remove(label, now) if label is not None else []
+        if isinstance(item, _Unresolved):
+            LOG.debug("mDNS: could not resolve %r: %s", key, item.reason)
+            return []
+        try:
+            sighting = parse_advertisement(item.name, item.properties, item.addresses, item.port)
+        except InvalidAdvertisement as exc:
+            self._log(logging.WARNING, "invalid", "mDNS: ignoring advertisement: %s", exc)
+            return self.table.remove(label, now, LeaveReason.INVALID) if label is not None else []
+        if sighting.fingerprint == self.fingerprint:
+            return []  # ourselves (or a clone of our identity): never a peer to dial
+        return self._apply(sighting, now)
+
+    def _apply(self, sighting: Sighting, now: float) -> list[PeerEvent]:
+        stats = dataclasses.replace(self.table.stats)
+        events = self.table.apply(sighting, now)
+        if self.table.stats.dropped_full > stats.dropped_full:
+            self._log(logging.WARNING, "overload", "mDNS: peer table full (%d entries); ignoring %r",
+                      len(self.table), sighting.instance)
+        if self.table.stats.dropped_fingerprints > stats.dropped_fingerprints:
+            self._log(logging.WARNING, "overload", "mDNS: %r already advertised %d fingerprints; ignoring %s",
+                      sighting.instance, MAX_FINGERPRINTS_PER_INSTANCE, sighting.fingerprint)
+        if self.table.stats.throttled > stats.throttled:
+            self._log(logging.WARNING, "flap", "mDNS: %r (%r) changes too often; holding back its updates",
+                      sighting.instance, sighting.name)
+        return events
+
+    async def _publish(self, send_channel: trio.abc.SendChannel[PeerEvent], events: list[PeerEvent]) -> None:
+        for event in events:
+            self._log_event(event)
+            await send_channel.send(event)
+
+    def _log_event(self, event: PeerEvent) -> None:
+        if isinstance(event, PeerAppeared):
+            peer = event.peer
+            self._log(logging.INFO, "peer", "mDNS: peer %r appeared at %s port %d (fp %s, instance %r)%s",
+                      peer.name, ", ".join(peer.addresses), peer.port, peer.fingerprint, peer.instance,
+                      _compatibility_note(peer))
+        elif isinstance(event, PeerChanged):
+            self._log(logging.INFO, "peer", "mDNS: peer %r changed: %s", event.peer.name, _describe_changes(event))
+        else:
+            self._log(logging.INFO, "peer", "mDNS: peer %r left (%s; instance %r)",
+                      event.peer.name, event.reason.value, event.peer.instance)
+        self._note_conflict(event.peer.name)
+
+    def _note_conflict(self, name: str) -> None:
+        """Warn once when a name becomes contested; forget it when it no longer is."""
+        fingerprints = self.table.fingerprints(name)
+        if len(fingerprints) < 2:
+            self._contested.discard(name)
+        elif name not in self._contested:
+            self._contested.add(name)
+            self._log(logging.WARNING, "conflict",
+                      "mDNS: name %r is advertised with %d fingerprints (%s); only a handshake proves which is genuine",
+                      name, len(fingerprints), ", ".join(fingerprints))
+
+    def _log(self, level: int, category: str, message: str, *args: object) -> None:
+        allowed, suppressed = self._log_limiter.allow(category, trio.current_time())
+        if not allowed:
+            return
+        if suppressed:
+            message += " (%d similar messages suppressed)"
+            args = (*args, suppressed)
+        LOG.log(level, message, *args)
+
+
+def _close_zeroconf(zc: Zeroconf, browser: ServiceBrowser | None) -> None:
+    """Worker thread: stop the browser thread, then zeroconf's loop and sockets."""
+    if browser is not None:
+        browser.cancel()
+    zc.close()
+
+
+def _compatibility_note(peer: Peer) -> str:
+    if peer.compatible:
+        return ""
+    spoken = ",".join(str(v) for v in peer.versions)
+    return f"; incompatible: it speaks protocol {spoken}, this node speaks {PROTOCOL_VERSION}"
+
+
+def _describe_changes(event: PeerChanged) -> str:
+    parts = []
+    for field_name in event.changes:
+        before, after = getattr(event.previous, field_name), getattr(event.peer, field_name)
+        if isinstance(before, tuple):
+            before, after = ",".join(map(str, before)), ",".join(map(str, after))
+        parts.append(f"{field_name} {before} -> {after}")
+    return "; ".join(parts)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _config_port(port: int) -> int:
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise DiscoveryError(f"mDNS: cannot advertise port {port!r} (expected 1-65535)")
+    return port
+
+
+def _config_addresses(addresses: Sequence[str]) -> list[str]:
+    if isinstance(addresses, str) or not addresses or not all(isinstance(a, str) and _is_ip(a) for a in addresses):
+        raise DiscoveryError(f"mDNS: cannot advertise addresses {addresses!r} (expected a list of IP addresses)")
+    return list(addresses)
+
+
+__all__ = [
+    "SERVICE_TYPE", "InvalidAdvertisement", "DiscoveryError", "Sighting", "Peer", "PeerAppeared",
+    "PeerChanged", "PeerLeft", "PeerEvent", "LeaveReason", "PeerTable", "TableStats", "LogLimiter",
+    "MdnsDiscovery", "advertisement_properties", "parse_advertisement", "instance_label",
+]
