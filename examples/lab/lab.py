@@ -1,7 +1,7 @@
 """Three pqtunnel nodes on three "machines" (network namespaces), set up and torn down in one command.
 
-    sudo python3 examples/lab/lab.py              # static peers (default today)
-    sudo python3 examples/lab/lab.py --mdns       # nodes find each other by mDNS instead
+    sudo python3 examples/lab/lab.py                  # nodes find each other by mDNS (no --peer)
+    sudo python3 examples/lab/lab.py --static-peers   # static --peer addresses instead
 
 alice, bob and carol each get a namespace with eth0 on a private bridge (10.77.X.0/24), a node
 home with pinned trust, and a daemon on HOST_IP:7330 with SOCKS on 127.0.0.1:1080 *inside* the
@@ -37,7 +37,7 @@ from daemon.process import init_node  # noqa: E402
 NAMES = ("alice", "bob", "carol")
 WEB_PORT = 8080
 # The one line to change once the daemon's mDNS discovery is wired: "mdns" makes it the default.
-DEFAULT_DISCOVERY = "static"
+DEFAULT_DISCOVERY = "mdns"
 
 
 def step(text: str) -> None:
