@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pqtunnel.discovery import MdnsDiscovery, Peer, PeerAppeared, PeerChanged, PeerEvent, PeerLeft
+from pqtunnel.discovery import DiscoveryError, MdnsDiscovery, Peer, PeerAppeared, PeerChanged, PeerEvent, PeerLeft
 
 from .config import Address
 from .logs import LOG
@@ -34,10 +34,17 @@ class DiscoveryWiring:
         node = self.node
         assert node.listen_address is not None
         send, receive = trio.open_memory_channel[PeerEvent](256)
+        listen_host = node.listen_address.host
+        specific = listen_host not in ("0.0.0.0", "::", "")
         self.mdns = MdnsDiscovery(node.identity.name, node.identity.fingerprint, node.listen_address.port,
-                                  interfaces=node.config.mdns_interfaces)
+                                  interfaces=node.config.mdns_interfaces, addresses=[listen_host] if specific else None)
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.mdns.run, send)
+            try:
+                await nursery.start(self.mdns.run, send)
+            except DiscoveryError as exc:
+                LOG.warning("mDNS disabled: %s", exc)  # static peers and inbound sessions still work
+                task_status.started()
+                return
             task_status.started()
             async for event in receive:
                 self.apply(event)
