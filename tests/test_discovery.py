@@ -77,7 +77,7 @@ def reason_of(properties: object = _DEFAULT, **kwargs: object) -> str:
 
 
 def test_own_advertisement_round_trips() -> None:
-    properties = advertisement_properties("Bob", FP_A.upper().replace("PQ1:", "pq1:"), 1)
+    properties = advertisement_properties("Bob", FP_A.upper(), 1)
     assert properties == {b"name": b"bob", b"fp": FP_A.encode(), b"v": b"1"}
     sighting = parse(properties)
     assert sighting == Sighting(instance="bob", name="bob", fingerprint=FP_A, addresses=("192.0.2.1",),
@@ -98,7 +98,7 @@ def test_own_advertisement_refuses_what_peers_would_reject() -> None:
 
 
 def test_accepts_text_properties_case_insensitive_keys_and_unknown_keys() -> None:
-    sighting = parse({"NAME": "bob", "Fp": FP_A.upper().replace("PQ1:", "pq1:"), "v": "1", "future": None,
+    sighting = parse({"NAME": "bob", "Fp": FP_A.upper(), "v": "1", "future": None,
                       b"other": "\u00e9t\u00e9".encode()})
     assert (sighting.name, sighting.fingerprint) == ("bob", FP_A)
 
@@ -682,3 +682,30 @@ async def test_hostile_advertisements_are_logged_and_ignored(caplog: pytest.LogC
     assert any("port 0 out of range" in m and f"port-zero-{tag}" in m for m in messages)
     assert any("TXT record longer than 1300 bytes" in m and f"huge-{tag}" in m for m in messages)
     assert any(f"peer {future_name!r} appeared" in m and "incompatible" in m for m in messages)
+
+
+async def test_a_flood_of_advertisements_is_capped_and_its_log_lines_rate_limited(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pqtunneld")
+    tag = secrets.token_hex(3)
+    flood = [ServiceInfo(SERVICE_TYPE, f"flood{i}-{tag}.{SERVICE_TYPE}", port=7300 + i,
+                         properties={b"name": f"flood{i}-{tag}".encode(), b"fp": random_fingerprint().encode(),
+                                     b"v": b"1"},
+                         server=f"flood-{tag}.local.", parsed_addresses=["127.0.0.1"]) for i in range(60)]
+    flooder = await trio.to_thread.run_sync(lambda: Zeroconf(interfaces=LOOPBACK))
+    try:
+        alice = MdnsDiscovery(unique("alice"), FP_A, 7299, interfaces=LOOPBACK, table=PeerTable(max_entries=10))
+        async with trio.open_nursery() as nursery:
+            await trio.to_thread.run_sync(_register_on_loop, flooder, flood)
+            at_alice = start_node(nursery, alice)
+            with trio.fail_after(MDNS_TIMEOUT):
+                while alice.table.stats.dropped_full < 60 - len(alice.table):
+                    await trio.sleep(0.05)
+            assert len(alice.table) == 10
+            assert len([e for e in at_alice.events if isinstance(e, PeerAppeared)]) <= 10
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(flooder.close)
+    full_lines = [r for r in caplog.records if "peer table full" in r.getMessage()]
+    assert 1 <= len(full_lines) <= 20 < alice.table.stats.dropped_full
