@@ -231,3 +231,58 @@ def test_rekey_under_load_does_not_interrupt_a_transfer(tmp_path: Path) -> None:
     finally:
         alice.kill()
         bob.kill()
+
+
+def raw_socks_exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        chunks = []
+        try:
+            while chunk := sock.recv(4096):
+                chunks.append(chunk)
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return b"".join(chunks)
+
+
+def test_the_daemon_answers_malformed_and_unsupported_socks_requests_properly(net: dict) -> None:
+    port = net["socks"]
+    name = b"web.bob.pq"
+    assert raw_socks_exchange(port, b"\x04\x01\x00\x50\x00\x00\x00\x01\x00web.bob.pq\x00")[:2] == b"\x00\x5b"  # SOCKS4
+    bind = b"\x05\x01\x00" + b"\x05\x02\x00\x03" + bytes([len(name)]) + name + b"\x00\x50"
+    assert raw_socks_exchange(port, bind)[2:4] == b"\x05\x07"  # BIND: command not supported
+    udp = b"\x05\x01\x00" + b"\x05\x03\x00\x03" + bytes([len(name)]) + name + b"\x00\x50"
+    assert raw_socks_exchange(port, udp)[2:4] == b"\x05\x07"  # UDP ASSOCIATE
+    ipv4 = b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
+    assert raw_socks_exchange(port, ipv4)[2:4] == b"\x05\x08"  # address literals: not supported
+    long_name = b"a" * 255
+    assert raw_socks_exchange(port, b"\x05\x01\x00\x05\x01\x00\x03\xff" + long_name + b"\x00\x50")[2:4] == b"\x05\x04"
+    assert raw_socks_exchange(port, b"\x05\x00") == b"\x05\xff"  # no methods offered: none acceptable
+    assert raw_socks_exchange(port, b"\x05\x01\x00\x05\x01\x00\x03\x10web") == b"\x05\x00"  # vanished mid-request
+    assert curl(net, "http://web.bob.pq/").stdout == b"hello from bob\n"  # everyone else unaffected
+    assert "Traceback" not in net["alice"].logs()
+
+
+def test_socks_username_password_when_configured(tmp_path: Path) -> None:
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    pq("trust", "bob", fp_bob, home=alice_home)
+    pq("trust", "alice", fp_alice, home=bob_home)
+    with HttpServer() as http:
+        (bob_home / "config.toml").write_text(f'[services]\nweb = "127.0.0.1:{http.port}"\n')
+        (alice_home / "config.toml").write_text('[socks_users]\nagent1 = "s3cret"\n')
+        bob = Daemon(bob_home).start()
+        socks_port = free_port()
+        alice = Daemon(alice_home, ["--socks", f"127.0.0.1:{socks_port}", "--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+        try:
+            proxy = ["--socks5-hostname", f"127.0.0.1:{socks_port}"]
+            ok = subprocess.run([*CURL, *proxy, "--proxy-user", "agent1:s3cret", "http://web.bob.pq/"], capture_output=True)
+            assert ok.returncode == 0 and ok.stdout == b"hello from bob\n", ok.stderr
+            wrong = subprocess.run([*CURL, *proxy, "--proxy-user", "agent1:nope", "http://web.bob.pq/"], capture_output=True)
+            assert wrong.returncode == 97
+            anonymous = subprocess.run([*CURL, *proxy, "http://web.bob.pq/"], capture_output=True)
+            assert anonymous.returncode == 97
+            assert "wrong credentials for user 'agent1'" in alice.logs()
+        finally:
+            alice.kill()
+            bob.kill()
