@@ -4,12 +4,21 @@
 Run as root: ``python3 benchmarks/ssh_baseline.py [--quick] [--json out.json]``.
 
 Starts the benchmark HTTP server and a private sshd on 127.0.0.1 (isolated in
-its own mount namespace), then for each cipher measures, through ``ssh -D``:
-bulk throughput (curl), new-stream latency (fresh SOCKS5 connection per
-request), N concurrent 1 MiB streams, and peak RSS of the ssh client and sshd.
-A direct (no proxy) row gives context.  pqtunnel rows are added with the same
-``measure_row`` and ``harness`` functions, so all numbers in one table come
-from one run on one machine.
+its own mount and PID namespaces), then for each cipher measures, through
+``ssh -D``: bulk throughput (curl), new-stream latency (fresh SOCKS5
+connection per request), N concurrent 1 MiB streams, and peak RSS of the ssh
+client and sshd.  A direct (no proxy) row gives context.  ``--quick`` is a
+smoke run (~10 s); the full run takes about 40 s on an idle 2-core machine.
+
+pqtunnel rows go into the same table with the same code, e.g.::
+
+    with h.bulk_http_server(cfg.bulk_size) as srv:   # bob exposes 127.0.0.1:srv.port
+        results = [measure_row("direct (no proxy)", None, srv.url_for, cfg)]
+        results += measure_ssh_rows(srv, cfg)
+        results.append(measure_row("pqtunnel hybrid", alice_socks_port,
+                                   h.http_url_for("http://web.bob.pq"), cfg,
+                                   client_pids=[alice_pid], server_pids=[bob_pid]))
+    h.print_table([r for r, _ in results], ssh_row_name(CIPHERS[0]), metric_names(cfg))
 """
 
 from __future__ import annotations

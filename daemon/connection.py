@@ -184,11 +184,18 @@ class Connection:
             while (self.session.pending_bytes or self._writing) and not self.finished.is_set():
                 await self._progress.wait()
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
+        """Encrypt and queue ``data`` once the queue is below HIGH_WATER.
+
+        Waiting *before* encrypting bounds the session's memory as a whole: many streams
+        writing at once hold their plaintext, not plaintext plus ciphertext.
+        """
+        while self.session.pending_bytes > HIGH_WATER and not self.finished.is_set():
+            await self._progress.wait()
         if self.finished.is_set() or self.session.closed:
             raise ConnectionClosed(f"session with {self.peer_label} is closed")
         self.session.send(data, now_ms())
-        await self.flush()
+        self.kick()
 
     async def ping(self) -> float:
         """Round trip through the encrypted session, in milliseconds."""

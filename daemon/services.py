@@ -94,7 +94,7 @@ async def _serve_tcp(host: StreamHost, stream: TunnelStream, address: Address, w
     async with target:
         host.mux.accept_stream(stream.stream_id)
         await host.flush()
-        LOG.info("stream %d: %s -> %s (%s)", stream.stream_id, host.peer, what, address)
+        LOG.debug("stream %d: %s -> %s (%s)", stream.stream_id, host.peer, what, address)
         await bridge(stream, target)
     LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, host.peer, what,
              stream.bytes_in, stream.bytes_out)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 OPEN_TIMEOUT = 15.0
+COALESCE_LIMIT = 256 * 1024
 
 
 class StreamError(PqtunnelError):
@@ -100,14 +101,27 @@ class TunnelStream:
                 return b""
             self._readable = trio.Event()
             await self._readable.wait()
-        data = self._chunks.popleft()
-        if max_bytes is not None and len(data) > max_bytes:
-            self._chunks.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
+        data = self._take(max_bytes)
         self.bytes_in += len(data)
         self.host.mux.consumed(self.stream_id, len(data))
         await self.host.flush()
         return data
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        """Up to ``max_bytes`` of queued data: several frames at once, so bulk copies loop less."""
+        limit = max_bytes if max_bytes is not None else COALESCE_LIMIT
+        first = self._chunks.popleft()
+        if len(first) >= limit or not self._chunks:
+            if len(first) > limit:
+                self._chunks.appendleft(first[limit:])
+                return first[:limit]
+            return first
+        parts, size = [first], len(first)
+        while self._chunks and size + len(self._chunks[0]) <= limit:
+            chunk = self._chunks.popleft()
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
