@@ -8,7 +8,7 @@ import trio
 
 from pqtunnel.errors import PqtunnelError
 
-CHUNK = 252 * 1024  # four 64 KiB mux frames with headers fit one 256 KiB record
+CHUNK = 128 * 1024  # two 64 KiB mux frames: bounds what each stream holds while the session is busy
 EXPECTED_ERRORS = (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
