@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 RECEIVE_SIZE = 1024 * 1024
 TICK_SECONDS = 1.0
 HIGH_WATER = 2 * 1024 * 1024
+MAX_QUEUED = 16 * HIGH_WATER  # only answers the reader queues can grow past HIGH_WATER
 CLOSE_FLUSH_SECONDS = 1.0
 
 
@@ -36,6 +37,10 @@ def now_ms() -> int:
 
 class ConnectionClosed(PqtunnelError):
     """The session ended before the operation could complete."""
+
+
+class PeerNotReadingError(ProtocolError):
+    """The peer keeps provoking answers (pongs, resets) but never reads them."""
 
 
 class Connection:
@@ -117,6 +122,8 @@ class Connection:
             for event in self.session.receive_data(data, now_ms()):
                 await self._handle(event)
             self.kick()
+            if self.session.pending_bytes > MAX_QUEUED:
+                raise PeerNotReadingError(f"peer is not reading: {self.session.pending_bytes} bytes queued for it")
             if self.session.closed:
                 await self.drain(CLOSE_FLUSH_SECONDS)
                 return
@@ -205,8 +212,11 @@ class Connection:
         ping_id = self.session.ping(now_ms())
         waiter = self._pings[ping_id] = trio.Event()
         self.kick()
-        await waiter.wait()  # set by the PONG (which removes it), or by _finish
-        if ping_id in self._pings:
+        try:
+            await waiter.wait()  # set by the PONG (which removes it), or by _finish
+        finally:
+            unanswered = self._pings.pop(ping_id, None) is not None  # also when the caller gave up
+        if unanswered:
             raise ConnectionClosed(f"session with {self.peer_label} closed during ping: {self.close_reason}")
         return (time.perf_counter() - started) * 1000
 

@@ -76,8 +76,11 @@ async def _serve_client(node: Node, stream: trio.SocketStream) -> None:
             response = await _dispatch(node, request)
         except PqtunnelError as exc:
             response = {"ok": False, "error": str(exc)}
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return  # the local client went away
+        except Exception as exc:  # a bad request or a bug answers this client only
+            LOG.warning("control request failed: %s: %s", type(exc).__name__, exc)
+            response = {"ok": False, "error": f"internal error: {type(exc).__name__}"}
         try:
             await stream.send_all(json.dumps(response).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -92,8 +95,8 @@ async def _serve_connect(node: Node, stream: trio.SocketStream, request: dict[st
     if not isinstance(peer, str) or not isinstance(target, dict):
         raise UserError("connect needs a peer and a target")
     tunnel = await node.open_stream(peer, target)
-    await stream.send_all(json.dumps({"ok": True}).encode() + b"\n")
     try:
+        await stream.send_all(json.dumps({"ok": True}).encode() + b"\n")
         async with trio.open_nursery() as nursery:
             async def reset_on_hangup() -> None:
                 await wait_for_hangup(stream.socket)
@@ -143,8 +146,10 @@ async def _dispatch(node: Node, request: dict[str, Any]) -> dict[str, Any]:
     if command == "ping":
         peer = request.get("peer")
         timeout = request.get("timeout", 10)
-        if not isinstance(peer, str) or not isinstance(timeout, (int, float)):
+        if not isinstance(peer, str):
             raise UserError("ping needs a peer name")
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise UserError("ping timeout must be a number of seconds between 0 and 3600")
         LOG.debug("control: ping %s", peer)
         return {"ok": True, **await node.ping(peer, float(timeout))}
     raise UserError(f"unknown control command {command!r}")

@@ -41,6 +41,10 @@ class PeerUnreachableError(PqtunnelError):
     """The peer could not be reached or authenticated in time."""
 
 
+class PeerAuthenticationError(PeerUnreachableError):
+    """The peer was reached, but the handshake failed (untrusted, refused, tampered)."""
+
+
 class PeerLink:
     """A peer we dial: keeps one outbound session alive with exponential backoff.
 
@@ -60,6 +64,15 @@ class PeerLink:
         self.wake = trio.Event()
         self.changed = trio.Event()
         self.scope = trio.CancelScope()
+        self.dropped = False
+        self.handshake_failed = False
+
+    def new_scope(self) -> trio.CancelScope:
+        """A fresh cancel scope for the next wait or dial (a scope can be entered only once)."""
+        self.scope = trio.CancelScope()
+        if self.dropped:
+            self.scope.cancel()
+        return self.scope
 
     @property
     def address(self) -> Address:
@@ -77,8 +90,9 @@ class PeerLink:
         self.changed.set()
         self.changed = trio.Event()
 
-    def failed(self, reason: str) -> None:
-        self.last_error = reason
+    def failed(self, reason: str, *, handshake: bool = False) -> None:
+        self.handshake_failed = handshake
+        self.last_error = f"{self.address}: {reason}" if len(self.candidates) > 1 else reason
         self.failures += 1
         self.rotate()
         self.notify()
@@ -251,11 +265,12 @@ class Node:
         self._nursery.start_soon(self._run_link, link)
 
     async def _run_link(self, link: PeerLink) -> None:
-        with link.scope:
-            await self._keep_link(link)
+        await self._keep_link(link)
 
     def drop_link(self, link: PeerLink) -> None:
-        """Stop dialling (e.g. the peer left mDNS); a live session runs on until it dies."""
+        """Stop dialling (e.g. the peer left mDNS). A live session is *not* cut: only its
+        keepalive decides when it is dead, never an (unauthenticated) mDNS goodbye."""
+        link.dropped = True
         link.scope.cancel()
         if self.links.get(link.name) is link:
             del self.links[link.name]
@@ -263,18 +278,24 @@ class Node:
     async def _keep_link(self, link: PeerLink) -> None:
         """Dial, run the session, and redial with exponential backoff when it ends."""
         delay = BACKOFF_START
-        while True:
-            while link.name in self.sessions:  # e.g. the peer dialled us: one session per peer
-                await link.changed.wait()
-            conn = await self._dial(link)
+        while not link.dropped:
+            conn = None
+            with link.new_scope():  # only waiting and dialling can be cancelled by drop_link
+                while link.name in self.sessions:  # e.g. the peer dialled us: one session per peer
+                    await link.changed.wait()
+                conn = await self._dial(link)
+            if conn is not None and link.dropped:
+                await trio.aclose_forcefully(conn.stream)
+                return
             if conn is not None:
                 await self._run_connection(conn)
                 if conn.established.is_set():
                     delay = BACKOFF_START
                 else:
-                    link.failed(conn.close_reason)
-            with trio.move_on_after(delay):
-                await link.wake.wait()
+                    link.failed(conn.close_reason, handshake=True)
+            with link.new_scope():
+                with trio.move_on_after(delay):
+                    await link.wake.wait()
             link.wake = trio.Event()
             delay = min(delay * 2, BACKOFF_MAX)
 
@@ -312,8 +333,10 @@ class Node:
                     break  # an attempt failed: report its reason now, not after the timeout
         conn = self.sessions.get(peer)
         if conn is None:
-            reason = link.last_error or f"no session within {timeout:.0f} s"
-            raise PeerUnreachableError(f"{peer} at {link.address}: {reason}")
+            where = peer if len(link.candidates) > 1 else f"{peer} at {link.address}"  # else the reason names it
+            if link.last_error and link.handshake_failed:
+                raise PeerAuthenticationError(f"{where}: {link.last_error}")
+            raise PeerUnreachableError(f"{where}: {link.last_error or f'no session within {timeout:.0f} s'}")
         return conn
 
     # --- reporting -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .config import Address, ExecService
 from .connection import _os_reason
 from .logs import LOG
 from .splice import EXPECTED_ERRORS, Duplex, bridge
-from .streams import StreamHost, TunnelStream
+from .streams import StreamError, StreamHost, TunnelStream
 
 if TYPE_CHECKING:
     from .node import Node
@@ -66,7 +66,10 @@ async def serve_stream(node: Node, host: StreamHost, stream: TunnelStream) -> No
             await _serve_tcp(host, stream, backend, what)
     except Refusal as refusal:
         LOG.info("refused stream %d from %s to %s: %s", stream.stream_id, host.peer, what, refusal)
-        host.mux.refuse_stream(stream.stream_id, refusal.code, str(refusal))
+        try:
+            host.mux.refuse_stream(stream.stream_id, refusal.code, str(refusal))
+        except mux.MuxError:
+            pass  # the peer already reset it, or the session is gone
         host.streams.pop(stream.stream_id, None)
         await _flush_quietly(host)
     except (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -92,7 +95,10 @@ async def _serve_tcp(host: StreamHost, stream: TunnelStream, address: Address, w
         reason = "timed out" if isinstance(exc, trio.TooSlowError) else _os_reason(exc)
         raise Refusal(mux.ErrorCode.REFUSED, f"{what} ({address}): {reason}") from None
     async with target:
-        host.mux.accept_stream(stream.stream_id)
+        try:
+            host.mux.accept_stream(stream.stream_id)
+        except mux.MuxError as exc:
+            raise StreamError(f"stream {stream.stream_id} went away before it was accepted") from exc
         await host.flush()
         LOG.debug("stream %d: %s -> %s (%s)", stream.stream_id, host.peer, what, address)
         await bridge(stream, target)
@@ -106,12 +112,15 @@ async def _serve_exec(host: StreamHost, stream: TunnelStream, service: ExecServi
                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
         raise Refusal(mux.ErrorCode.UNREACHABLE, f"{what} failed to start {service.argv[0]!r}: {_os_reason(exc)}") from None
-    host.mux.accept_stream(stream.stream_id)
-    await host.flush()
-    LOG.info("stream %d: %s -> %s (pid %d)", stream.stream_id, host.peer, what, process.pid)
-    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
     error: BaseException | None = None
-    try:
+    try:  # from here on, whatever happens, the process is killed and reaped
+        try:
+            host.mux.accept_stream(stream.stream_id)
+        except mux.MuxError as exc:
+            raise StreamError(f"stream {stream.stream_id} went away before it was accepted") from exc
+        await host.flush()
+        LOG.info("stream %d: %s -> %s (pid %d)", stream.stream_id, host.peer, what, process.pid)
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_log_stderr, process.stderr, what, process.pid)
             try:

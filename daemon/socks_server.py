@@ -36,10 +36,12 @@ def target_dict(target: socks.ServiceTarget | socks.PortTarget) -> dict[str, Any
 
 def failure_for(exc: BaseException) -> socks.TargetFailure:
     """One mapping from why a stream could not open to the SOCKS reply (via socks.reply_for)."""
-    from .node import PeerUnreachableError, UnknownPeerError
+    from .node import PeerAuthenticationError, PeerUnreachableError, UnknownPeerError
 
     if isinstance(exc, UnknownPeerError):
         return socks.TargetFailure.UNKNOWN_PEER
+    if isinstance(exc, PeerAuthenticationError):
+        return socks.TargetFailure.HANDSHAKE_FAILED
     if isinstance(exc, PeerUnreachableError):
         return socks.TargetFailure.PEER_UNREACHABLE
     if isinstance(exc, StreamRefusedError):
@@ -57,7 +59,19 @@ async def open_socks_listener(address: Address) -> list[trio.SocketListener]:
 
 
 async def serve_socks_client(node: Node, client: trio.SocketStream) -> None:
-    """Negotiate, open the tunnel stream, reply, then splice; one line of log per outcome."""
+    """Negotiate, open the tunnel stream, reply, then splice; one line of log per outcome.
+
+    A client that vanishes at any point costs only its own connection.
+    """
+    try:
+        await _serve(node, client)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    except Exception as exc:  # a bug costs one client, never the daemon
+        LOG.warning("SOCKS client failed: %s: %s", type(exc).__name__, exc)
+
+
+async def _serve(node: Node, client: trio.SocketStream) -> None:
     async with client:
         try:
             with trio.fail_after(NEGOTIATION_TIMEOUT):
@@ -118,10 +132,10 @@ async def _connect(node: Node, client: trio.SocketStream, server: socks.Socks5Se
         server.reply(socks.reply_for(failure))
         await _send(client, server)
         return
-    server.reply(socks.ReplyCode.SUCCEEDED)
-    await _send(client, server)
-    early = server.trailing_data()
     try:
+        server.reply(socks.ReplyCode.SUCCEEDED)
+        await _send(client, server)
+        early = server.trailing_data()
         if early:
             await stream.send_all(early)
         await bridge(client, stream)

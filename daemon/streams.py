@@ -217,10 +217,14 @@ class StreamHost:
         elif isinstance(event, mux.StreamOpenRequested):
             stream = TunnelStream(self, event.stream_id, event.target)
             self.streams[event.stream_id] = stream
-            self.nursery.start_soon(self.inbound, self, stream)
+            self.nursery.start_soon(self._serve_guarded, stream)
         elif isinstance(event, (mux.StreamAccepted, mux.StreamRefused)):
             self._opened(event)
         elif isinstance(event, mux.StreamReset):
+            waiter = self._opening.pop(event.stream_id, None)
+            if waiter is not None:  # reset instead of answered: report the peer's reason now
+                self._refusals[event.stream_id] = StreamRefusedError(event.code, event.reason)
+                waiter.set()
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 stream._fail(StreamError(f"stream reset by {self.peer if event.by_peer else 'us'}: "
@@ -233,6 +237,14 @@ class StreamHost:
             self.nursery.start_soon(self.conn.close, f"stream protocol violation: {event.reason}")
         elif isinstance(event, mux.GoAwayReceived):
             LOG.info("%s accepts no new streams: %s", self.peer, event.reason or _code_name(event.code))
+
+    async def _serve_guarded(self, stream: TunnelStream) -> None:
+        """A bug or a peer's surprise in one stream's handler must never end the session."""
+        try:
+            await self.inbound(self, stream)
+        except Exception as exc:
+            LOG.warning("stream %d from %s failed: %s: %s", stream.stream_id, self.peer, type(exc).__name__, exc)
+            await stream.aclose()
 
     def _opened(self, event: mux.StreamAccepted | mux.StreamRefused) -> None:
         if isinstance(event, mux.StreamRefused):

@@ -202,13 +202,19 @@ class CaVerifier:
         self.revoked = revoked
         self.revocation_path = revocation_path
         self._revocation_mtime = _mtime(revocation_path)
+        if revocation_path is not None and self._revocation_mtime is None:
+            raise CaError(f"revocation list {revocation_path} does not exist (create it empty if nothing is revoked)")
 
     def _refresh_revocations(self) -> None:
-        """Pick up a revocation list edited while the daemon runs."""
-        mtime = _mtime(self.revocation_path)
-        if mtime != self._revocation_mtime:
+        """Pick up a revocation list edited while the daemon runs; fail closed if it vanishes."""
+        if self.revocation_path is None:
+            return
+        stamp = _mtime(self.revocation_path)
+        if stamp is None:
+            raise CertificateError(f"revocation list {self.revocation_path} is missing: refusing CA certificates")
+        if stamp != self._revocation_mtime:
             self.revoked = load_revocations(self.revocation_path)
-            self._revocation_mtime = mtime
+            self._revocation_mtime = stamp
 
     def verify(self, data: bytes | None, presented_fingerprint: str, now: int) -> Certificate:
         """Return the certificate if the CA vouches for this exact identity now."""
@@ -230,9 +236,11 @@ class CaVerifier:
         if cert.serial in self.revoked:
             raise CertificateError(f"certificate for {cert.name} (serial {cert.serial}) is revoked")
         try:
-            validate_name(cert.name)
+            canonical = validate_name(cert.name) == cert.name and all(validate_name(g) == g for g in cert.groups)
         except Exception:
-            raise CertificateError("certificate name is not a valid node name") from None
+            canonical = False
+        if not canonical:  # "BOB" or " bob" must not slip past a pin on "bob"
+            raise CertificateError("certificate name or groups are not canonical node names")
         return cert
 
 
@@ -244,8 +252,10 @@ def _verify_hybrid(ca: PublicIdentity, message: bytes, signature: dict[str, byte
                                 MLDSA_CONTEXT)
 
 
-def _mtime(path: Path | None) -> float | None:
+def _mtime(path: Path | None) -> tuple[int, int, int] | None:
+    """What identifies one version of a file: modification time, size and inode."""
     try:
-        return os.stat(path).st_mtime if path is not None else None
+        info = os.stat(path) if path is not None else None
     except OSError:
         return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino) if info is not None else None

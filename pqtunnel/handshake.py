@@ -263,7 +263,7 @@ def _verify_peer(state: NoiseState, backend: prim.CryptographyBackend, suite: Su
             raise MalformedHandshakeError("certificate field is malformed or too large")
         peer = dataclasses.replace(peer, certificate=certificate)
     if not peer.verify(backend, suite, _signature_message(role, signed_hash), payload.get("sig")):
-        raise BadSignatureError(f"{peer.claimed_name} ({peer.fingerprint}): hybrid signature over the transcript did not verify")
+        raise BadSignatureError(f"{peer.claimed_name!r} ({peer.fingerprint}): hybrid signature over the transcript did not verify")
     return peer
 
 

@@ -234,6 +234,8 @@ class Session:
 
     def _on_control(self, content_type: ContentType, data: bytes, now_ms: int) -> list[Event]:
         if content_type is ContentType.PING:
+            if len(data) != 2 * PING.size:
+                raise RecordError("PING has the wrong size")  # and cannot be used to amplify
             self._queue(self._require_records().seal(ContentType.PONG, data), now_ms)
             return []
         if content_type is ContentType.PONG:
