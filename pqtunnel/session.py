@@ -19,7 +19,7 @@ from .crypto import backend as prim
 from .handshake import Entropy, HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
 from .errors import HandshakeError, ProtocolError, RecordError, RekeyError
 from .records import ContentType, RecordLayer
-from .wire import MAX_RECORD_PLAINTEXT, Frame, FrameDecoder, Kind
+from .wire import MAX_HANDSHAKE_FRAME, MAX_RECORD_FRAME, MAX_RECORD_PLAINTEXT, Frame, FrameDecoder, Kind
 
 REKEY_IKM_LABEL = b"pqtunnel/1 rekey\x00"
 PING = struct.Struct(">Q")
@@ -91,7 +91,7 @@ class Session:
         self.entropy: Entropy = handshake.entropy
         self.result: HandshakeResult | None = None
         self.records: RecordLayer | None = None
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(max_record=MAX_HANDSHAKE_FRAME)  # no big records before keys exist
         self._outgoing: list[bytes | memoryview] = []
         self._queued_bytes = 0
         self.started_ms = now_ms
@@ -180,6 +180,7 @@ class Session:
     def _establish(self, result: HandshakeResult, now_ms: int) -> None:
         self.result = result
         self.records = RecordLayer(result.aead, result.send_key, result.recv_key, result.session_id)
+        self._decoder.max_record = MAX_RECORD_FRAME
         self._chain = result.rekey_chain
         self._rekey_ms = now_ms
 

@@ -44,18 +44,18 @@ class Frame:
     body: bytes | memoryview
 
 
-def _limit_for(kind: int) -> int:
+def _limit_for(kind: int, max_record: int) -> int:
     if kind == Kind.RECORD:
-        return MAX_RECORD_FRAME
+        return max_record
     if kind in HANDSHAKE_KINDS:
         return MAX_HANDSHAKE_FRAME
     raise FramingError(f"unknown frame kind 0x{kind:02x}")
 
 
-def _check_header(length: int, kind: int) -> Kind:
+def _check_header(length: int, kind: int, max_record: int = MAX_RECORD_FRAME) -> Kind:
     if length < 1:
         raise FramingError("frame length 0")
-    limit = _limit_for(kind)
+    limit = _limit_for(kind, max_record)
     if length > limit:
         raise FramingError(f"{Kind(kind).name} frame of {length} bytes exceeds the limit of {limit}")
     return Kind(kind)
@@ -68,8 +68,9 @@ class FrameDecoder:
     the bulk-data hot path); only a frame split across reads is assembled in a buffer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_record: int = MAX_RECORD_FRAME) -> None:
         self._buffer = bytearray()
+        self.max_record = max_record  # a session keeps this small until it has keys
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if not isinstance(data, bytes):
@@ -82,7 +83,7 @@ class FrameDecoder:
         end = len(view)
         while end - pos >= FRAME_HEADER.size:
             length, kind_value = FRAME_HEADER.unpack_from(view, pos)
-            kind = _check_header(length, kind_value)
+            kind = _check_header(length, kind_value, self.max_record)
             stop = pos + 4 + length
             if stop > end:
                 break
@@ -92,7 +93,7 @@ class FrameDecoder:
         if pos < end:
             self._buffer = bytearray(view[pos:])
             if len(self._buffer) >= FRAME_HEADER.size:
-                _check_header(*FRAME_HEADER.unpack_from(self._buffer))  # refuse before buffering a body
+                _check_header(*FRAME_HEADER.unpack_from(self._buffer), self.max_record)  # refuse before buffering a body
         return frames
 
     def _complete_pending(self, view: memoryview, frames: list[Frame]) -> int:
@@ -104,7 +105,7 @@ class FrameDecoder:
             if len(self._buffer) < FRAME_HEADER.size:
                 return used
         length, kind_value = FRAME_HEADER.unpack_from(self._buffer)
-        kind = _check_header(length, kind_value)
+        kind = _check_header(length, kind_value, self.max_record)
         missing = 4 + length - len(self._buffer)
         take = min(missing, len(view) - used)
         self._buffer += view[used : used + take]

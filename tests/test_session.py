@@ -414,3 +414,17 @@ def test_tick_does_nothing_when_nothing_is_due(alice: Identity, bob: Identity) -
     a.tick(NOW_MS + 60_000)
     b.tick(NOW_MS + 60_000)
     assert a.data_to_send() == b"" and b.data_to_send() == b""
+
+
+def test_before_keys_exist_a_big_record_is_refused_from_its_header(alice: Identity, bob: Identity) -> None:
+    """An unauthenticated peer cannot make the responder buffer a full-size record."""
+    import struct
+
+    from pqtunnel.errors import FramingError
+
+    responder = Session(ResponderHandshake(bob, accept_as("alice"), peer_address=PEER_ADDRESS), now_ms=NOW_MS)
+    with pytest.raises(FramingError, match="exceeds the limit of 32768"):
+        responder.receive_data(struct.pack(">IB", 100_000, Kind.RECORD), NOW_MS)
+    a, b = establish(alice, bob)
+    big = a.records.seal(ContentType.DATA, bytes(200_000))  # after the handshake: fine
+    assert [e.data == bytes(200_000) for e in b.receive_data(big, NOW_MS)] == [True]
