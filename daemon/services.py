@@ -7,6 +7,8 @@ and the process killed and reaped when the stream ends.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import subprocess
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +92,7 @@ async def _flush_quietly(host: StreamHost) -> None:
 async def _serve_tcp(host: StreamHost, stream: TunnelStream, address: Address, what: str) -> None:
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            target = await trio.open_tcp_stream(address.host, address.port)
+            target = await connect_tcp(address.host, address.port)
     except (OSError, trio.TooSlowError) as exc:
         reason = "timed out" if isinstance(exc, trio.TooSlowError) else _os_reason(exc)
         raise Refusal(mux.ErrorCode.REFUSED, f"{what} ({address}): {reason}") from None
@@ -104,6 +106,21 @@ async def _serve_tcp(host: StreamHost, stream: TunnelStream, address: Address, w
         await bridge(stream, target)
     LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, host.peer, what,
              stream.bytes_in, stream.bytes_out)
+
+
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """Connect; an IP literal (the usual service target) skips trio's resolver machinery."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def _serve_exec(host: StreamHost, stream: TunnelStream, service: ExecService, what: str) -> None:

@@ -69,33 +69,23 @@ async def bridge(a: Any, b: Any) -> tuple[int, int]:
     """
     counts = [0, 0]
     errors: list[BaseException] = []
-    watchers: list[trio.CancelScope] = []
-    finished = 0
 
     async with trio.open_nursery() as nursery:
+        def abort(error: BaseException) -> None:
+            errors.append(error)
+            nursery.cancel_scope.cancel()
+
         async def forward(index: int, source: Any, sink: Any) -> None:
-            nonlocal finished
             try:
                 counts[index] = await pump(source, sink)
             except EXPECTED_ERRORS as exc:
-                errors.append(exc)
-                nursery.cancel_scope.cancel()
-            finished += 1
-            if finished == 2:
-                for scope in watchers:
-                    scope.cancel()
+                abort(exc)
 
-        async def watch(side: Any, scope: trio.CancelScope) -> None:
-            with scope:
-                errors.append(await side.wait_aborted())
-                nursery.cancel_scope.cancel()
-
+        for side in (a, b):
+            if hasattr(side, "on_abort"):
+                side.on_abort(abort)
         nursery.start_soon(forward, 0, a, b)
         nursery.start_soon(forward, 1, b, a)
-        for side in (a, b):
-            if hasattr(side, "wait_aborted"):
-                watchers.append(trio.CancelScope())
-                nursery.start_soon(watch, side, watchers[-1])
     if errors:
         raise errors[0]
     return counts[0], counts[1]

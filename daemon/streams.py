@@ -57,7 +57,7 @@ class TunnelStream:
         self._eof = False
         self._sent_eof = False
         self._error: StreamError | None = None
-        self._aborted = trio.Event()
+        self._abort_callbacks: list[Callable[[StreamError], None]] = []
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -76,17 +76,20 @@ class TunnelStream:
             self._error = error
         self._readable.set()
         self._writable.set()
-        self._aborted.set()
+        callbacks, self._abort_callbacks = self._abort_callbacks, []
+        for callback in callbacks:
+            callback(self._error)
 
-    async def wait_aborted(self) -> StreamError:
-        """Block until the stream is reset or its session ends; returns why.
+    def on_abort(self, callback: Callable[[StreamError], None]) -> None:
+        """Call ``callback(error)`` when the stream is reset or its session ends.
 
-        Whoever splices this stream to something else watches this, so a reset also stops
+        Whoever splices this stream to something else registers here, so a reset also stops
         the direction that is waiting on the *other* side (e.g. a silent process's stdout).
         """
-        await self._aborted.wait()
-        assert self._error is not None
-        return self._error
+        if self._error is not None:
+            callback(self._error)
+        else:
+            self._abort_callbacks.append(callback)
 
     def _credit(self) -> None:
         self._writable.set()
