@@ -194,12 +194,6 @@ class Connection:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def flush(self) -> None:
-        """Queue-and-go for the writer, waiting only while more than HIGH_WATER is queued."""
-        self.kick()
-        while self.session.pending_bytes > HIGH_WATER and not self.finished.is_set():
-            await self._progress.wait()
-
     async def drain(self, timeout: float) -> None:
         """Wait (shielded, bounded) until everything queued has been written."""
         self.kick()

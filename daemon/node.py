@@ -59,7 +59,6 @@ class PeerLink:
         self.index = 0
         self.source = source
         self.last_error = ""
-        self.attempts = 0
         self.failures = 0
         self.wake = trio.Event()
         self.changed = trio.Event()
@@ -113,7 +112,6 @@ class Node:
         self.pending_handshakes = 0
         self.started = time.monotonic()
         self.listen_address: Address | None = None
-        self.ready = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.discovery = DiscoveryWiring(self)
 
@@ -135,7 +133,6 @@ class Node:
                 self.start_link(link)
             if self.config.mdns:
                 await nursery.start(self.discovery.run)
-            self.ready.set()
             LOG.info("node %s (%s) listening on %s, SOCKS on %s, suites %s", self.identity.name,
                      self.identity.fingerprint, self.listen_address, self.config.socks or "off",
                      ",".join(s.name for s in self.config.suites))
@@ -300,7 +297,6 @@ class Node:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _dial(self, link: PeerLink) -> Connection | None:
-        link.attempts += 1
         try:
             with trio.fail_after(DIAL_TIMEOUT):
                 stream = await trio.open_tcp_stream(link.address.host, link.address.port)
