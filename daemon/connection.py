@@ -279,42 +279,38 @@ class Connection:
 IOV_BATCH = 512  # below the kernel's IOV_MAX (1024)
 
 
+def _consume(views: list[memoryview], index: int, sent: int) -> int:
+    """Drop ``sent`` bytes from the front of ``views[index:]``; returns the new index."""
+    while sent and index < len(views):
+        size = len(views[index])
+        if sent >= size:
+            sent -= size
+            index += 1
+        else:
+            views[index] = views[index][sent:]
+            sent = 0
+    return index
+
+
 async def _send_buffers(sock: trio.socket.SocketType, buffers: list[bytes | memoryview]) -> None:
     """Scatter-gather send: record headers and ciphertexts go out without being joined."""
     views = [memoryview(b) for b in buffers]
     index = 0
     while index < len(views):
-        sent = await sock.sendmsg(views[index : index + IOV_BATCH])
-        while sent and index < len(views):
-            size = len(views[index])
-            if sent >= size:
-                sent -= size
-                index += 1
-            else:
-                views[index] = views[index][sent:]
-                sent = 0
+        index = _consume(views, index, await sock.sendmsg(views[index : index + IOV_BATCH]))
 
 
 def _write_now(fd: int, buffers: list[bytes | memoryview]) -> list[bytes | memoryview]:
-    """Non-blocking scatter write; returns what the socket did not take (errors: everything,
-    so the writer task meets the error and closes the connection with its reason)."""
+    """Non-blocking scatter write; returns what the socket did not take. On an error it
+    returns everything, so the writer task meets the error and closes with its reason."""
     views = [memoryview(b) for b in buffers]
     index = 0
     while index < len(views):
         try:
             sent = os.writev(fd, views[index : index + IOV_BATCH])
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # EAGAIN included: the writer task waits for writability
             break
-        except OSError:
-            break
-        while sent and index < len(views):
-            size = len(views[index])
-            if sent >= size:
-                sent -= size
-                index += 1
-            else:
-                views[index] = views[index][sent:]
-                sent = 0
+        index = _consume(views, index, sent)
     return list(views[index:])
 
 
