@@ -84,8 +84,8 @@ async def bridge(a: Any, b: Any) -> tuple[int, int]:
         for side in (a, b):
             if hasattr(side, "on_abort"):
                 side.on_abort(abort)
-        nursery.start_soon(forward, 0, a, b)
         nursery.start_soon(forward, 1, b, a)
+        await forward(0, a, b)  # one direction in this task: one task fewer per stream
     if errors:
         raise errors[0]
     return counts[0], counts[1]
