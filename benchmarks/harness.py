@@ -1087,6 +1087,15 @@ def cpu_busy_fraction(interval_s: float = 1.0) -> float:
     return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+def report_idle_cpu() -> float:
+    """Print how busy other processes keep the CPU before a run, warning when it is not idle."""
+    busy = cpu_busy_fraction()
+    print(f"CPU busy before the run (other processes): {busy:.0%}", flush=True)
+    if busy > 0.10:
+        print("WARNING: the machine is not idle; numbers will be low and noisy", flush=True)
+    return busy
+
+
 class ForeignCpu:
     """Share of the machine's CPU used by processes other than this one and its children.
 

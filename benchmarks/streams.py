@@ -266,10 +266,7 @@ def print_preamble(cfg: sb.Config) -> None:
         f"config: {dataclasses.asdict(cfg)}",
         flush=True,
     )
-    busy = h.cpu_busy_fraction()
-    print(f"CPU busy before the run (other processes): {busy:.0%}", flush=True)
-    if busy > 0.10:
-        print("WARNING: the machine is not idle; numbers will be low and noisy", flush=True)
+    h.report_idle_cpu()
 
 
 def _own_cpu_s() -> float:
