@@ -19,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.process import Daemon, init_node, pq  # noqa: E402
+from pqlab.process import Daemon, init_node, pq  # noqa: E402
 from pqtunnel.crypto.suites import SUITES, Suite  # noqa: E402
 from pqtunnel.handshake import HandshakeConfig, InitiatorHandshake, ResponderHandshake  # noqa: E402
 from pqtunnel.identity import Identity, load_identity  # noqa: E402

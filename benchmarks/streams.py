@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 import harness as h  # noqa: E402
 import ssh_baseline as sb  # noqa: E402
 
-from daemon.process import Daemon, init_node, pq  # noqa: E402
+from pqlab.process import Daemon, init_node, pq  # noqa: E402
 
 PQ_AEADS = ("chacha20-poly1305", "aes-256-gcm")  # first = the default, config left untouched
 PQ_URL = "http://web.bob.pq"

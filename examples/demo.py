@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.process import Daemon, init_node, pq  # noqa: E402
+from pqlab.process import Daemon, init_node, pq  # noqa: E402
 
 
 def step(text: str) -> None:
@@ -89,7 +89,7 @@ def main() -> None:
                                  "http://web.bob.pq/"], capture_output=True, text=True, timeout=30))
 
             step("echo ... | pqtunnel connect bob/shout  (stdin -> bob's process -> stdout: data both ways)")
-            show(subprocess.run([sys.executable, "-m", "daemon.cli", "connect", "bob/shout", "--home", str(alice_home)],
+            show(subprocess.run([sys.executable, "-m", "pqtunneld.cli", "connect", "bob/shout", "--home", str(alice_home)],
                                 input="post-quantum hello\nfrom alice\n", capture_output=True, text=True, timeout=30))
 
             step("pqtunnel sessions --json (alice): the negotiated algorithms")

@@ -1,6 +1,6 @@
 """Multi-host labs in network namespaces for tests (the implementation is daemon/netlab.py)."""
 
-from daemon.netlab import (
+from pqlab.netlab import (
     LISTEN_PORT,
     SOCKS_ADDRESS,
     Host,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.trustpolicy import authorize_peer
+from pqtunneld.trustpolicy import authorize_peer
 from pqtunnel.ca import CaVerifier, CertificateAuthority, decode_certificate, load_ca_public, read_certificate_file
 from pqtunnel.crypto.suites import HYBRID
 from pqtunnel.errors import CaError, CertificateError, UntrustedPeerError

@@ -187,7 +187,7 @@ def test_teardown_removes_everything_even_when_the_body_fails() -> None:
 
 
 def test_leftovers_of_a_killed_lab_are_cleaned_up() -> None:
-    script = ("from daemon.netlab import NetLab; import time; lab = NetLab(); lab.start(); "
+    script = ("from pqlab.netlab import NetLab; import time; lab = NetLab(); lab.start(); "
               "lab.add_host('orphan').popen(['sleep', '600']); print(lab.bridge_netns, flush=True); time.sleep(600)")
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                              cwd=Path(__file__).resolve().parent.parent)

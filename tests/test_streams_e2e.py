@@ -132,7 +132,7 @@ def test_two_hundred_parallel_streams_all_arrive_intact(net: dict) -> None:
 
 
 def test_connect_echoes_through_an_exec_service(net: dict) -> None:
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "connect", "bob/echo", "--home", str(net["alice_home"])],
+    result = subprocess.run([sys.executable, "-m", "pqtunneld.cli", "connect", "bob/echo", "--home", str(net["alice_home"])],
                             input=b"hi\n", capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"hi\n"
@@ -142,7 +142,7 @@ def test_connect_echoes_through_an_exec_service(net: dict) -> None:
 def test_connect_honours_half_close_with_large_input(net: dict) -> None:
     """The remote reads until EOF, then answers: only works if our EOF reaches it."""
     data = bytes(range(256)) * 40_000
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "connect", "bob/digest", "--home", str(net["alice_home"])],
+    result = subprocess.run([sys.executable, "-m", "pqtunneld.cli", "connect", "bob/digest", "--home", str(net["alice_home"])],
                             input=data, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == hashlib.sha256(data).hexdigest()
@@ -157,7 +157,7 @@ def test_connect_failures_exit_non_zero_with_one_line(net: dict) -> None:
 
 
 def test_exec_process_is_killed_when_the_client_goes_away(net: dict) -> None:
-    client = subprocess.Popen([sys.executable, "-m", "daemon.cli", "connect", "bob/hang", "--home", str(net["alice_home"])],
+    client = subprocess.Popen([sys.executable, "-m", "pqtunneld.cli", "connect", "bob/hang", "--home", str(net["alice_home"])],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     logs = net["bob"].wait_for_log("service hang (pid ")
     pid = int(logs.split("service hang (pid ")[1].split(")")[0])
@@ -212,7 +212,7 @@ def test_rekey_under_load_does_not_interrupt_a_transfer(tmp_path: Path) -> None:
     alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
     try:
         assert pq("ping", "bob", home=alice_home).returncode == 0
-        client = subprocess.Popen([sys.executable, "-m", "daemon.cli", "connect", "bob/digest", "--home", str(alice_home)],
+        client = subprocess.Popen([sys.executable, "-m", "pqtunneld.cli", "connect", "bob/digest", "--home", str(alice_home)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         digest = hashlib.sha256()
         assert client.stdin is not None

@@ -23,7 +23,7 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from daemon.netlab import (  # noqa: E402
+from pqlab.netlab import (  # noqa: E402
     Host,
     NamespacedDaemon,
     NetLab,
@@ -32,7 +32,7 @@ from daemon.netlab import (  # noqa: E402
     pin_each_other,
     static_peer_args,
 )
-from daemon.process import init_node  # noqa: E402
+from pqlab.process import init_node  # noqa: E402
 
 NAMES = ("alice", "bob", "carol")
 WEB_PORT = 8080

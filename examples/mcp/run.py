@@ -28,7 +28,7 @@ SERVER = HERE / "server.py"
 AGENT = HERE / "agent.py"
 sys.path.insert(0, str(REPO))
 
-from daemon.process import CLI, Daemon, init_node, pq  # noqa: E402
+from pqlab.process import CLI, Daemon, init_node, pq  # noqa: E402
 
 AGENT_TIMEOUT = 120.0
 
@@ -94,7 +94,7 @@ def run_scenario(root: Path, say: Callable[[str], None] = lambda _: None) -> Out
         command = [sys.executable, str(AGENT), "--peer", "bob", "--service", "tools",
                    "--home", str(nodes.alice_home), "--pqtunnel", shlex.join(CLI), "--json"]
         say(f"agent on alice: {shlex.join(command)}")
-        # cwd=REPO keeps `python -m daemon.cli` importable from a plain checkout: the SDK's stdio
+        # cwd=REPO keeps `python -m pqtunneld.cli` importable from a plain checkout: the SDK's stdio
         # client passes on only a minimal environment (no PYTHONPATH), but the child inherits the cwd.
         agent = subprocess.run(command, capture_output=True, text=True, timeout=AGENT_TIMEOUT, cwd=REPO)
         _check(agent)

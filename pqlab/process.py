@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CLI = [sys.executable, "-m", "daemon.cli"]
+CLI = [sys.executable, "-m", "pqtunneld.cli"]
 READY_TIMEOUT = 20.0
 
 
