@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -40,6 +39,7 @@ from .errors import (
     UnsupportedVersionError,
     UntrustedPeerError,
 )
+from .entropy import SYSTEM_ENTROPY, Entropy
 from .identity import Identity, WireIdentity
 from .noisestate import DHLEN, TAGLEN, KemHooks, NoiseState, Reader
 from .wire import Frame, Kind, encode_frame
@@ -103,16 +103,6 @@ class HandshakeConfig:
     replay_window_ms: int = 120_000
 
 
-class Entropy:
-    """Source of ephemeral secrets; tests substitute fixed values to reproduce vectors."""
-
-    def x25519_private(self) -> bytes:
-        return secrets.token_bytes(32)
-
-    def kem_seed(self) -> bytes:
-        return secrets.token_bytes(64)
-
-
 @dataclass(frozen=True)
 class HandshakeResult:
     """Everything the record layer and the daemon need once both sides are authenticated."""
@@ -165,8 +155,8 @@ class ReplayCache:
 class CookieJar:
     """Stateless retry cookies: a MAC over the client's address, suite and first HELLO."""
 
-    def __init__(self, secret: bytes | None = None) -> None:
-        self._secret = secret or secrets.token_bytes(32)
+    def __init__(self, secret: bytes | None = None, entropy: Entropy = SYSTEM_ENTROPY) -> None:
+        self._secret = secret or entropy.random_bytes(32)
 
     def _mac(self, bucket: int, peer_address: str, suite: Suite, first_hello_hash: bytes) -> bytes:
         message = COOKIE_LABEL + bucket.to_bytes(8, "big") + bytes([suite.wire_id]) + first_hello_hash + peer_address.encode()
@@ -281,7 +271,7 @@ class InitiatorHandshake:
         self.authorize = authorize
         self.config = config or HandshakeConfig()
         self.backend = backend or prim.CryptographyBackend()
-        self.entropy = entropy or Entropy()
+        self.entropy = entropy or SYSTEM_ENTROPY
         self.suite = self.config.allowed_suites[0]
         self._state: NoiseState | None = None
         self._hello_hash = b""
@@ -381,7 +371,7 @@ class ResponderHandshake:
         self.peer_address = peer_address
         self.config = config or HandshakeConfig()
         self.backend = backend or prim.CryptographyBackend()
-        self.entropy = entropy or Entropy()
+        self.entropy = entropy or SYSTEM_ENTROPY
         self.replay_cache = replay_cache or ReplayCache(self.config.replay_window_ms)
         self.cookies = cookies or CookieJar()
         self.require_cookie = require_cookie
