@@ -12,13 +12,13 @@ smoke run (~10 s); the full run takes about 40 s on an idle 2-core machine.
 
 pqtunnel rows go into the same table with the same code, e.g.::
 
-    with h.bulk_http_server(cfg.bulk_size) as srv:   # bob exposes 127.0.0.1:srv.port
+    with bulk_http_server(cfg.bulk_size) as srv:   # bob exposes 127.0.0.1:srv.port
         results = [measure_row("direct (no proxy)", None, srv.url_for, cfg)]
         results += measure_ssh_rows(srv, cfg)
         results.append(measure_row("pqtunnel hybrid", alice_socks_port,
-                                   h.http_url_for("http://web.bob.pq"), cfg,
+                                   http_url_for("http://web.bob.pq"), cfg,
                                    client_pids=[alice_pid], server_pids=[bob_pid]))
-    h.print_table([r for r, _ in results], ssh_row_name(CIPHERS[0]), metric_names(cfg))
+    print_table([r for r, _ in results], ssh_row_name(CIPHERS[0]), metric_names(cfg))
 """
 
 from __future__ import annotations
@@ -35,10 +35,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# Run as a script (python3 benchmarks/ssh_baseline.py): make the sibling harness importable.
+# Run as a script (python3 benchmarks/ssh_baseline.py): make the sibling modules importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h
+from addresses import UrlFor
+from cpu import ForeignCpu, report_idle_cpu
+from httpserver import HttpServer, bulk_http_server
+from load import bulk_throughput, concurrent_streams, new_stream_latency
+from payload import MIB
+from processes import peak_rss_mb, process_tree
+from report import Row, print_table
+from sshtunnel import private_sshd, ssh_socks_proxy
+from tools import ensure_tools
 
 CIPHERS = (
     "chacha20-poly1305@openssh.com",
@@ -66,23 +74,23 @@ FULL = Config(
     latency_n=500,
     latency_warmup=20,
     streams=200,
-    stream_size=h.MIB,
+    stream_size=MIB,
     concurrent_runs=5,
 )
 QUICK = Config(
-    bulk_size=256 * h.MIB,
+    bulk_size=256 * MIB,
     bulk_runs=3,
     latency_n=200,
     latency_warmup=10,
     streams=100,
-    stream_size=h.MIB,
+    stream_size=MIB,
     concurrent_runs=3,
 )
 
 
 def metric_names(cfg: Config) -> list[str]:
     """Column names, in table order; the concurrency column states its shape."""
-    size = f"{cfg.stream_size // h.MIB}MiB" if cfg.stream_size % h.MIB == 0 else f"{cfg.stream_size}B"
+    size = f"{cfg.stream_size // MIB}MiB" if cfg.stream_size % MIB == 0 else f"{cfg.stream_size}B"
     return [
         "bulk MB/s",
         "p50 ms",
@@ -98,12 +106,12 @@ def metric_names(cfg: Config) -> list[str]:
 def measure_row(
     name: str,
     socks: int | None,
-    url_for: h.UrlFor,
+    url_for: UrlFor,
     cfg: Config,
     client_pids: list[int] | None = None,
     server_pids: list[int] | None = None,
     note: str = "",
-) -> tuple[h.Row, dict[str, object]]:
+) -> tuple[Row, dict[str, object]]:
     """Run bulk, latency and concurrency against one SOCKS endpoint (or direct).
 
     RSS is sampled for the whole measurement; client/server pids are roots
@@ -113,15 +121,15 @@ def measure_row(
     client_pids = client_pids or []
     server_pids = server_pids or []
     print(f"== {name}", flush=True)
-    with h.peak_rss_mb(client_pids + server_pids) as rss:
-        bulk = h.bulk_throughput(socks, url_for, runs=cfg.bulk_runs, expected_size=cfg.bulk_size)
+    with peak_rss_mb(client_pids + server_pids) as rss:
+        bulk = bulk_throughput(socks, url_for, runs=cfg.bulk_runs, expected_size=cfg.bulk_size)
         print(f"   bulk   {', '.join(f'{r:.0f}' for r in bulk.runs_mb_s)} MB/s", flush=True)
-        lat = h.new_stream_latency(socks, url_for, n=cfg.latency_n, warmup=cfg.latency_warmup)
+        lat = new_stream_latency(socks, url_for, n=cfg.latency_n, warmup=cfg.latency_warmup)
         print(
             f"   stream p50 {lat.p50_ms:.2f} ms  p99 {lat.p99_ms:.2f} ms  max {lat.max_ms:.1f} ms", flush=True
         )
         conc = [
-            h.concurrent_streams(socks, url_for, n=cfg.streams, size=cfg.stream_size)
+            concurrent_streams(socks, url_for, n=cfg.streams, size=cfg.stream_size)
             for _ in range(cfg.concurrent_runs)
         ]
         print(
@@ -155,14 +163,14 @@ def measure_row(
         "rss_hwm_sum_mb": rss.hwm_mb if (client_pids or server_pids) else None,
         "rss_samples": rss.samples,
     }
-    return h.Row(name, values, note), detail
+    return Row(name, values, note), detail
 
 
 def wait_for_no_children(pid: int, timeout_s: float = 10.0) -> None:
     """Wait until ``pid`` has no descendants, so the previous row's per-connection
     sshd has exited and does not inflate the next row's server RSS."""
     deadline = time.monotonic() + timeout_s
-    while len(h.process_tree([pid])) > 1:
+    while len(process_tree([pid])) > 1:
         if time.monotonic() > deadline:
             raise RuntimeError(f"children of pid {pid} still alive after {timeout_s}s")
         time.sleep(0.02)
@@ -177,18 +185,18 @@ def ssh_row_name(cipher: str) -> str:
 
 
 def measure_ssh_rows(
-    srv: h.HttpServer, cfg: Config, ciphers: Sequence[str] = CIPHERS
-) -> list[tuple[h.Row, dict[str, object]]]:
+    srv: HttpServer, cfg: Config, ciphers: Sequence[str] = CIPHERS
+) -> list[tuple[Row, dict[str, object]]]:
     """Measure ``ssh -N -D`` with each cipher through one private sshd.
 
     Each cipher gets a fresh ssh connection (fresh sshd child), so RSS and
     cold-start numbers are per cipher; the negotiated kex goes in the note.
     """
-    out: list[tuple[h.Row, dict[str, object]]] = []
-    with h.private_sshd() as sshd:
+    out: list[tuple[Row, dict[str, object]]] = []
+    with private_sshd() as sshd:
         for cipher in ciphers:
             wait_for_no_children(sshd.pid)
-            with h.ssh_socks_proxy(sshd.port, cipher, sshd.identity_file) as px:
+            with ssh_socks_proxy(sshd.port, cipher, sshd.identity_file) as px:
                 row, det = measure_row(
                     ssh_row_name(cipher),
                     px.socks_port,
@@ -219,7 +227,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("ssh_baseline.py must run as root (private sshd in its own mount namespace)", file=sys.stderr)
         return 2
-    h.ensure_tools()
+    ensure_tools()
     cfg = QUICK if args.quick else FULL
     print(
         f"host: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, kernel {platform.release()}\n"
@@ -227,11 +235,11 @@ def main() -> int:
         f"config: {dataclasses.asdict(cfg)}",
         flush=True,
     )
-    h.report_idle_cpu()
+    report_idle_cpu()
     t_start = time.monotonic()
-    foreign = h.ForeignCpu()
-    results: list[tuple[h.Row, dict[str, object]]] = []
-    with h.bulk_http_server(cfg.bulk_size) as srv:
+    foreign = ForeignCpu()
+    results: list[tuple[Row, dict[str, object]]] = []
+    with bulk_http_server(cfg.bulk_size) as srv:
         results.append(measure_row("direct (no proxy)", None, srv.url_for, cfg, note=DIRECT_NOTE))
         results += measure_ssh_rows(srv, cfg, args.ciphers)
     other_cpu = foreign.fraction()  # after every benchmark process was reaped
@@ -239,7 +247,7 @@ def main() -> int:
     details = [d for _, d in results]
     print()
     baseline = args.baseline or ssh_row_name(args.ciphers[0])
-    h.print_table(rows, baseline, metric_names(cfg))
+    print_table(rows, baseline, metric_names(cfg))
     print(
         "bulk: best of curl runs, MB = 10^6 B | p50/p99/max: fresh TCP connection + SOCKS5 handshake\n"
         "+ GET of 1 byte, to the last byte | NxSIZE 1st/median: wall time for N simultaneous streams,\n"

@@ -3,7 +3,7 @@
 
 Run as root: ``python3 benchmarks/streams.py [--quick] [--json out.json]``.
 
-Rows, all measured by the same harness code (``ssh_baseline.measure_row``):
+Rows, all measured by the same code (``ssh_baseline.measure_row``):
 
 * ``direct (no proxy)``: curl / raw sockets straight to the HTTP server (context);
 * ``ssh -D <cipher>``: ``ssh -N -D`` through a private sshd, one row per cipher;
@@ -43,8 +43,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-import harness as h  # noqa: E402
 import ssh_baseline as sb  # noqa: E402
+from addresses import free_port, http_url_for  # noqa: E402
+from cpu import ForeignCpu, _cpu_times, report_idle_cpu  # noqa: E402
+from httpserver import HttpServer, bulk_http_server  # noqa: E402
+from processes import process_tree  # noqa: E402
+from report import Row, print_table  # noqa: E402
+from tools import ensure_tools  # noqa: E402
 
 from pqlab.process import Daemon, init_node, pq  # noqa: E402
 
@@ -54,7 +59,7 @@ TARGET_P99_MS = 2.0
 TARGET_CONCURRENT_FRACTION = 0.5
 TARGET_RSS_MB = 100.0  # in the table's unit, MiB (2^20 B), as peak_rss_mb reports
 
-Result = tuple[h.Row, dict[str, Any]]
+Result = tuple[Row, dict[str, Any]]
 
 
 # --------------------------------------------------------------------------
@@ -96,7 +101,7 @@ def _start_alice(home: Path, bob_port: int) -> tuple[Daemon, int]:
     """Start alice with a SOCKS5 endpoint; retry if the free port was taken meanwhile."""
     last: Exception | None = None
     for _attempt in range(3):
-        socks_port = h.free_port()
+        socks_port = free_port()
         daemon = Daemon(home, ["--socks", f"127.0.0.1:{socks_port}", "--peer", f"bob=127.0.0.1:{bob_port}"])
         try:
             return daemon.start(), socks_port
@@ -155,7 +160,7 @@ def pq_row_name(aead: str) -> str:
     return f"pqtunnel {aead}"
 
 
-def measure_pq_row(srv: h.HttpServer, cfg: sb.Config, aead: str) -> Result:
+def measure_pq_row(srv: HttpServer, cfg: sb.Config, aead: str) -> Result:
     """Start a daemon pair negotiating ``aead`` and measure it through alice's SOCKS5 port."""
     with pqtunnel_pair(srv.port, aead) as pair:
         before = live_session(pair, aead)
@@ -163,7 +168,7 @@ def measure_pq_row(srv: h.HttpServer, cfg: sb.Config, aead: str) -> Result:
               f"{before['kem']} | {before['signature']} | {before['aead']}", flush=True)
         alice_pid, bob_pid = pair.pids
         note = f"suite {before['suite']} ({before['kem']}, {before['signature']}), AEAD {before['aead']}"
-        row, detail = sb.measure_row(pq_row_name(aead), pair.socks_port, h.http_url_for(PQ_URL), cfg,
+        row, detail = sb.measure_row(pq_row_name(aead), pair.socks_port, http_url_for(PQ_URL), cfg,
                                      client_pids=[alice_pid], server_pids=[bob_pid], note=note)
         after = negotiated(pair, aead)  # same single session, still the same AEAD
         if after["session_id"] != before["session_id"]:
@@ -179,7 +184,7 @@ def measure_pq_row(srv: h.HttpServer, cfg: sb.Config, aead: str) -> Result:
 # --------------------------------------------------------------------------
 
 
-def fastest_ssh(results: Sequence[Result], bulk_metric: str) -> h.Row:
+def fastest_ssh(results: Sequence[Result], bulk_metric: str) -> Row:
     """The ssh row with the best single-stream bulk throughput in this run."""
     ssh_rows = [row for row, _ in results if row.name.startswith("ssh -D")]
     return max(ssh_rows, key=lambda row: row.values[bulk_metric] or 0.0)
@@ -208,12 +213,12 @@ class Target:
         return f"  {verdict} {self.row}: {self.target}: {self.value:.2f} {self.unit} (need {op} {self.limit:.2f})"
 
 
-def targets_for(row: h.Row, base: h.Row, cfg: sb.Config) -> list[Target]:
+def targets_for(row: Row, base: Row, cfg: sb.Config) -> list[Target]:
     """Targets for one pqtunnel row: bulk, p99, concurrency (vs the baseline), RSS of alice and bob."""
     m = sb.metric_names(cfg)
     bulk, p99, conc, alice_rss, bob_rss = m[0], m[2], m[5], m[6], m[7]
 
-    def val(r: h.Row, k: str) -> float:
+    def val(r: Row, k: str) -> float:
         v = r.values[k]
         assert v is not None, f"{r.name} has no {k}"
         return v
@@ -266,18 +271,18 @@ def print_preamble(cfg: sb.Config) -> None:
         f"config: {dataclasses.asdict(cfg)}",
         flush=True,
     )
-    h.report_idle_cpu()
+    report_idle_cpu()
 
 
 def _own_cpu_s() -> float:
     """CPU seconds of this process, its reaped children and every live descendant.
 
-    Unlike ``h.ForeignCpu`` this also counts descendants that are still running
+    Unlike ``ForeignCpu`` this also counts descendants that are still running
     (the HTTP server, daemons, sshd), so it can be read between rows.
     """
     hz = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for pid in h.process_tree([os.getpid()])[1:]:
+    for pid in process_tree([os.getpid()])[1:]:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
@@ -294,12 +299,12 @@ class OtherCpu:
     """Share of the machine's CPU used by processes outside this benchmark's tree."""
 
     def __init__(self) -> None:
-        self._busy0, self._total0 = h._cpu_times()
+        self._busy0, self._total0 = _cpu_times()
         self._own0 = _own_cpu_s()
 
     def fraction(self) -> float:
         """Other processes' CPU since construction, as a fraction of all CPUs (0..1)."""
-        busy, total = h._cpu_times()
+        busy, total = _cpu_times()
         if total <= self._total0:
             return 0.0
         hz = os.sysconf("SC_CLK_TCK")
@@ -323,7 +328,7 @@ def measure_all(cfg: sb.Config) -> list[Result]:
     Each ssh cipher gets its own private sshd so every row can carry the CPU share
     other processes used while it was measured (this box may not be idle).
     """
-    with h.bulk_http_server(cfg.bulk_size) as srv:
+    with bulk_http_server(cfg.bulk_size) as srv:
         results = [with_other_cpu(lambda: sb.measure_row("direct (no proxy)", None, srv.url_for, cfg,
                                                          note=sb.DIRECT_NOTE))]
         for cipher in sb.CIPHERS:
@@ -333,7 +338,7 @@ def measure_all(cfg: sb.Config) -> list[Result]:
     return results
 
 
-def print_legend(base: h.Row, other_cpu: float, elapsed_s: float) -> None:
+def print_legend(base: Row, other_cpu: float, elapsed_s: float) -> None:
     """What the columns mean, and whether the run was disturbed."""
     print(
         f"baseline: {base.name} = the ssh -D cipher with the best bulk throughput in this run\n"
@@ -349,7 +354,7 @@ def print_legend(base: h.Row, other_cpu: float, elapsed_s: float) -> None:
     print(f"total time {elapsed_s:.0f} s")
 
 
-def write_json(path: Path, cfg: sb.Config, results: Sequence[Result], base: h.Row,
+def write_json(path: Path, cfg: sb.Config, results: Sequence[Result], base: Row,
                targets: Sequence[Target], other_cpu: float, elapsed_s: float) -> None:
     """All rows (table values and raw details), the baseline and the target verdicts."""
     doc = {
@@ -376,19 +381,19 @@ def main() -> int:
     if os.geteuid() != 0:
         print("streams.py must run as root (private sshd in its own mount namespace)", file=sys.stderr)
         return 2
-    h.ensure_tools()
+    ensure_tools()
     use_this_checkout()
     cfg = sb.QUICK if args.quick else sb.FULL
     print_preamble(cfg)
     t_start = time.monotonic()
-    foreign = h.ForeignCpu()
+    foreign = ForeignCpu()
     results = measure_all(cfg)
     other_cpu = foreign.fraction()  # after every benchmark process was reaped
     elapsed = time.monotonic() - t_start
     metrics = sb.metric_names(cfg)
     base = fastest_ssh(results, metrics[0])
     print()
-    h.print_table([row for row, _ in results], base.name, metrics)
+    print_table([row for row, _ in results], base.name, metrics)
     print_legend(base, other_cpu, elapsed)
     targets = [t for row, _ in results if row.name.startswith("pqtunnel") for t in targets_for(row, base, cfg)]
     print_targets(targets)
