@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pqtunnel.discovery import DiscoveryError, MdnsDiscovery, Peer, PeerAppeared, PeerChanged, PeerEvent, PeerLeft
+from pqtunnel.discovery import Peer, PeerAppeared, PeerChanged, PeerEvent, PeerLeft
 
 from .config import Address
 from .logs import LOG
+from .mdns import DiscoveryError, MdnsDiscovery
 
 if TYPE_CHECKING:
     from .node import Node

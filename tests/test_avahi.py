@@ -80,7 +80,8 @@ publish-domain=no
 # Our node inside the namespace: advertise, print every PeerEvent as a JSON line, stop on stdin EOF.
 NODE_SCRIPT = r"""
 import json, sys, trio
-from pqtunnel.discovery import MdnsDiscovery, PeerLeft
+from pqtunnel.discovery import PeerLeft
+from pqtunneld.mdns import MdnsDiscovery
 
 async def report(receive):
     async for event in receive:
