@@ -1,55 +1,48 @@
-"""Trio shell around one sans-IO Session on one TCP stream.
+"""Trio shell around one sans-IO ``Tunnel`` on one TCP stream.
 
-Three tasks per connection: the reader feeds the session, the writer is the only task that
-writes to the socket, and the ticker drives keepalive and rekey. The reader never waits on
-the socket's send side, so two peers pushing bulk data at each other cannot deadlock;
-application writers get backpressure from ``flush()`` once too much is queued.
+Three tasks per connection: the reader feeds the tunnel, the writer is the only task that
+waits on the socket's send side, and the ticker drives the tunnel's timers once a second.
+The reader never waits on the send side, so two peers pushing bulk data at each other
+cannot deadlock; stream writers get backpressure from ``Tunnel.writable``. Every protocol
+rule (keepalive, close, queue limits, flow control) is the tunnel's; this module only
+moves bytes, time and events.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
-from pqtunnel.errors import PqtunnelError, ProtocolError
-from pqtunnel.session import DataReceived, Established, PeerClosed, PongReceived, Rekeyed, Session
+from pqtunnel import events
+from pqtunnel import tunnel as core
+from pqtunnel.errors import LocalProtocolError, PqtunnelError, ProtocolError
+from pqtunnel.handshake import HandshakeResult
 
 from .logs import LOG
+from .netio import monotonic_ms, os_reason, send_buffers, set_nodelay, wall_ms, write_now
+from .streams import StreamError, StreamRefusedError, TunnelStream, code_name
 
-if TYPE_CHECKING:
-    from pqtunnel.handshake import HandshakeResult
-
-    from .streams import StreamHost
-
-RECEIVE_SIZE = 1024 * 1024
 TICK_SECONDS = 1.0
-HIGH_WATER = 2 * 1024 * 1024
-MAX_QUEUED = 16 * HIGH_WATER  # only answers the reader queues can grow past HIGH_WATER
 CLOSE_FLUSH_SECONDS = 1.0
+RECEIVE_SIZE = 1024 * 1024
+OPEN_TIMEOUT = 15.0
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+InboundHandler = Callable[[TunnelStream], Awaitable[None]]
 
 
 class ConnectionClosed(PqtunnelError):
     """The session ended before the operation could complete."""
 
 
-class PeerNotReadingError(ProtocolError):
-    """The peer keeps provoking answers (pongs, resets) but never reads them."""
-
-
 class Connection:
-    """Owns the socket, feeds the Session, and reports what happened in one log line each."""
+    """Owns the socket and the tunnel; implements the ``StreamPort`` its streams use."""
 
-    def __init__(self, stream: trio.SocketStream, session: Session, remote: str, *, dialled: str | None = None) -> None:
+    def __init__(self, stream: trio.SocketStream, tunnel: core.Tunnel, remote: str, *,
+                 dialled: str | None = None) -> None:
         self.stream = stream
-        self.session = session
+        self.tunnel = tunnel
         self.remote = remote
         self.dialled = dialled
         self.direction = "outbound" if dialled else "inbound"
@@ -57,21 +50,31 @@ class Connection:
         self.finished = trio.Event()
         self.close_reason = ""
         self.established_at = 0.0
-        self.host: StreamHost | None = None
-        self.nursery: trio.Nursery | None = None
+        self.streams: dict[int, TunnelStream] = {}
+        self.inbound: InboundHandler | None = None
+        self.on_established: Callable[[Connection], None] = lambda conn: None
+        self.on_finished: Callable[[Connection], None] = lambda conn: None
+        self.emit: Callable[[events.Event], None] = lambda event: None
+        self.fault = events.Fault.PEER
+        self._nursery: trio.Nursery | None = None
+        self._opening: dict[int, trio.Event] = {}
+        self._refusals: dict[int, StreamError] = {}
         self._kick = trio.Event()
         self._progress = trio.Event()
         self._writing = False
         self._backlog: list[bytes | memoryview] = []
         self._pings: dict[int, trio.Event] = {}
         self._cancel: trio.CancelScope | None = None
-        self.on_established: Callable[[Connection], None] = lambda conn: None
-        self.on_finished: Callable[[Connection], None] = lambda conn: None
-        _set_nodelay(stream)
+        set_nodelay(stream)
 
     @property
     def result(self) -> HandshakeResult | None:
-        return self.session.result
+        return self.tunnel.result
+
+    @property
+    def peer(self) -> str:
+        result = self.result
+        return result.peer_name if result else (self.dialled or "?")
 
     @property
     def peer_label(self) -> str:
@@ -88,7 +91,7 @@ class Connection:
             with trio.CancelScope() as scope:
                 self._cancel = scope
                 async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
+                    self._nursery = nursery
                     nursery.start_soon(self._guarded, self._writer, nursery.cancel_scope)
                     nursery.start_soon(self._guarded, self._ticker, nursery.cancel_scope)
                     await self._guarded(self._reader, nursery.cancel_scope)
@@ -99,41 +102,46 @@ class Connection:
         """Turn every way a connection can fail into a one-line close reason; never crash the node."""
         try:
             await task()
-        except ProtocolError as exc:
+        except ProtocolError as exc:  # the peer's fault
             self.close_reason = self.close_reason or str(exc)
             await self.drain(CLOSE_FLUSH_SECONDS)  # e.g. the ALERT telling the initiator why
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.close_reason = self.close_reason or f"connection lost ({_os_reason(exc)})"
+            self.close_reason = self.close_reason or f"connection lost ({os_reason(exc)})"
+            self.fault = events.Fault.NETWORK
+        except LocalProtocolError as exc:  # ours: never blamed on the peer
+            self.close_reason = f"internal error: {exc}"
+            self.fault = events.Fault.LOCAL
+            LOG.warning("internal error on connection with %s: %s", self.peer_label, exc, exc_info=True)
         except Exception as exc:  # a bug must cost one connection, not the daemon
             self.close_reason = f"internal error: {type(exc).__name__}: {exc}"
-            LOG.debug("internal error on connection with %s", self.peer_label, exc_info=True)
+            self.fault = events.Fault.LOCAL
+            LOG.warning("internal error on connection with %s", self.peer_label, exc_info=True)
         finally:
             scope.cancel()
 
     async def _reader(self) -> None:
-        if self.session.is_initiator:
-            self.session.start(now_ms())
+        if self.tunnel.is_initiator:
+            self.tunnel.start(monotonic_ms(), wall_ms())
             self.kick()
         while True:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
+                self.tunnel.receive_eof()
                 if not self.close_reason:
                     self.close_reason = "peer closed the connection" if self.established.is_set() else \
                         "peer closed the connection during the handshake"
                 return
-            for event in self.session.receive_data(data, now_ms()):
-                await self._handle(event)
+            for event in self.tunnel.receive_data(data, monotonic_ms(), wall_ms()):
+                self._handle(event)
             self.kick()
-            if self.session.pending_bytes > MAX_QUEUED:
-                raise PeerNotReadingError(f"peer is not reading: {self.session.pending_bytes} bytes queued for it")
-            if self.session.closed:
+            if self.tunnel.closed:
                 await self.drain(CLOSE_FLUSH_SECONDS)
                 return
 
     async def _writer(self) -> None:
         """Writes whatever the direct path in ``kick`` could not: everything in queue order."""
         while True:
-            buffers, self._backlog = self._backlog + self.session.buffers_to_send(), []
+            buffers, self._backlog = self._backlog + self.tunnel.buffers_to_send(), []
             if not buffers:
                 self._signal_progress()
                 await self._kick.wait()
@@ -141,7 +149,7 @@ class Connection:
                 continue
             self._writing = True
             try:
-                await _send_buffers(self.stream.socket, buffers)
+                await send_buffers(self.stream.socket, buffers)
             finally:
                 self._writing = False
             self._signal_progress()
@@ -149,30 +157,153 @@ class Connection:
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(TICK_SECONDS)
-            self.session.tick(now_ms())
+            self.tunnel.tick(monotonic_ms())
             self.kick()
 
-    async def _handle(self, event: object) -> None:
-        if isinstance(event, Established):
+    # --- events ---------------------------------------------------------------------------------------
+
+    def _handle(self, event: core.Event) -> None:
+        if isinstance(event, core.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.deliver(event.data)
+        elif isinstance(event, core.CreditAvailable):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.credit_available()
+        elif isinstance(event, core.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.end()
+        elif isinstance(event, core.StreamOpenRequested):
+            self._on_open_requested(event)
+        elif isinstance(event, (core.StreamAccepted, core.StreamRefused)):
+            self._opened(event)
+        elif isinstance(event, core.StreamReset):
+            self._on_reset(event)
+        elif isinstance(event, core.StreamClosed):
+            self.streams.pop(event.stream_id, None)
+        else:
+            self._handle_session_event(event)
+
+    def _handle_session_event(self, event: core.Event) -> None:
+        if isinstance(event, core.Established):
             self.established_at = time.monotonic()
             self.established.set()
             self.on_established(self)
-        elif isinstance(event, DataReceived):
-            if self.host is not None:
-                await self.host.on_session_data(event.data)
-        elif isinstance(event, PongReceived):
+        elif isinstance(event, core.PongReceived):
             waiter = self._pings.pop(event.ping_id, None)
             if waiter is not None:
                 waiter.set()
-        elif isinstance(event, Rekeyed):
-            LOG.info("rekeyed session with %s (epoch %d)", self.peer_label, event.epoch)
-        elif isinstance(event, PeerClosed):
+        elif isinstance(event, core.Rekeyed) and self.result is not None:
+            self.emit(events.Rekeyed(self.peer, self.result.peer.fingerprint, self.result.session_id.hex(), event.epoch))
+        elif isinstance(event, core.PeerClosed):
             self.close_reason = f"peer closed the session: {event.reason}"
+        elif isinstance(event, core.GoAwayReceived):
+            LOG.info("%s accepts no new streams: %s", self.peer, event.reason or code_name(event.code))
+
+    def _on_open_requested(self, event: core.StreamOpenRequested) -> None:
+        stream = TunnelStream(self, event.stream_id, event.target)
+        self.streams[event.stream_id] = stream
+        if self.inbound is None or self._nursery is None:
+            self.refuse(event.stream_id, core.ErrorCode.REFUSED, "this node serves no streams")
+            return
+        self._nursery.start_soon(self._serve_guarded, self.inbound, stream)
+
+    def _on_reset(self, event: core.StreamReset) -> None:
+        waiter = self._opening.pop(event.stream_id, None)
+        if waiter is not None:  # reset instead of answered: report the peer's reason now
+            self._refusals[event.stream_id] = StreamRefusedError(event.code, event.reason)
+            waiter.set()
+        stream = self.streams.pop(event.stream_id, None)
+        if stream is not None:
+            who = self.peer if event.by_peer else "us"
+            stream.fail(StreamError(f"stream reset by {who}: {event.reason or code_name(event.code)}"))
+
+    async def _serve_guarded(self, handler: InboundHandler, stream: TunnelStream) -> None:
+        """A bug or a peer's surprise in one stream's handler must never end the session."""
+        try:
+            await handler(stream)
+        except Exception as exc:
+            LOG.warning("stream %d from %s failed: %s: %s", stream.stream_id, self.peer, type(exc).__name__, exc)
+            await stream.aclose()
+
+    def _opened(self, event: core.StreamAccepted | core.StreamRefused) -> None:
+        if isinstance(event, core.StreamRefused):
+            self._refusals[event.stream_id] = StreamRefusedError(event.code, event.reason)
+        waiter = self._opening.pop(event.stream_id, None)
+        if waiter is not None:
+            waiter.set()
+
+    # --- opening streams ------------------------------------------------------------------------------
+
+    async def open(self, target: dict[str, Any], timeout: float = OPEN_TIMEOUT) -> TunnelStream:
+        """Open a stream to ``target`` on the peer; raises StreamRefusedError or StreamError."""
+        if self.finished.is_set() or self.tunnel.closed:
+            raise StreamError(f"session with {self.peer} is closed")
+        try:
+            stream_id = self.tunnel.open_stream(target)
+        except LocalProtocolError as exc:
+            raise StreamError(str(exc)) from None
+        self.kick()
+        stream = TunnelStream(self, stream_id, target)
+        self.streams[stream_id] = stream
+        waiter = self._opening[stream_id] = trio.Event()
+        with trio.move_on_after(timeout):
+            await waiter.wait()
+        if not waiter.is_set():
+            self._opening.pop(stream_id, None)
+            stream.reset(core.ErrorCode.TIMED_OUT, "open timed out")
+            raise StreamError(f"{self.peer} did not answer the stream open within {timeout:.0f} s")
+        refusal = self._refusals.pop(stream_id, None)
+        if refusal is not None:
+            self.streams.pop(stream_id, None)
+            raise refusal
+        if stream.error is not None:
+            raise stream.error
+        return stream
+
+    # --- StreamPort -----------------------------------------------------------------------------------
+
+    def credit(self, stream_id: int) -> int:
+        return self.tunnel.credit(stream_id)
+
+    async def send_data(self, stream_id: int, data: memoryview) -> int:
+        """Seal stream data once the socket queue is below high water (bounds memory)."""
+        while not self.tunnel.writable and not self.finished.is_set():
+            await self._progress.wait()
+        if self.finished.is_set() or self.tunnel.closed:
+            raise ConnectionClosed(f"session with {self.peer_label} is closed")
+        accepted = self.tunnel.send_data(stream_id, data)
+        self.kick()
+        return accepted
+
+    def send_fin(self, stream_id: int) -> None:
+        self.tunnel.send_fin(stream_id)
+        self.kick()
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        self.tunnel.consumed(stream_id, n)
+        self.kick()
+
+    def accept(self, stream_id: int) -> None:
+        self.tunnel.accept_stream(stream_id)
+        self.kick()
+
+    def refuse(self, stream_id: int, code: int, reason: str) -> None:
+        self.streams.pop(stream_id, None)
+        self.tunnel.refuse_stream(stream_id, code, reason)
+        self.kick()
+
+    def reset(self, stream_id: int, code: int, reason: str) -> None:
+        self.streams.pop(stream_id, None)
+        self.tunnel.reset_stream(stream_id, code, reason)
+        self.kick()
 
     # --- sending --------------------------------------------------------------------------------------
 
     def kick(self) -> None:
-        """Send what is queued now if the socket takes it, else wake the writer; never blocks.
+        """Send what is sealed now if the socket takes it, else wake the writer; never blocks.
 
         Writing straight from here saves a trip through the scheduler on every message,
         which is most of a new stream's latency. Order is kept: the direct path runs only
@@ -181,10 +312,10 @@ class Connection:
         if self._writing or self._backlog or self.finished.is_set():
             self._kick.set()
             return
-        buffers = self.session.buffers_to_send()
+        buffers = self.tunnel.buffers_to_send()
         if not buffers:
             return
-        self._backlog = _write_now(self.stream.socket.fileno(), buffers)
+        self._backlog = write_now(self.stream.socket.fileno(), buffers)
         if self._backlog:
             self._kick.set()
         else:
@@ -199,28 +330,15 @@ class Connection:
         self.kick()
         with trio.move_on_after(timeout) as scope:
             scope.shield = True
-            while (self.session.pending_bytes or self._writing or self._backlog) and not self.finished.is_set():
+            while (self.tunnel.pending_bytes or self._writing or self._backlog) and not self.finished.is_set():
                 await self._progress.wait()
-
-    async def send(self, data: bytes | bytearray) -> None:
-        """Encrypt and queue ``data`` once the queue is below HIGH_WATER.
-
-        Waiting *before* encrypting bounds the session's memory as a whole: many streams
-        writing at once hold their plaintext, not plaintext plus ciphertext.
-        """
-        while self.session.pending_bytes > HIGH_WATER and not self.finished.is_set():
-            await self._progress.wait()
-        if self.finished.is_set() or self.session.closed:
-            raise ConnectionClosed(f"session with {self.peer_label} is closed")
-        self.session.send(data, now_ms())
-        self.kick()
 
     async def ping(self) -> float:
         """Round trip through the encrypted session, in milliseconds."""
         if self.finished.is_set():
             raise ConnectionClosed(f"session with {self.peer_label} is closed")
         started = time.perf_counter()
-        ping_id = self.session.ping(now_ms())
+        ping_id = self.tunnel.ping(monotonic_ms())
         waiter = self._pings[ping_id] = trio.Event()
         self.kick()
         try:
@@ -236,14 +354,13 @@ class Connection:
         if self.finished.is_set():
             return
         self.close_reason = reason
-        self.session.close(reason)
+        self.tunnel.close(reason)
         await self.drain(CLOSE_FLUSH_SECONDS)
         if self._cancel is not None:
             self._cancel.cancel()
 
     async def _finish(self) -> None:
-        if self.host is not None:
-            self.host.shutdown(self.close_reason or "closed")
+        self._fail_streams(self.close_reason or "closed")
         with trio.CancelScope(shield=True):
             try:
                 await self.stream.aclose()
@@ -255,9 +372,45 @@ class Connection:
             waiter.set()
         self.on_finished(self)
 
+    def _fail_streams(self, reason: str) -> None:
+        """The session is gone: fail every stream and pending open."""
+        error = StreamError(f"session with {self.peer} ended: {reason}")
+        for stream in list(self.streams.values()):
+            stream.fail(error)
+        self.streams.clear()
+        for stream_id, waiter in list(self._opening.items()):
+            self._refusals[stream_id] = error  # not a refusal by the peer: the peer is gone
+            waiter.set()
+        self._opening.clear()
+
+    # --- facts for the event stream -------------------------------------------------------------------
+
+    def up_event(self, trust: str) -> events.SessionUp:
+        result = self.result
+        assert result is not None
+        return events.SessionUp(
+            peer=result.peer_name, fingerprint=result.peer.fingerprint, addr=self.remote,
+            direction=self.direction, session_id=result.session_id.hex(), suite=result.suite.name,
+            kem=result.suite.kem_label, signature=result.suite.signature_label, aead=result.aead.label, trust=trust)
+
+    def down_event(self) -> events.SessionDown:
+        result = self.result
+        assert result is not None
+        session = self.tunnel.session
+        return events.SessionDown(
+            peer=result.peer_name, fingerprint=result.peer.fingerprint, addr=self.remote,
+            session_id=result.session_id.hex(), reason=self.close_reason or "closed",
+            bytes_in=session.bytes_received, bytes_out=session.bytes_sent,
+            duration=round(time.monotonic() - self.established_at, 3))
+
+    def failed_event(self) -> events.HandshakeFailed:
+        return events.HandshakeFailed(peer=self.dialled or "unknown peer", addr=self.remote, direction=self.direction,
+                                      reason=self.close_reason or "cancelled", fault=self.fault)
+
     def info(self) -> dict[str, Any]:
         result = self.result
         assert result is not None
+        session = self.tunnel.session
         return {
             "peer": result.peer_name,
             "fingerprint": result.peer.fingerprint,
@@ -268,68 +421,9 @@ class Connection:
             "signature": result.suite.signature_label,
             "aead": result.aead.label,
             "session_id": result.session_id.hex(),
-            "bytes_sent": self.session.bytes_sent,
-            "bytes_received": self.session.bytes_received,
+            "bytes_sent": session.bytes_sent,
+            "bytes_received": session.bytes_received,
             "age_s": round(time.monotonic() - self.established_at, 3),
-            "rekeys": self.session.epoch,
-            "streams": len(self.host.streams) if self.host else 0,
+            "rekeys": session.epoch,
+            "streams": len(self.streams),
         }
-
-
-IOV_BATCH = 512  # below the kernel's IOV_MAX (1024)
-
-
-def _consume(views: list[memoryview], index: int, sent: int) -> int:
-    """Drop ``sent`` bytes from the front of ``views[index:]``; returns the new index."""
-    while sent and index < len(views):
-        size = len(views[index])
-        if sent >= size:
-            sent -= size
-            index += 1
-        else:
-            views[index] = views[index][sent:]
-            sent = 0
-    return index
-
-
-async def _send_buffers(sock: trio.socket.SocketType, buffers: list[bytes | memoryview]) -> None:
-    """Scatter-gather send: record headers and ciphertexts go out without being joined."""
-    views = [memoryview(b) for b in buffers]
-    index = 0
-    while index < len(views):
-        index = _consume(views, index, await sock.sendmsg(views[index : index + IOV_BATCH]))
-
-
-def _write_now(fd: int, buffers: list[bytes | memoryview]) -> list[bytes | memoryview]:
-    """Non-blocking scatter write; returns what the socket did not take. On an error it
-    returns everything, so the writer task meets the error and closes with its reason."""
-    views = [memoryview(b) for b in buffers]
-    index = 0
-    while index < len(views):
-        try:
-            sent = os.writev(fd, views[index : index + IOV_BATCH])
-        except OSError:  # EAGAIN included: the writer task waits for writability
-            break
-        index = _consume(views, index, sent)
-    return list(views[index:])
-
-
-def _set_nodelay(stream: trio.SocketStream) -> None:
-    """No Nagle: a small frame must never wait for a delayed ACK (ssh -D's p99 problem)."""
-    try:
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
-
-
-def _os_reason(exc: BaseException) -> str:
-    """The most specific OS reason in an exception chain (trio wraps connect errors)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
-            seen = seen.exceptions[-1]
-        else:
-            seen = seen.__cause__ or seen.__context__
-    return str(exc) or type(exc).__name__

@@ -6,16 +6,14 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from pqtunnel.errors import PqtunnelError, UserError
 
 from .logs import LOG
-
-if TYPE_CHECKING:
-    from .node import Node
+from .streams import TunnelStream
 
 MAX_REQUEST = 64 * 1024
 
@@ -24,8 +22,21 @@ class DaemonNotRunningError(UserError):
     """No daemon answers on the control socket."""
 
 
-async def serve_control(node: Node, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    path = node.config.control_socket
+class ControlApi(Protocol):
+    """What the control socket asks of the node: reports, pings and streams."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def sessions_info(self) -> list[dict[str, Any]]: ...
+
+    def peers_info(self) -> list[dict[str, Any]]: ...
+
+    async def ping(self, peer: str, timeout: float) -> dict[str, Any]: ...
+
+    async def open_stream(self, peer: str, target: dict[str, Any]) -> TunnelStream: ...
+
+
+async def serve_control(node: ControlApi, path: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     listener = await _bind_owner_only(path)
     task_status.started()
     try:
@@ -66,7 +77,7 @@ def _socket_alive(path: Path) -> bool:
         probe.close()
 
 
-async def _serve_client(node: Node, stream: trio.SocketStream) -> None:
+async def _serve_client(node: ControlApi, stream: trio.SocketStream) -> None:
     async with stream:
         try:
             request, early = await _read_line(stream)
@@ -87,7 +98,7 @@ async def _serve_client(node: Node, stream: trio.SocketStream) -> None:
             pass
 
 
-async def _serve_connect(node: Node, stream: trio.SocketStream, request: dict[str, Any], early: bytes) -> None:
+async def _serve_connect(node: ControlApi, stream: trio.SocketStream, request: dict[str, Any], early: bytes) -> None:
     """``pqtunnel connect``: answer one JSON line, then this socket *is* the remote stream."""
     from .splice import EXPECTED_ERRORS, bridge, wait_for_hangup
 
@@ -135,7 +146,7 @@ async def _read_line(stream: trio.SocketStream) -> tuple[dict[str, Any], bytes]:
     return request, rest
 
 
-async def _dispatch(node: Node, request: dict[str, Any]) -> dict[str, Any]:
+async def _dispatch(node: ControlApi, request: dict[str, Any]) -> dict[str, Any]:
     command = request.get("cmd")
     if command == "status":
         return {"ok": True, **node.status()}

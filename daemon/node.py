@@ -9,28 +9,27 @@ from typing import Any
 
 import trio
 
-from pqtunnel.crypto import load_backend
-from pqtunnel.crypto.oqs_backend import liboqs_status
 from pqtunnel.errors import PqtunnelError, UntrustedPeerError, UserError
 from pqtunnel.handshake import CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache, ResponderHandshake
 from pqtunnel.identity import Identity, WireIdentity
-from pqtunnel.session import Session
+from pqtunnel import events
+from pqtunnel.peers import Direction, HandshakeGate, Link, SessionFacts, SessionTable
+from pqtunnel.tunnel import Tunnel
 from pqtunnel.trust import TrustStore
 
+from .backends import liboqs_status, open_backend
 from .config import Address, NodeConfig
 from .trustpolicy import authorize_peer, load_ca_setup
-from .connection import Connection, ConnectionClosed, _os_reason, now_ms
+from .connection import Connection, ConnectionClosed
+from .control import serve_control
 from .discovered import DiscoveryWiring
-from .logs import LOG
+from .eventlog import EventBus, log_event
 from .services import serve_stream
 from .socks_server import open_socks_listener, serve_socks_client
-from .streams import StreamError, StreamHost, TunnelStream
+from .netio import monotonic_ms, os_reason, remote_of
+from .streams import StreamError, TunnelStream
 
-BACKOFF_START = 0.5
-BACKOFF_MAX = 30.0
 DIAL_TIMEOUT = 5.0
-COOKIE_THRESHOLD = 32  # concurrent inbound handshakes before strangers must echo a cookie
-SIMULTANEOUS_WINDOW = 5.0
 
 
 class UnknownPeerError(UserError):
@@ -45,8 +44,8 @@ class PeerAuthenticationError(PeerUnreachableError):
     """The peer was reached, but the handshake failed (untrusted, refused, tampered)."""
 
 
-class PeerLink:
-    """A peer we dial: keeps one outbound session alive with exponential backoff.
+class PeerLink(Link[Address]):
+    """A peer we dial: the pure ``Link`` state plus the trio signals its redial task waits on.
 
     Static links come from ``--peer``/config; mDNS links from discovery. An mDNS link may
     have several candidate addresses (e.g. two nodes claim one name): a failed dial or
@@ -54,17 +53,11 @@ class PeerLink:
     """
 
     def __init__(self, name: str, address: Address, source: str = "static") -> None:
-        self.name = name
-        self.candidates = [address]
-        self.index = 0
-        self.source = source
-        self.last_error = ""
-        self.failures = 0
+        super().__init__(name=name, candidates=[address], source=source)
         self.wake = trio.Event()
         self.changed = trio.Event()
         self.scope = trio.CancelScope()
         self.dropped = False
-        self.handshake_failed = False
 
     def new_scope(self) -> trio.CancelScope:
         """A fresh cancel scope for the next wait or dial (a scope can be entered only once)."""
@@ -73,27 +66,12 @@ class PeerLink:
             self.scope.cancel()
         return self.scope
 
-    @property
-    def address(self) -> Address:
-        return self.candidates[self.index % len(self.candidates)]
-
-    def set_candidates(self, addresses: list[Address]) -> None:
-        current = self.address
-        self.candidates = addresses or self.candidates
-        self.index = self.candidates.index(current) if current in self.candidates else 0
-
-    def rotate(self) -> None:
-        self.index = (self.index + 1) % len(self.candidates)
-
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
     def failed(self, reason: str, *, handshake: bool = False) -> None:
-        self.handshake_failed = handshake
-        self.last_error = f"{self.address}: {reason}" if len(self.candidates) > 1 else reason
-        self.failures += 1
-        self.rotate()
+        super().failed(reason, handshake=handshake)
         self.notify()
 
 
@@ -102,14 +80,17 @@ class Node:
         self.config = config
         self.identity = identity
         self.trust = trust
-        self.backend = load_backend()
+        self.backend = open_backend(config.crypto_backend)
         self.handshake_config = HandshakeConfig(allowed_suites=config.suites, aeads=config.aeads)
-        self.ca, self.certificate = load_ca_setup(config, identity)
+        self.ca, self.certificate = load_ca_setup(config, identity, self.backend)
         self.replay_cache = ReplayCache(self.handshake_config.replay_window_ms)
         self.cookies = CookieJar()
-        self.sessions: dict[str, Connection] = {}
+        self.sessions: SessionTable[Connection] = SessionTable(identity.fingerprint)
         self.links = {name: PeerLink(name, address) for name, address in config.peers.items()}
-        self.pending_handshakes = 0
+        self.handshake_gate = HandshakeGate()
+        self.events = EventBus()
+        self.events.subscribe(log_event)
+        self.emit = self.events.emit
         self.started = time.monotonic()
         self.listen_address: Address | None = None
         self._nursery: trio.Nursery | None = None
@@ -118,8 +99,6 @@ class Node:
     # --- top level -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        from .control import serve_control
-
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self._watch_signals, nursery.cancel_scope)  # before anything can be asked to stop
@@ -128,27 +107,24 @@ class Node:
             if self.config.socks is not None:
                 socks_listeners = await open_socks_listener(self.config.socks)
                 nursery.start_soon(trio.serve_listeners, self._serve_socks, socks_listeners)
-            await nursery.start(serve_control, self)
+            await nursery.start(serve_control, self, self.config.control_socket)
             for link in list(self.links.values()):
                 self.start_link(link)
             if self.config.mdns:
                 await nursery.start(self.discovery.run)
-            LOG.info("node %s (%s) listening on %s, SOCKS on %s, suites %s", self.identity.name,
-                     self.identity.fingerprint, self.listen_address, self.config.socks or "off",
-                     ",".join(s.name for s in self.config.suites))
+            self.emit(events.NodeStarted(self.identity.name, self.identity.fingerprint, str(self.listen_address),
+                                         str(self.config.socks or "off"), ",".join(s.name for s in self.config.suites)))
 
     async def _serve_socks(self, client: trio.SocketStream) -> None:
         await serve_socks_client(self, client)
 
-    async def _serve_stream(self, host: StreamHost, stream: TunnelStream) -> None:
-        await serve_stream(self, host, stream)
+    async def _serve_stream(self, stream: TunnelStream) -> None:
+        await serve_stream(self, stream)
 
     async def open_stream(self, peer: str, target: dict[str, Any]) -> TunnelStream:
         """A stream to ``target`` on ``peer``, handshaking first if needed."""
         conn = await self.session_for(peer)
-        if conn.host is None:
-            raise StreamError(f"session with {peer} is not ready for streams")
-        return await conn.host.open(target)
+        return await conn.open(target)
 
     async def _open_listeners(self) -> list[trio.SocketListener]:
         address = self.config.listen
@@ -164,7 +140,7 @@ class Node:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for signum in signals:
-                LOG.info("shutting down (%s): closing %d session(s)", signal.Signals(signum).name, len(self.sessions))
+                self.emit(events.NodeStopping(signal.Signals(signum).name, len(self.sessions)))
                 with trio.CancelScope(shield=True):
                     for conn in list(self.sessions.values()):
                         await conn.close("peer is shutting down")
@@ -184,29 +160,29 @@ class Node:
     # --- inbound -------------------------------------------------------------------------------------
 
     async def _serve_inbound(self, stream: trio.SocketStream) -> None:
-        remote = _remote_of(stream)
-        self.pending_handshakes += 1
+        remote = remote_of(stream)
+        require_cookie = self.handshake_gate.begin()
         handshake = ResponderHandshake(
             self.identity, self._authorizer(None), peer_address=remote.rpartition(":")[0],
             config=self.handshake_config, backend=self.backend, replay_cache=self.replay_cache,
-            cookies=self.cookies, require_cookie=self.pending_handshakes > COOKIE_THRESHOLD,
+            cookies=self.cookies, require_cookie=require_cookie,
             certificate=self.certificate,
         )
-        conn = Connection(stream, Session(handshake, now_ms=now_ms(), timers=self.config.timers), remote)
+        conn = Connection(stream, Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers), remote)
         try:
             await self._run_connection(conn)
         finally:
             if not conn.established.is_set():
-                self.pending_handshakes -= 1
+                self.handshake_gate.end()
 
     async def _run_connection(self, conn: Connection) -> None:
         def established(c: Connection) -> None:
             if c.direction == "inbound":
-                self.pending_handshakes -= 1
-            assert c.nursery is not None
-            c.host = StreamHost(c, self._serve_stream, c.nursery)
+                self.handshake_gate.end()
             self._register(c)
 
+        conn.inbound = self._serve_stream
+        conn.emit = self.emit
         conn.on_established = established
         conn.on_finished = self._unregister
         await conn.run()
@@ -216,39 +192,25 @@ class Node:
     def _register(self, conn: Connection) -> None:
         result = conn.result
         assert result is not None
-        LOG.info("session up: %s %s %s, %s, %s, %s", result.peer_name, conn.direction, conn.remote,
-                 result.suite.kem_label, result.suite.signature_label, result.aead.label)
-        existing = self.sessions.get(result.peer_name)
-        if existing is not None and existing is not conn:
-            loser = self._duplicate_loser(existing, conn)
-            if self._nursery is not None:
-                self._nursery.start_soon(loser.close, "duplicate session replaced")
-            if loser is conn:
-                return
-        self.sessions[result.peer_name] = conn
+        self.emit(conn.up_event(self.trust_source(result.peer_name, result.peer.fingerprint)))
+        facts = SessionFacts(Direction(conn.direction), result.peer.fingerprint, int(conn.established_at * 1000))
+        loser = self.sessions.register(result.peer_name, conn, facts)
+        if loser is not None and self._nursery is not None:
+            self._nursery.start_soon(loser.close, "duplicate session replaced")
+        if loser is conn:
+            return
         link = self.links.get(result.peer_name)
         if link is not None:
-            link.last_error = ""
+            link.connected()
             link.notify()
-
-    def _duplicate_loser(self, old: Connection, new: Connection) -> Connection:
-        """Simultaneous dials: both nodes keep the session dialled by the smaller fingerprint."""
-        if new.established_at - old.established_at > SIMULTANEOUS_WINDOW:
-            return old
-        ours = self.identity.fingerprint
-        def dialler(conn: Connection) -> str:
-            assert conn.result is not None
-            return ours if conn.direction == "outbound" else conn.result.peer.fingerprint
-        return new if dialler(old) < dialler(new) else old
 
     def _unregister(self, conn: Connection) -> None:
         result = conn.result
         if result is None:
-            LOG.warning("handshake with %s failed: %s", conn.peer_label, conn.close_reason or "cancelled")
+            self.emit(conn.failed_event())
             return
-        if self.sessions.get(result.peer_name) is conn:
-            del self.sessions[result.peer_name]
-        LOG.info("session down: %s: %s", conn.peer_label, conn.close_reason or "closed")
+        self.sessions.unregister(result.peer_name, conn)
+        self.emit(conn.down_event())
         link = self.links.get(result.peer_name)
         if link is not None:
             link.notify()
@@ -274,7 +236,6 @@ class Node:
 
     async def _keep_link(self, link: PeerLink) -> None:
         """Dial, run the session, and redial with exponential backoff when it ends."""
-        delay = BACKOFF_START
         while not link.dropped:
             conn = None
             with link.new_scope():  # only waiting and dialling can be cancelled by drop_link
@@ -287,29 +248,28 @@ class Node:
             if conn is not None:
                 await self._run_connection(conn)
                 if conn.established.is_set():
-                    delay = BACKOFF_START
+                    link.backoff.reset()
                 else:
                     link.failed(conn.close_reason, handshake=True)
             with link.new_scope():
-                with trio.move_on_after(delay):
+                with trio.move_on_after(link.backoff.next_delay() / 1000):
                     await link.wake.wait()
             link.wake = trio.Event()
-            delay = min(delay * 2, BACKOFF_MAX)
 
     async def _dial(self, link: PeerLink) -> Connection | None:
         try:
             with trio.fail_after(DIAL_TIMEOUT):
                 stream = await trio.open_tcp_stream(link.address.host, link.address.port)
         except (OSError, trio.TooSlowError) as exc:
-            reason = "connect timed out" if isinstance(exc, trio.TooSlowError) else _os_reason(exc)
+            reason = "connect timed out" if isinstance(exc, trio.TooSlowError) else os_reason(exc)
             if link.last_error != reason:
-                LOG.warning("cannot reach %s at %s: %s", link.name, link.address, reason)
+                self.emit(events.PeerUnreachable(link.name, str(link.address), reason))
             link.failed(reason)
             return None
         handshake = InitiatorHandshake(self.identity, self._authorizer(link.name), config=self.handshake_config,
                                        backend=self.backend, certificate=self.certificate)
-        session = Session(handshake, now_ms=now_ms(), timers=self.config.timers)
-        return Connection(stream, session, str(link.address), dialled=link.name)
+        tunnel = Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers)
+        return Connection(stream, tunnel, str(link.address), dialled=link.name)
 
     async def session_for(self, peer: str, timeout: float = 10.0) -> Connection:
         """The live session with ``peer``, waiting for a handshake if one is needed."""
@@ -363,7 +323,7 @@ class Node:
 
     def sessions_info(self) -> list[dict[str, Any]]:
         rows = []
-        for name, conn in sorted(self.sessions.items()):
+        for name, conn in self.sessions.items():
             info = conn.info()
             info["trust"] = self.trust_source(name, info["fingerprint"])
             rows.append(info)
@@ -373,7 +333,7 @@ class Node:
         """Configured, pinned and connected peers, plus every mDNS advertisement seen."""
         discovered = self.discovery.rows()
         covered = {(row["name"], row["fingerprint"]) for row in discovered}
-        names = sorted(set(self.links) | {p.name for p in self.trust.peers()} | set(self.sessions))
+        names = sorted(set(self.links) | {p.name for p in self.trust.peers()} | self.sessions.names())
         rows = []
         for name in names:
             link = self.links.get(name)
@@ -410,11 +370,3 @@ class Node:
         info = conn.info()
         return {"peer": peer, "rtt_ms": round(rtt, 3), "fingerprint": info["fingerprint"], "kem": info["kem"],
                 "signature": info["signature"], "aead": info["aead"]}
-
-
-def _remote_of(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "unknown"
-    return f"{host}:{port}"

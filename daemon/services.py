@@ -18,10 +18,10 @@ from pqtunnel import mux
 from pqtunnel.errors import PqtunnelError
 
 from .config import Address, ExecService
-from .connection import _os_reason
 from .logs import LOG
 from .splice import EXPECTED_ERRORS, Duplex, bridge
-from .streams import StreamError, StreamHost, TunnelStream
+from .netio import os_reason as _os_reason
+from .streams import TunnelStream
 
 if TYPE_CHECKING:
     from .node import Node
@@ -57,39 +57,27 @@ def resolve(node: Node, target: dict[str, Any]) -> Address | ExecService:
     raise Refusal(mux.ErrorCode.PROTOCOL_ERROR, "stream target names neither a service nor a port")
 
 
-async def serve_stream(node: Node, host: StreamHost, stream: TunnelStream) -> None:
+async def serve_stream(node: Node, stream: TunnelStream) -> None:
     """Own one inbound stream from accept to close; never lets an error escape."""
     what = describe(stream.target)
     try:
         backend = resolve(node, stream.target)
         if isinstance(backend, ExecService):
-            await _serve_exec(host, stream, backend, what)
+            await _serve_exec(stream, backend, what)
         else:
-            await _serve_tcp(host, stream, backend, what)
+            await _serve_tcp(stream, backend, what)
     except Refusal as refusal:
-        LOG.info("refused stream %d from %s to %s: %s", stream.stream_id, host.peer, what, refusal)
-        try:
-            host.mux.refuse_stream(stream.stream_id, refusal.code, str(refusal))
-        except mux.MuxError:
-            pass  # the peer already reset it, or the session is gone
-        host.streams.pop(stream.stream_id, None)
-        await _flush_quietly(host)
+        LOG.info("refused stream %d from %s to %s: %s", stream.stream_id, stream.peer, what, refusal)
+        stream.refuse(refusal.code, str(refusal))
     except (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        LOG.info("stream %d from %s to %s ended: %s", stream.stream_id, host.peer, what, _os_reason(exc) if isinstance(exc, OSError) else exc)
+        LOG.info("stream %d from %s to %s ended: %s", stream.stream_id, stream.peer, what, _os_reason(exc) if isinstance(exc, OSError) else exc)
         await stream.aclose()
     except Exception as exc:  # a bug costs one stream, never the session
-        LOG.warning("stream %d from %s to %s failed: %s: %s", stream.stream_id, host.peer, what, type(exc).__name__, exc)
+        LOG.warning("stream %d from %s to %s failed: %s: %s", stream.stream_id, stream.peer, what, type(exc).__name__, exc)
         await stream.aclose()
 
 
-async def _flush_quietly(host: StreamHost) -> None:
-    try:
-        await host.flush()
-    except (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-
-
-async def _serve_tcp(host: StreamHost, stream: TunnelStream, address: Address, what: str) -> None:
+async def _serve_tcp(stream: TunnelStream, address: Address, what: str) -> None:
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             target = await connect_tcp(address.host, address.port)
@@ -97,14 +85,10 @@ async def _serve_tcp(host: StreamHost, stream: TunnelStream, address: Address, w
         reason = "timed out" if isinstance(exc, trio.TooSlowError) else _os_reason(exc)
         raise Refusal(mux.ErrorCode.REFUSED, f"{what} ({address}): {reason}") from None
     async with target:
-        try:
-            host.mux.accept_stream(stream.stream_id)
-        except mux.MuxError as exc:
-            raise StreamError(f"stream {stream.stream_id} went away before it was accepted") from exc
-        await host.flush()
-        LOG.debug("stream %d: %s -> %s (%s)", stream.stream_id, host.peer, what, address)
+        stream.accept()
+        LOG.debug("stream %d: %s -> %s (%s)", stream.stream_id, stream.peer, what, address)
         await bridge(stream, target)
-    LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, host.peer, what,
+    LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, stream.peer, what,
              stream.bytes_in, stream.bytes_out)
 
 
@@ -123,7 +107,7 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-async def _serve_exec(host: StreamHost, stream: TunnelStream, service: ExecService, what: str) -> None:
+async def _serve_exec(stream: TunnelStream, service: ExecService, what: str) -> None:
     try:
         process = await trio.lowlevel.open_process(list(service.argv), stdin=subprocess.PIPE,
                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -131,12 +115,8 @@ async def _serve_exec(host: StreamHost, stream: TunnelStream, service: ExecServi
         raise Refusal(mux.ErrorCode.UNREACHABLE, f"{what} failed to start {service.argv[0]!r}: {_os_reason(exc)}") from None
     error: BaseException | None = None
     try:  # from here on, whatever happens, the process is killed and reaped
-        try:
-            host.mux.accept_stream(stream.stream_id)
-        except mux.MuxError as exc:
-            raise StreamError(f"stream {stream.stream_id} went away before it was accepted") from exc
-        await host.flush()
-        LOG.info("stream %d: %s -> %s (pid %d)", stream.stream_id, host.peer, what, process.pid)
+        stream.accept()
+        LOG.info("stream %d: %s -> %s (pid %d)", stream.stream_id, stream.peer, what, process.pid)
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_log_stderr, process.stderr, what, process.pid)
@@ -153,7 +133,7 @@ async def _serve_exec(host: StreamHost, stream: TunnelStream, service: ExecServi
             await _reap(process)
     if error is not None:
         raise error
-    LOG.info("stream %d: %s -> %s closed, exit status %s", stream.stream_id, host.peer, what, process.returncode)
+    LOG.info("stream %d: %s -> %s closed, exit status %s", stream.stream_id, stream.peer, what, process.returncode)
 
 
 async def _log_stderr(stderr: trio.abc.ReceiveStream, what: str, pid: int) -> None:

@@ -1,9 +1,12 @@
 """Exception hierarchy: one specific class per failure, so callers log a precise reason.
 
-Peer mistakes (bad bytes on the wire) raise ``ProtocolError`` subclasses; the I/O shell
-catches them, logs ``str(exc)`` in one line and closes only the affected connection.
-User mistakes (bad config, missing home) raise ``UserError`` subclasses; the CLI prints
-them in one line and exits non-zero.
+Whose fault, as in h11: the peer's mistakes (bad bytes on the wire) raise
+``RemoteProtocolError`` subclasses (``ProtocolError`` is the same class); the I/O shell
+logs ``str(exc)`` in one line as the peer's fault and closes only the affected connection.
+Our own mistakes (a state machine driven in the wrong order, a bug) raise
+``LocalProtocolError`` subclasses and are logged as internal errors, never blamed on the
+peer. User mistakes (bad config, missing home) raise ``UserError`` subclasses; the CLI
+prints them in one line and exits non-zero.
 """
 
 from __future__ import annotations
@@ -47,8 +50,20 @@ class BackendUnavailableError(UserError):
 # --- protocol ----------------------------------------------------------------------------------
 
 
-class ProtocolError(PqtunnelError):
-    """The peer sent something we must refuse; the connection is closed."""
+class RemoteProtocolError(PqtunnelError):
+    """The peer sent something we must refuse; the connection is closed. The peer's fault."""
+
+
+ProtocolError = RemoteProtocolError
+"""The name most of the code uses: every ProtocolError is the peer's fault."""
+
+
+class LocalProtocolError(PqtunnelError):
+    """We drove a state machine wrongly (a bug of ours, or a call after close). Our fault."""
+
+
+class SessionStateError(LocalProtocolError):
+    """A session operation that its current state does not allow (e.g. send before keys)."""
 
 
 class FramingError(ProtocolError):

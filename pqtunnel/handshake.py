@@ -20,7 +20,7 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any, Callable
 
 import msgpack
@@ -33,6 +33,7 @@ from .errors import (
     DowngradeError,
     HandshakeError,
     HandshakeRefusedError,
+    LocalProtocolError,
     MalformedHandshakeError,
     NoCommonSuiteError,
     ReplayError,
@@ -55,6 +56,51 @@ MAX_PAYLOAD = 16 * 1024
 MAX_CERTIFICATE = 8 * 1024
 
 Authorizer = Callable[[WireIdentity], str]
+
+
+class InitiatorState(Enum):
+    """Where the dialling side is; ``_expect`` refuses any frame its state does not take."""
+
+    START = "start"
+    """Nothing sent yet."""
+    HELLO_SENT = "hello sent"
+    """First HELLO out; RESPONSE, RETRY or ALERT may come."""
+    RETRIED = "hello resent after retry"
+    """HELLO out again with the responder's cookie; a second RETRY is refused."""
+    DONE = "done"
+    """FINISH sent, keys derived; any further handshake frame is refused."""
+
+
+class ResponderState(Enum):
+    """Where the listening side is."""
+
+    AWAITING_HELLO = "awaiting hello"
+    AWAITING_RETRIED_HELLO = "awaiting hello after retry"
+    """We sent a stateless RETRY; one more HELLO (with the cookie) is allowed."""
+    AWAITING_FINISH = "awaiting finish"
+    DONE = "done"
+
+
+_INITIATOR_TAKES: dict[InitiatorState, frozenset[Kind]] = {
+    InitiatorState.START: frozenset(),
+    InitiatorState.HELLO_SENT: frozenset({Kind.RESPONSE, Kind.RETRY, Kind.ALERT}),
+    InitiatorState.RETRIED: frozenset({Kind.RESPONSE, Kind.RETRY, Kind.ALERT}),
+    InitiatorState.DONE: frozenset(),
+}
+_RESPONDER_TAKES: dict[ResponderState, frozenset[Kind]] = {
+    ResponderState.AWAITING_HELLO: frozenset({Kind.HELLO}),
+    ResponderState.AWAITING_RETRIED_HELLO: frozenset({Kind.HELLO}),
+    ResponderState.AWAITING_FINISH: frozenset({Kind.FINISH}),
+    ResponderState.DONE: frozenset(),
+}
+
+
+def _expect(state: InitiatorState | ResponderState, takes: frozenset[Kind], frame: Frame, role: str) -> None:
+    """Refuse a frame the current state does not take, naming both (the peer's fault)."""
+    if frame.kind not in takes:
+        if state in (InitiatorState.DONE, ResponderState.DONE):
+            raise MalformedHandshakeError(f"unexpected {frame.kind.name} after the handshake finished")
+        raise MalformedHandshakeError(f"{role} did not expect {frame.kind.name} while {state.value}")
 
 
 class AlertCode(IntEnum):
@@ -273,15 +319,23 @@ class InitiatorHandshake:
         self.backend = backend or prim.CryptographyBackend()
         self.entropy = entropy or SYSTEM_ENTROPY
         self.suite = self.config.allowed_suites[0]
-        self._state: NoiseState | None = None
+        self.state = InitiatorState.START
+        self._noise: NoiseState | None = None
         self._hello_hash = b""
-        self._retried = False
-        self.done = False
+
+    @property
+    def done(self) -> bool:
+        return self.state is InitiatorState.DONE
 
     def start(self, now_ms: int, retry: dict[str, Any] | None = None) -> bytes:
-        """Build the HELLO frame (again after a RETRY, carrying its cookie)."""
+        """Build the HELLO frame (again after a RETRY, carrying its cookie).
+
+        ``now_ms`` is wall-clock time: it goes on the wire as the HELLO timestamp.
+        """
+        if self.state is not (InitiatorState.START if retry is None else InitiatorState.HELLO_SENT):
+            raise LocalProtocolError(f"HELLO cannot be sent while the initiator is {self.state.value}")
         suite = self.suite
-        self._state = NoiseState(suite.noise_name, initiator=True, static_private=self.identity.x25519_static,
+        self._noise = NoiseState(suite.noise_name, initiator=True, static_private=self.identity.x25519_static,
                                  ephemeral_private=self.entropy.x25519_private(), prologue=_prologue(suite),
                                  kem=_kem_hooks(self.backend, self.entropy, suite))
         payload: dict[str, Any] = {
@@ -292,26 +346,25 @@ class InitiatorHandshake:
         }
         if retry is not None:
             payload["retry"] = retry
-        body = bytes([PROTOCOL_VERSION, suite.wire_id]) + self._state.write_e()
+        body = bytes([PROTOCOL_VERSION, suite.wire_id]) + self._noise.write_e()
         if suite.kem is not None:
-            body += self._state.write_e1()
-        body += self._state.encrypt_and_hash(encode_payload(payload))
+            body += self._noise.write_e1()
+        body += self._noise.encrypt_and_hash(encode_payload(payload))
         self._hello_hash = prim.sha256(body)
+        self.state = InitiatorState.HELLO_SENT if retry is None else InitiatorState.RETRIED
         return encode_frame(Kind.HELLO, body)
 
     def receive(self, frame: Frame, now_ms: int) -> HandshakeStep:
-        if self.done:
-            raise MalformedHandshakeError(f"unexpected {frame.kind.name} after the handshake finished")
+        """Feed one handshake frame; ``now_ms`` is wall-clock time (for a retried HELLO)."""
+        _expect(self.state, _INITIATOR_TAKES[self.state], frame, "initiator")
         if frame.kind is Kind.ALERT:
             raise parse_alert(frame.body)
         if frame.kind is Kind.RETRY:
             return HandshakeStep(to_send=self._on_retry(frame.body, now_ms))
-        if frame.kind is Kind.RESPONSE:
-            return self._on_response(frame.body)
-        raise MalformedHandshakeError(f"initiator expected RESPONSE or RETRY, got {frame.kind.name}")
+        return self._on_response(frame.body)
 
     def _on_retry(self, body: bytes, now_ms: int) -> bytes:
-        if self._retried:
+        if self.state is InitiatorState.RETRIED:
             raise MalformedHandshakeError("second RETRY in one handshake")
         payload = decode_payload(body, "RETRY")
         suite = SUITES_BY_WIRE_ID.get(payload.get("suite", -1)) if isinstance(payload.get("suite"), int) else None
@@ -320,14 +373,12 @@ class InitiatorHandshake:
         cookie = payload.get("cookie")
         if not isinstance(cookie, bytes) or len(cookie) > 64:
             raise MalformedHandshakeError("RETRY cookie is malformed")
-        self._retried = True
         self.suite = suite
         return self.start(now_ms, retry={"cookie": cookie, "first": self._hello_hash})
 
     def _on_response(self, body: bytes) -> HandshakeStep:
-        state, suite = self._state, self.suite
-        if state is None:
-            raise MalformedHandshakeError("RESPONSE before HELLO")
+        state, suite = self._noise, self.suite
+        assert state is not None  # HELLO_SENT or RETRIED: a HELLO built it
         reader = Reader(body, "RESPONSE")
         state.read_e(reader.take(DHLEN))
         state.ee()
@@ -349,7 +400,7 @@ class InitiatorHandshake:
         if self.certificate is not None:
             finish["cert"] = self.certificate
         out += state.encrypt_and_hash(encode_payload(finish))
-        self.done = True
+        self.state = InitiatorState.DONE
         result = _finish(state, initiator=True, suite=suite, aead=Aead(aead_id), peer=peer, peer_name=peer_name)
         return HandshakeStep(to_send=encode_frame(Kind.FINISH, out), result=result)
 
@@ -375,25 +426,25 @@ class ResponderHandshake:
         self.replay_cache = replay_cache or ReplayCache(self.config.replay_window_ms)
         self.cookies = cookies or CookieJar()
         self.require_cookie = require_cookie
-        self._state: NoiseState | None = None
+        self.state = ResponderState.AWAITING_HELLO
+        self._noise: NoiseState | None = None
         self._suite: Suite | None = None
         self._aead: Aead | None = None
-        self._hellos = 0
-        self.done = False
+
+    @property
+    def done(self) -> bool:
+        return self.state is ResponderState.DONE
 
     def receive(self, frame: Frame, now_ms: int) -> HandshakeStep:
-        if self.done:
-            raise MalformedHandshakeError(f"unexpected {frame.kind.name} after the handshake finished")
-        if frame.kind is Kind.HELLO and self._state is None:
-            return HandshakeStep(to_send=self._on_hello(frame.body, now_ms))
-        if frame.kind is Kind.FINISH and self._state is not None:
-            return self._on_finish(frame.body)
-        raise MalformedHandshakeError(f"responder did not expect {frame.kind.name} now")
+        """Feed one handshake frame; ``now_ms`` is wall-clock time (HELLO timestamps, cookies)."""
+        _expect(self.state, _RESPONDER_TAKES[self.state], frame, "responder")
+        if frame.kind is Kind.HELLO:
+            retried = self.state is ResponderState.AWAITING_RETRIED_HELLO
+            self.state = ResponderState.AWAITING_RETRIED_HELLO  # a failure below leaves no way back
+            return HandshakeStep(to_send=self._on_hello(frame.body, now_ms, retried))
+        return self._on_finish(frame.body)
 
-    def _on_hello(self, body: bytes, now_ms: int) -> bytes:
-        self._hellos += 1
-        if self._hellos > 2:
-            raise MalformedHandshakeError("too many HELLOs on one connection")
+    def _on_hello(self, body: bytes, now_ms: int, retried: bool) -> bytes:
         if len(body) < 2:
             raise MalformedHandshakeError("HELLO is truncated")
         if body[0] != PROTOCOL_VERSION:
@@ -418,12 +469,15 @@ class ResponderHandshake:
                 raise MalformedHandshakeError("HELLO retry field is not a map")
             self.cookies.check(retry.get("cookie"), now_ms, self.peer_address, suite, retry.get("first"))
         elif chosen is not suite or self.require_cookie:
+            if retried:
+                raise MalformedHandshakeError("too many HELLOs on one connection")
             cookie = self.cookies.issue(now_ms, self.peer_address, chosen, prim.sha256(body))
             return encode_frame(Kind.RETRY, encode_payload({"suite": chosen.wire_id, "cookie": cookie}))
         if chosen is not suite:
             raise DowngradeError("HELLO after RETRY still proposes a suite this node does not allow")
         self._aead = self._choose_aead(aeads)
-        self._suite, self._state = suite, state
+        self._suite, self._noise = suite, state
+        self.state = ResponderState.AWAITING_FINISH
         return encode_frame(Kind.RESPONSE, self._response(state, suite))
 
     def _check_hello(self, payload: dict[str, Any], suite: Suite, now_ms: int) -> tuple[list[int], list[int]]:
@@ -471,8 +525,8 @@ class ResponderHandshake:
         return out + state.encrypt_and_hash(encode_payload(payload))
 
     def _on_finish(self, body: bytes) -> HandshakeStep:
-        state, suite, aead = self._state, self._suite, self._aead
-        assert state is not None and suite is not None and aead is not None
+        state, suite, aead = self._noise, self._suite, self._aead
+        assert state is not None and suite is not None and aead is not None  # AWAITING_FINISH
         reader = Reader(body, "FINISH")
         state.read_s(reader.take(DHLEN + TAGLEN))
         state.se()
@@ -480,5 +534,5 @@ class ResponderHandshake:
         payload = decode_payload(state.decrypt_and_hash(reader.rest()), "FINISH")
         peer = _verify_peer(state, self.backend, suite, b"I", signed_hash, payload)
         peer_name = self.authorize(peer)
-        self.done = True
+        self.state = ResponderState.DONE
         return HandshakeStep(result=_finish(state, initiator=False, suite=suite, aead=aead, peer=peer, peer_name=peer_name))

@@ -5,9 +5,15 @@ cuts it into independent streams (SSH channels / yamux style) with per-stream cr
 flow control, so one stalled reader can never make either side buffer without bound and
 never blocks the other streams. Like h11 or wsproto it owns no socket, clock or thread::
 
-    events = mux.receive_data(plaintext)     # decrypted mux bytes from the session
+    events = mux.receive_data(plaintext)     # the plaintext of one record: whole frames
     ... handle StreamOpenRequested / DataReceived / CreditAvailable / ... ...
-    session.send(mux.data_to_send())         # after every receive_data() and API call
+    for batch in mux.batches_to_send(limit): # after every receive_data() and API call
+        seal one record around batch
+
+The tunnel core (``pqtunnel/tunnel.py``) does exactly this. Every record carries whole mux
+frames, so the only partial-frame buffer is the TCP framing's (``wire.FrameDecoder``);
+a record that ends inside a mux frame is a protocol violation. Keepalive and close belong
+to the session (record PING/CLOSE), not to the mux.
 
 Wire format and rules: docs/PROTOCOL.md section 7. In short:
 ``type u8 | flags u8 | stream_id u32 | length u32 | payload``, big-endian.
@@ -27,7 +33,7 @@ from typing import Any, Callable, Final
 
 import msgpack
 
-from .errors import PqtunnelError
+from .errors import LocalProtocolError
 
 HEADER: Final = struct.Struct(">BBII")
 """type, flags, stream_id, length: precompiled because it is parsed once per frame."""
@@ -41,7 +47,7 @@ MAX_WINDOW: Final = 0xFFFF_FFFF
 """Credit is carried in u32 fields, so no stream may ever hold more."""
 MAX_REASON_BYTES: Final = 1024
 """Outgoing reasons are cut to this many UTF-8 bytes so every control payload fits 4096."""
-PING_SIZE: Final = 8
+MAX_FRAME: Final = HEADER_SIZE + MAX_DATA_PAYLOAD
 
 _WINDOW_INCREMENT: Final = struct.Struct(">I")
 _unpack_header: Final = HEADER.unpack_from
@@ -58,12 +64,11 @@ class FrameType(enum.IntEnum):
     WINDOW = 0x05
     FIN = 0x06
     RST = 0x07
-    PING = 0x08
-    PONG = 0x09
+    # 0x08 and 0x09 are reserved (formerly PING/PONG; keepalive is the session's record PING)
     GOAWAY = 0x0A
 
 
-_CONNECTION_FRAMES: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
+_CONNECTION_FRAMES: Final = frozenset({FrameType.GOAWAY})
 _KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)
 _DATA: Final = int(FrameType.DATA)
 
@@ -108,7 +113,7 @@ _CAN_RECEIVE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL
 # --- caller mistakes ----------------------------------------------------------------------------
 
 
-class MuxError(PqtunnelError):
+class MuxError(LocalProtocolError):
     """The application used the multiplexer wrongly; nothing was queued."""
 
 
@@ -138,10 +143,6 @@ class StreamNotRequestedError(MuxError):
 
 class InvalidTargetError(MuxError):
     """An OPEN target that is not a msgpack-encodable str-keyed map within 4096 bytes."""
-
-
-class InvalidPingError(MuxError):
-    """A PING payload that is not exactly 8 bytes."""
 
 
 class InvalidErrorCodeError(MuxError):
@@ -233,20 +234,6 @@ class StreamClosed(Event):
     """The stream's state was freed (both FINs, refusal or reset); always its last event."""
 
     stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class PingReceived(Event):
-    """The peer pinged; the PONG is already queued."""
-
-    opaque: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PongReceived(Event):
-    """Answer to one of our pings (matched by the opaque bytes, which we chose)."""
-
-    opaque: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,11 +333,19 @@ def _header_problem(frame_type: int, flags: int, stream_id: int, length: int) ->
     if frame_type in _CONNECTION_FRAMES:
         if stream_id:
             return f"{name} frame on stream {stream_id}; connection frames must use stream 0"
-        if frame_type != FrameType.GOAWAY and length != PING_SIZE:
-            return f"{name} frame has length {length}; its payload must be exactly {PING_SIZE} bytes"
     elif not stream_id:
         return f"{name} frame on stream 0; stream frames need a nonzero stream id"
     return None
+
+
+def _truncation_reason(rest: memoryview) -> str:
+    """Why a record's leftover bytes (a partial frame) make the stream unusable."""
+    have = len(rest)
+    if have < HEADER_SIZE:
+        return f"record ended inside a frame header ({have} of {HEADER_SIZE} bytes)"
+    frame_type, _, stream_id, length = _unpack_header(rest, 0)
+    name = FrameType(frame_type).name
+    return f"record ended inside a {name} frame on stream {stream_id} ({have - HEADER_SIZE} of {length} payload bytes)"
 
 
 # --- the multiplexer ----------------------------------------------------------------------------
@@ -395,7 +390,6 @@ class Multiplexer:
         self._highest_peer_id = 0
         self._streams: dict[int, _Stream] = {}
         self._peer_stream_count = 0
-        self._inbuf = bytearray()
         self._outbuf = bytearray()
         self._sent_goaway = False
         self._received_goaway = False
@@ -408,8 +402,6 @@ class Multiplexer:
             FrameType.WINDOW: self._on_window,
             FrameType.FIN: self._on_fin,
             FrameType.RST: self._on_rst,
-            FrameType.PING: self._on_ping,
-            FrameType.PONG: self._on_pong,
             FrameType.GOAWAY: self._on_goaway,
         }
 
@@ -530,13 +522,6 @@ class Multiplexer:
             stream.recv_credit += stream.unacked
             stream.unacked = 0
 
-    def ping(self, opaque: bytes) -> None:
-        """Queue a PING; the peer echoes ``opaque`` in a PONG (use it to match replies)."""
-        self._require_alive()
-        if len(opaque) != PING_SIZE:
-            raise InvalidPingError(f"PING payload must be {PING_SIZE} bytes, not {len(opaque)}")
-        self._queue(FrameType.PING, 0, bytes(opaque))
-
     def go_away(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Announce that no new streams will be accepted; existing ones finish. Idempotent."""
         payload = _encode_error(code, reason)
@@ -546,7 +531,7 @@ class Multiplexer:
         self._queue(FrameType.GOAWAY, 0, payload)
 
     def data_to_send(self) -> bytes | bytearray:
-        """Drain everything queued since the last call; hand it to the session in order.
+        """Drain everything queued since the last call, in order (whole frames).
 
         The internal buffer itself is handed over (no copy): it is never touched again.
         """
@@ -556,57 +541,53 @@ class Multiplexer:
         self._outbuf = bytearray()
         return out
 
+    def batches_to_send(self, limit: int) -> list[memoryview]:
+        """Drain the queue as batches of whole frames, each at most ``limit`` bytes.
+
+        One batch becomes one record: no frame is ever split across records, so the peer
+        parses every record on its own. ``limit`` must hold the largest frame.
+        """
+        if limit < MAX_FRAME:
+            raise MuxConfigError(f"batch limit {limit} is below the largest frame ({MAX_FRAME} bytes)")
+        out = self.data_to_send()
+        if len(out) <= limit:
+            return [memoryview(out)] if out else []
+        view = memoryview(out)
+        batches: list[memoryview] = []
+        start = pos = 0
+        end = len(view)
+        while pos < end:
+            stop = pos + HEADER_SIZE + _unpack_header(view, pos)[3]
+            if stop - start > limit:
+                batches.append(view[start:pos])
+                start = pos
+            pos = stop
+        batches.append(view[start:end])
+        return batches
+
     # --- input ----------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Parse decrypted mux bytes; a partial frame at the end is kept for the next call.
+        """Parse the plaintext of one record: whole frames only.
 
-        Never raises for anything the peer sent. Complete frames are parsed straight from
-        ``data``; only a frame that straddles two calls (at most one header plus 64 KiB) is
-        copied into the buffer, so each payload byte is copied once on its way to a
-        DataReceived event and the work stays linear however the input is chunked.
+        Never raises for anything the peer sent. Frames are parsed straight from ``data``
+        (no buffering, no copy but the DataReceived payload); a record that ends inside a
+        frame is a ProtocolViolation, because a sender never splits a frame across records.
         """
         events: list[Event] = []
         if self._closed or not data:
             return events
         view = _byte_view(data)
-        start = self._complete_pending_frame(view, events) if self._inbuf else 0
-        if self._closed or self._inbuf:
-            return events
-        used = start + self._parse(view[start:], events)
+        used = self._parse(view, events)
         if not self._closed and used < len(view):
-            self._inbuf = bytearray(view[used:])
+            self._fail(_truncation_reason(view[used:]), events)
         return events
-
-    def _complete_pending_frame(self, view: memoryview, events: list[Event]) -> int:
-        """Move just enough of ``view`` into the buffer to finish the buffered frame, handle it,
-        and return how many bytes of ``view`` were taken. The buffer is empty afterwards
-        unless the frame is still incomplete (then all of ``view`` was taken)."""
-        pending = self._inbuf
-        taken = min(max(HEADER_SIZE - len(pending), 0), len(view))
-        pending += view[:taken]
-        if len(pending) < HEADER_SIZE:
-            return taken
-        length = _unpack_header(pending, 0)[3]
-        # Capped so a bogus length is never waited for: _parse rejects its header anyway.
-        missing = HEADER_SIZE + min(length, MAX_DATA_PAYLOAD) - len(pending)
-        extra = min(missing, len(view) - taken)
-        pending += view[taken : taken + extra]
-        taken += extra
-        if self._parse(pending, events) == len(pending) and not self._closed:
-            self._inbuf = bytearray()
-        return taken
 
     def receive_eof(self) -> list[Event]:
-        """The session's byte stream ended. A partial frame left over is a ProtocolViolation."""
-        events: list[Event] = []
-        if self._closed:
-            return events
-        if self._inbuf:
-            self._fail(self._truncation_reason(), events)
-        else:
+        """The session ended: every stream is gone (the tunnel reports why)."""
+        if not self._closed:
             self._shut_down()
-        return events
+        return []
 
     def _parse(self, buffer: bytes | bytearray | memoryview, events: list[Event]) -> int:
         """Handle every complete frame in ``buffer``; return how many bytes were used."""
@@ -632,17 +613,6 @@ class Multiplexer:
             return pos
         finally:
             view.release()
-
-    def _truncation_reason(self) -> str:
-        have = len(self._inbuf)
-        if have < HEADER_SIZE:
-            return f"session ended inside a frame header ({have} of {HEADER_SIZE} bytes)"
-        frame_type, _, stream_id, length = _unpack_header(self._inbuf, 0)
-        name = FrameType(frame_type).name
-        return (
-            f"session ended inside a {name} frame on stream {stream_id} "
-            f"({have - HEADER_SIZE} of {length} payload bytes)"
-        )
 
     # --- frame handlers (peer input; never raise) -----------------------------------------------
 
@@ -754,14 +724,6 @@ class Multiplexer:
         events.append(StreamReset(stream_id, code, reason, True))
         events.append(StreamClosed(stream_id))
 
-    def _on_ping(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
-        opaque = bytes(payload)
-        self._queue(FrameType.PONG, 0, opaque)
-        events.append(PingReceived(opaque))
-
-    def _on_pong(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
-        events.append(PongReceived(bytes(payload)))
-
     def _on_goaway(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
         decoded = _decode_error(payload)
         if decoded is None:
@@ -813,7 +775,6 @@ class Multiplexer:
         self._closed = True
         self._streams.clear()
         self._peer_stream_count = 0
-        self._inbuf = bytearray()
 
     def _queue(self, frame_type: int, stream_id: int, payload: bytes) -> None:
         self._outbuf += _pack_header(frame_type, 0, stream_id, len(payload))

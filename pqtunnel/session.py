@@ -1,8 +1,17 @@
-"""One encrypted session (sans-IO): handshake, record layer, keepalive, in-band rekey.
+"""One encrypted session (sans-IO): handshake, record layer, keepalive, in-band rekey, close.
 
-The trio shell feeds received bytes and the current time, sends ``data_to_send()``, and
-calls ``tick(now_ms)`` periodically. Peer mistakes raise ``ProtocolError`` subclasses; on a
-responder-side handshake failure an ALERT is queued first so the initiator learns why.
+The tunnel core (``pqtunnel/tunnel.py``) composes this with the stream multiplexer; tests
+drive it alone. Callers feed received bytes with the current *monotonic* time in
+milliseconds (every timer runs on it, so a wall-clock step cannot fake a dead peer or skip
+a rekey) and, while the handshake runs, the *wall-clock* time (HELLO timestamps and
+cookies are wall time on the wire). Peer mistakes raise ``RemoteProtocolError``
+subclasses; calls the current state does not allow raise ``SessionStateError`` (our bug).
+On a responder-side handshake failure an ALERT is queued first so the initiator learns why.
+
+States (``SessionState``)::
+
+    HANDSHAKING --keys--> CONFIRMING (initiator) --first record--> ESTABLISHED --close--> CLOSED
+    HANDSHAKING --keys--> ESTABLISHED (responder)                         any --close--> CLOSED
 """
 
 from __future__ import annotations
@@ -11,18 +20,44 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
+from enum import Enum
 from typing import Union
 
 from noise.functions.hash import hkdf
 
 from .crypto import backend as prim
-from .handshake import Entropy, HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
-from .errors import HandshakeError, ProtocolError, RecordError, RekeyError
+from .entropy import Entropy
+from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
+from .errors import HandshakeError, ProtocolError, RecordError, RekeyError, SessionStateError
 from .records import ContentType, RecordLayer
 from .wire import MAX_HANDSHAKE_FRAME, MAX_RECORD_FRAME, MAX_RECORD_PLAINTEXT, Frame, FrameDecoder, Kind
 
 REKEY_IKM_LABEL = b"pqtunnel/1 rekey\x00"
 PING = struct.Struct(">Q")
+
+
+class SessionState(Enum):
+    HANDSHAKING = "handshaking"
+    CONFIRMING = "confirming"
+    """Initiator only: keys derived, waiting for the responder's first record to confirm them."""
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class RekeyState(Enum):
+    IDLE = "idle"
+    INITIATED = "initiated"
+    """We sent REKEY_INIT and wait for REKEY_RESP."""
+    RESPONDED = "responded"
+    """We sent REKEY_RESP under the new send key and wait for REKEY_DONE to switch receiving."""
+
+
+_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.HANDSHAKING: frozenset({SessionState.CONFIRMING, SessionState.ESTABLISHED, SessionState.CLOSED}),
+    SessionState.CONFIRMING: frozenset({SessionState.ESTABLISHED, SessionState.CLOSED}),
+    SessionState.ESTABLISHED: frozenset({SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset(),
+}
 
 
 @dataclass(frozen=True)
@@ -31,7 +66,9 @@ class Established:
 
 
 @dataclass(frozen=True)
-class DataReceived:
+class RecordDataReceived:
+    """Plaintext of one DATA record (the tunnel hands it to the multiplexer)."""
+
     data: bytes | memoryview  # a view of the decrypted record: consume it before the next feed
 
 
@@ -51,7 +88,7 @@ class PeerClosed:
     reason: str
 
 
-Event = Union[Established, DataReceived, PongReceived, Rekeyed, PeerClosed]
+Event = Union[Established, RecordDataReceived, PongReceived, Rekeyed, PeerClosed]
 
 
 class KeepaliveTimeout(ProtocolError):
@@ -86,6 +123,9 @@ class Session:
                  timers: SessionTimers | None = None) -> None:
         self.handshake = handshake
         self.is_initiator = isinstance(handshake, InitiatorHandshake)
+        self.state = SessionState.HANDSHAKING
+        self.rekey_state = RekeyState.IDLE
+        self._was_confirmed = False
         self.timers = timers or SessionTimers()
         self.backend = handshake.backend
         self.entropy: Entropy = handshake.entropy
@@ -107,19 +147,33 @@ class Session:
         self._next_recv_key: bytes | None = None
         self._next_ping_id = 1
         self._last_ping_ms = now_ms
-        self.closed = False
-        self.confirmed = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
+    def _enter(self, state: SessionState) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise SessionStateError(f"session cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
     @property
     def established(self) -> bool:
+        """Keys exist (CONFIRMING or later, unless closed before)."""
         return self.records is not None
 
-    def start(self, now_ms: int) -> None:
-        """Initiator only: queue the HELLO."""
-        assert isinstance(self.handshake, InitiatorHandshake)
-        self._queue(self.handshake.start(now_ms), now_ms)
+    @property
+    def confirmed(self) -> bool:
+        """Both sides proved they hold the keys: the session carries application data."""
+        return self.state is SessionState.ESTABLISHED or (self.state is SessionState.CLOSED and self._was_confirmed)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is SessionState.CLOSED
+
+    def start(self, now_ms: int, wall_ms: int | None = None) -> None:
+        """Initiator only: queue the HELLO (timestamped with ``wall_ms``, default ``now_ms``)."""
+        if not isinstance(self.handshake, InitiatorHandshake):
+            raise SessionStateError("only the initiator starts a handshake")
+        self._queue(self.handshake.start(now_ms if wall_ms is None else wall_ms), now_ms)
 
     def data_to_send(self) -> bytes:
         return b"".join(self.buffers_to_send())
@@ -141,8 +195,12 @@ class Session:
         if now_ms is not None:
             self.last_sent_ms = now_ms
 
-    def receive_data(self, data: bytes, now_ms: int) -> list[Event]:
-        """Feed bytes from the peer. Raises ProtocolError subclasses for anything refused."""
+    def receive_data(self, data: bytes, now_ms: int, wall_ms: int | None = None) -> list[Event]:
+        """Feed bytes from the peer. Raises ProtocolError subclasses for anything refused.
+
+        ``now_ms`` is monotonic time (timers); ``wall_ms`` is wall-clock time for the
+        handshake's timestamps and cookies (defaults to ``now_ms`` for single-clock callers).
+        """
         if self.closed:
             return []
         self.last_received_ms = now_ms
@@ -151,18 +209,18 @@ class Session:
             if frame.kind is Kind.RECORD:
                 events.extend(self._on_record(frame.body, now_ms))
             else:
-                events.extend(self._on_handshake_frame(frame, now_ms))
+                events.extend(self._on_handshake_frame(frame, now_ms, now_ms if wall_ms is None else wall_ms))
             if self.closed:
                 break
         return events
 
-    def _on_handshake_frame(self, frame: Frame, now_ms: int) -> list[Event]:
+    def _on_handshake_frame(self, frame: Frame, now_ms: int, wall_ms: int) -> list[Event]:
         if self.is_initiator and frame.kind is Kind.ALERT and not self.confirmed:
             raise parse_alert(frame.body)  # e.g. the responder does not trust us (after FINISH)
-        if self.established:
+        if self.state is not SessionState.HANDSHAKING:
             raise ProtocolError(f"unexpected {frame.kind.name} frame inside an established session")
         try:
-            step = self.handshake.receive(frame, now_ms)
+            step = self.handshake.receive(frame, wall_ms)
         except HandshakeError as exc:
             if not self.is_initiator:
                 self._queue(alert_frame(exc))
@@ -172,8 +230,9 @@ class Session:
             return []
         self._establish(step.result, now_ms)
         if self.is_initiator:
+            self._enter(SessionState.CONFIRMING)
             return []  # Established once the responder's first record confirms the keys
-        self.confirmed = True
+        self._enter(SessionState.ESTABLISHED)
         self.ping(now_ms)  # key confirmation: the initiator's first authenticated record
         return [Established(step.result)]
 
@@ -187,10 +246,11 @@ class Session:
     # --- sending ------------------------------------------------------------------------------------
 
     def _require_records(self) -> RecordLayer:
+        """The record layer, or SessionStateError: sending before keys or after close is our bug."""
         if self.records is None:
-            raise RecordError("session is not established yet")
+            raise SessionStateError("session is not established yet")
         if self.closed:
-            raise RecordError("session is closed")
+            raise SessionStateError("session is closed")
         return self.records
 
     def send(self, data: bytes, now_ms: int) -> None:
@@ -213,16 +273,24 @@ class Session:
 
     def close(self, reason: str) -> None:
         """Queue an authenticated CLOSE carrying the reason; further input is ignored."""
-        if self.records is not None and not self.closed:
+        if self.closed:
+            return
+        if self.records is not None:
             self._queue(self.records.seal(ContentType.CLOSE, reason.encode()[:512]))
-        self.closed = True
+        self._close()
+
+    def _close(self) -> None:
+        self._was_confirmed = self.confirmed
+        self._enter(SessionState.CLOSED)
 
     # --- receiving ----------------------------------------------------------------------------------
 
     def _on_record(self, body: bytes, now_ms: int) -> list[Event]:
-        content_type, data = self._require_records().open(body)
-        if not self.confirmed:
-            self.confirmed = True
+        if self.records is None:
+            raise RecordError("RECORD frame before the handshake finished")
+        content_type, data = self.records.open(body)
+        if self.state is SessionState.CONFIRMING:
+            self._enter(SessionState.ESTABLISHED)
             assert self.result is not None
             return [Established(self.result), *self._on_content(content_type, data, now_ms)]
         return self._on_content(content_type, data, now_ms)
@@ -230,7 +298,7 @@ class Session:
     def _on_content(self, content_type: ContentType, data: memoryview, now_ms: int) -> list[Event]:
         if content_type is ContentType.DATA:
             self.bytes_received += len(data)
-            return [DataReceived(data)]
+            return [RecordDataReceived(data)]
         return self._on_control(content_type, bytes(data), now_ms)
 
     def _on_control(self, content_type: ContentType, data: bytes, now_ms: int) -> list[Event]:
@@ -244,7 +312,7 @@ class Session:
                 raise RecordError("PONG has the wrong size")
             return [PongReceived(PING.unpack_from(data)[0], PING.unpack_from(data, PING.size)[0])]
         if content_type is ContentType.CLOSE:
-            self.closed = True
+            self._close()
             return [PeerClosed(data.decode(errors="replace") or "no reason given")]
         return self._on_rekey(content_type, data, now_ms)
 
@@ -267,7 +335,7 @@ class Session:
             self.ping(now_ms)
 
     def rekey_due(self, now_ms: int) -> bool:
-        if self._pending is not None or self._next_recv_key is not None or not self.established:
+        if self.rekey_state is not RekeyState.IDLE or self.state is not SessionState.ESTABLISHED:
             return False
         moved = self.bytes_sent + self.bytes_received - self._bytes_at_rekey
         return now_ms - self._rekey_ms >= self.timers.rekey_after_ms or moved >= self.timers.rekey_after_bytes
@@ -277,13 +345,14 @@ class Session:
     def start_rekey(self, now_ms: int) -> None:
         """Send REKEY_INIT with fresh X25519 and ML-KEM ephemerals; streams keep flowing."""
         records = self._require_records()
-        if self._pending is not None or self._next_recv_key is not None:
+        if self.rekey_state is not RekeyState.IDLE:
             return
         assert self.result is not None
         ephemeral = self.entropy.x25519_private()
         kem = self.result.suite.kem
         kem_key = self.backend.kem_keypair(kem, self.entropy.kem_seed()) if kem else None
         self._pending = _PendingRekey(ephemeral, kem_key)
+        self.rekey_state = RekeyState.INITIATED
         body = prim.x25519_public(ephemeral) + (kem_key.public_bytes() if kem_key else b"")
         self._queue(records.seal(ContentType.REKEY_INIT, body), now_ms)
 
@@ -304,11 +373,12 @@ class Session:
 
     def _on_rekey_init(self, data: bytes, now_ms: int) -> None:
         assert self.result is not None and self.records is not None
-        if self._pending is not None:
+        if self.rekey_state is RekeyState.INITIATED:
             if self.is_initiator:
                 return  # both sides started a rekey: the session initiator's wins
             self._pending = None
-        if self._next_recv_key is not None:
+            self.rekey_state = RekeyState.IDLE
+        if self.rekey_state is RekeyState.RESPONDED:
             raise RekeyError("REKEY_INIT while a previous rekey is unfinished")
         self._expect_size(data, "public_key")
         ephemeral = self.entropy.x25519_private()
@@ -324,11 +394,12 @@ class Session:
         self._queue(self.records.seal(ContentType.REKEY_RESP, our_public + kem_ciphertext), now_ms)
         self.records.set_send_key(send_key)
         self._next_recv_key = recv_key
+        self.rekey_state = RekeyState.RESPONDED
 
     def _on_rekey_resp(self, data: bytes, now_ms: int) -> list[Event]:
         assert self.records is not None
         pending = self._pending
-        if pending is None:
+        if self.rekey_state is not RekeyState.INITIATED or pending is None:
             raise RekeyError("REKEY_RESP without a rekey in progress")
         self._expect_size(data, "ciphertext")
         dh = self._rekey_dh(pending.ephemeral, data[:32])
@@ -343,14 +414,16 @@ class Session:
         self._queue(self.records.seal(ContentType.REKEY_DONE), now_ms)
         self.records.set_send_key(send_key)
         self._pending = None
+        self.rekey_state = RekeyState.IDLE
         return [self._rekeyed(now_ms)]
 
     def _on_rekey_done(self, now_ms: int) -> list[Event]:
         assert self.records is not None
-        if self._next_recv_key is None:
+        if self.rekey_state is not RekeyState.RESPONDED or self._next_recv_key is None:
             raise RekeyError("REKEY_DONE without a rekey in progress")
         self.records.set_recv_key(self._next_recv_key)
         self._next_recv_key = None
+        self.rekey_state = RekeyState.IDLE
         return [self._rekeyed(now_ms)]
 
     def _rekeyed(self, now_ms: int) -> Rekeyed:

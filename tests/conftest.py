@@ -26,7 +26,7 @@ from pqtunnel.handshake import (
     ResponderHandshake,
 )
 from pqtunnel.identity import Identity
-from pqtunnel.session import DataReceived, Established, Event, Session, SessionTimers
+from pqtunnel.session import RecordDataReceived, Established, Event, Session, SessionTimers
 from pqtunnel.wire import Frame, FrameDecoder, Kind, encode_frame
 
 #: A fixed "now" (2027-01-15) so timestamps in HELLOs are reproducible.
@@ -257,5 +257,5 @@ def establish(alice: Identity, bob: Identity, *, suite: Suite = HYBRID, now_ms: 
     events_a, events_b = pump(a, b, now_ms)
     assert any(isinstance(e, Established) for e in events_a), events_a
     assert any(isinstance(e, Established) for e in events_b), events_b
-    assert not any(isinstance(e, DataReceived) for e in events_a + events_b)
+    assert not any(isinstance(e, RecordDataReceived) for e in events_a + events_b)
     return a, b

@@ -22,6 +22,7 @@ from pqtunnel.errors import PqtunnelError
 from pqtunnel.mux import (
     DEFAULT_INITIAL_WINDOW,
     HEADER_SIZE,
+    MAX_FRAME,
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_PAYLOAD,
     ConsumedTooMuchError,
@@ -33,14 +34,11 @@ from pqtunnel.mux import (
     GoAwayReceived,
     GoingAwayError,
     InvalidErrorCodeError,
-    InvalidPingError,
     InvalidStreamIdError,
     InvalidTargetError,
     Multiplexer,
     MuxConfigError,
     MuxError,
-    PingReceived,
-    PongReceived,
     ProtocolViolation,
     SessionClosedError,
     StreamAccepted,
@@ -294,8 +292,6 @@ def test_caller_mistakes_raise_specific_mux_errors_and_queue_nothing() -> None:
         a.mux.send_data(99, b"x")
     with pytest.raises(InvalidStreamIdError):
         a.mux.send_data(0, b"x")
-    with pytest.raises(InvalidPingError):
-        a.mux.ping(b"short")
     with pytest.raises(InvalidErrorCodeError):
         a.mux.reset_stream(pending, -1, "negative code")
     with pytest.raises(MuxConfigError):
@@ -466,12 +462,9 @@ def test_credit_that_crosses_our_fin_is_ignored() -> None:
 # --- connection-level frames --------------------------------------------------------------------
 
 
-def test_ping_is_answered_with_pong_automatically() -> None:
-    a, b = make_pair()
-    a.mux.ping(b"\x01\x02\x03\x04\x05\x06\x07\x08")
-    pump(a, b)
-    assert b.take() == [PingReceived(b"\x01\x02\x03\x04\x05\x06\x07\x08")]
-    assert a.take() == [PongReceived(b"\x01\x02\x03\x04\x05\x06\x07\x08")]
+def test_the_mux_has_no_ping_of_its_own_keepalive_is_the_sessions() -> None:
+    assert not hasattr(Multiplexer(is_initiator=True), "ping")
+    assert {0x08, 0x09}.isdisjoint(int(t) for t in FrameType), "0x08/0x09 stay reserved"
 
 
 def test_goaway_stops_new_streams_while_existing_streams_finish() -> None:
@@ -650,13 +643,13 @@ FATAL_CASES = {
         encode_frame(FrameType.DATA, 0, b"x"),
         "DATA frame on stream 0; stream frames need a nonzero stream id",
     ),
-    "ping-on-a-stream": (
-        encode_frame(FrameType.PING, 5, bytes(8)),
-        "PING frame on stream 5; connection frames must use stream 0",
+    "reserved-former-ping": (
+        encode_frame(0x08, 0, bytes(8)),
+        "unknown frame type 0x08 (stream 0, length 8)",
     ),
-    "short-pong": (
-        encode_frame(FrameType.PONG, 0, bytes(4)),
-        "PONG frame has length 4; its payload must be exactly 8 bytes",
+    "goaway-on-a-stream": (
+        encode_frame(FrameType.GOAWAY, 5, msgpack.packb({"code": 0, "reason": ""})),
+        "GOAWAY frame on stream 5; connection frames must use stream 0",
     ),
     "malformed-goaway": (
         encode_frame(FrameType.GOAWAY, 0, msgpack.packb({"code": "x"})),
@@ -669,13 +662,14 @@ FATAL_CASES = {
 def test_unframeable_input_is_a_protocol_violation_event_never_an_exception(garbage: bytes, reason: str) -> None:
     a, b = make_pair()
     stream_id = open_accepted(a, b)
-    assert b.mux.receive_data(garbage + encode_frame(FrameType.PING, 0, bytes(8))) == [ProtocolViolation(reason)]
+    harmless = encode_frame(FrameType.GOAWAY, 0, error_payload(ErrorCode.NO_ERROR, ""))
+    assert b.mux.receive_data(garbage + harmless) == [ProtocolViolation(reason)]
     assert b.mux.closed and b.mux.stream_count == 0
     assert b.mux.stream_state(stream_id) is StreamState.CLOSED
     goaway = b.mux.data_to_send()
     assert frames(goaway) == [(FrameType.GOAWAY, 0, error_payload(ErrorCode.PROTOCOL_ERROR, reason))]
     assert a.mux.receive_data(goaway) == [GoAwayReceived(ErrorCode.PROTOCOL_ERROR, reason)]
-    assert b.mux.receive_data(encode_frame(FrameType.PING, 0, bytes(8))) == [], "input after the error is ignored"
+    assert b.mux.receive_data(harmless) == [], "input after the error is ignored"
     with pytest.raises(SessionClosedError):
         b.mux.open_stream({"service": "web"})
     b.mux.go_away()
@@ -692,19 +686,20 @@ def test_an_oversized_header_is_refused_before_its_payload_arrives() -> None:
 @pytest.mark.parametrize(
     ("tail", "reason"),
     [
-        (b"\x04\x00\x00", "session ended inside a frame header (3 of 10 bytes)"),
+        (b"\x04\x00\x00", "record ended inside a frame header (3 of 10 bytes)"),
         (
             encode_frame(FrameType.DATA, 1, b"hello")[:-2],
-            "session ended inside a DATA frame on stream 1 (3 of 5 payload bytes)",
+            "record ended inside a DATA frame on stream 1 (3 of 5 payload bytes)",
         ),
     ],
     ids=["header", "payload"],
 )
-def test_a_frame_truncated_by_the_end_of_the_session_is_a_protocol_violation(tail: bytes, reason: str) -> None:
+def test_a_record_that_ends_inside_a_frame_is_a_protocol_violation(tail: bytes, reason: str) -> None:
+    """Senders never split a frame across records, so the mux keeps no partial-frame buffer."""
     mux = raw_responder()
     raw_accepted(mux, 1)
-    assert mux.receive_data(tail) == []
-    assert mux.receive_eof() == [ProtocolViolation(reason)]
+    assert mux.receive_data(encode_frame(FrameType.DATA, 1, b"ok") + tail) == [
+        DataReceived(1, b"ok"), ProtocolViolation(reason)]
     assert mux.closed
 
 
@@ -766,8 +761,6 @@ def _script_pair(ops: list[tuple]) -> tuple[bytes, Multiplexer, Multiplexer]:
                 a.mux.send_fin(stream_id)
             elif op == "reset":
                 a.mux.reset_stream(stream_id, ErrorCode.CANCELLED, "x" * arg)
-            elif op == "ping":
-                a.mux.ping(arg.to_bytes(8, "big"))
             elif op == "open":
                 ids.append(a.mux.open_stream({"arg": arg}))
         except MuxError:
@@ -777,7 +770,7 @@ def _script_pair(ops: list[tuple]) -> tuple[bytes, Multiplexer, Multiplexer]:
 
 ops_strategy = st.lists(
     st.tuples(
-        st.sampled_from(["data", "data", "data", "fin", "reset", "ping", "open"]),
+        st.sampled_from(["data", "data", "data", "fin", "reset", "open"]),
         st.integers(0, 2),
         st.integers(0, 2500),
     ),
@@ -785,21 +778,51 @@ ops_strategy = st.lists(
 )
 
 
+def _frame_boundaries(wire: bytes) -> list[int]:
+    """Offsets where a frame starts or the stream ends (the only places a record may be cut)."""
+    points, pos = [0], 0
+    while pos + HEADER_SIZE <= len(wire):
+        pos += HEADER_SIZE + struct.unpack_from(">BBII", wire, pos)[3]
+        points.append(min(pos, len(wire)))
+    return points
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops_strategy, garbage=st.binary(max_size=20), cuts=st.lists(st.integers(0, 20_000), max_size=30))
-def test_chunking_of_the_byte_stream_never_changes_the_events(
+def test_how_frames_are_grouped_into_records_never_changes_the_events(
     ops: list[tuple], garbage: bytes, cuts: list[int]
 ) -> None:
     wire, whole, chunked = _script_pair(ops)
+    boundaries = _frame_boundaries(wire)
     wire += garbage
     expected = whole.receive_data(wire)
     got: list[Event] = []
-    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    points = sorted({boundaries[c % len(boundaries)] for c in cuts} | {0, len(wire)})
     for start, stop in zip(points, points[1:]):
         got += chunked.receive_data(wire[start:stop])
     assert got == expected
     assert chunked.data_to_send() == whole.data_to_send()
     assert chunked.receive_eof() == whole.receive_eof()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops_strategy, extra=st.integers(0, 3 * MAX_FRAME))
+def test_batches_for_records_hold_whole_frames_within_the_limit_and_keep_the_order(ops: list[tuple], extra: int) -> None:
+    expected_wire, _, _ = _script_pair(ops)
+    sender, _ = make_pair(initial_window=3000)
+    sender.mux._outbuf += expected_wire  # type: ignore[attr-defined]  # queue exactly these frames
+    limit = MAX_FRAME + extra
+    batches = sender.mux.batches_to_send(limit)
+    assert b"".join(bytes(b) for b in batches) == expected_wire
+    for batch in batches:
+        assert 0 < len(batch) <= limit
+        assert _frame_boundaries(bytes(batch))[-1] == len(batch), "a batch ends on a frame boundary"
+
+
+def test_a_batch_limit_below_the_largest_frame_is_refused() -> None:
+    a, _ = make_pair()
+    with pytest.raises(MuxConfigError):
+        a.mux.batches_to_send(MAX_FRAME - 1)
 
 
 # --- test vectors (docs/PROTOCOL.md section 7, "Test vectors") ------------------------------------------
@@ -816,8 +839,6 @@ VECTOR_CONTROL_FRAMES = {
     "open_err": "0300000000030000001e82a4636f646504a6726561736f6eaf6e6f20737563682073657276696365",
     "window": "0500000000050000000400020000",
     "rst": "0700000000050000001282a4636f646508a6726561736f6ea3627965",
-    "ping": "080000000000000000080102030405060708",
-    "pong": "090000000000000000080102030405060708",
     "goaway": "0a00000000000000001782a4636f646500a6726561736f6ea873687574646f776e",
 }
 
@@ -862,10 +883,6 @@ def test_vector_control_frames_are_reproduced_byte_for_byte() -> None:
     produced["window"] = b.mux.data_to_send().hex()
     a.mux.reset_stream(stream_id, ErrorCode.CANCELLED, "bye")
     produced["rst"] = a.mux.data_to_send().hex()
-    a.mux.ping(bytes(range(1, 9)))
-    produced["ping"] = a.mux.data_to_send().hex()
-    b.feed(bytes.fromhex(produced["ping"]))
-    produced["pong"] = b.mux.data_to_send().hex()
     b.mux.go_away(ErrorCode.NO_ERROR, "shutdown")
     produced["goaway"] = b.mux.data_to_send().hex()
     assert produced == VECTOR_CONTROL_FRAMES

@@ -14,7 +14,7 @@ from pqtunnel.handshake import InitiatorHandshake, ResponderHandshake
 from pqtunnel.identity import Identity
 from pqtunnel.records import ContentType, RecordLayer
 from pqtunnel.session import (
-    DataReceived,
+    RecordDataReceived,
     Established,
     KeepaliveTimeout,
     PeerClosed,
@@ -37,7 +37,7 @@ def deliver(src: Session, dst: Session, now_ms: int = NOW_MS) -> list:
 
 
 def received(events: list) -> list[bytes]:
-    return [e.data for e in events if isinstance(e, DataReceived)]
+    return [e.data for e in events if isinstance(e, RecordDataReceived)]
 
 
 def of_type(events: list, cls: type) -> list:
@@ -193,7 +193,7 @@ def test_data_after_close_is_ignored(alice: Identity, bob: Identity) -> None:
     a.close("bye")
     late = a.records.seal(ContentType.DATA, b"after close")  # a misbehaving peer keeps talking
     events = b.receive_data(a.data_to_send() + late, NOW_MS)
-    assert events == [DataReceived(b"before"), PeerClosed("bye")]
+    assert events == [RecordDataReceived(b"before"), PeerClosed("bye")]
     assert b.receive_data(a.records.seal(ContentType.DATA, b"later still"), NOW_MS) == []
 
 

@@ -1,0 +1,202 @@
+"""One stream of structured events: what happened to sessions, streams and the node.
+
+The daemon emits these at the one place each fact becomes known; logging reads them
+today, and the compliance audit and the metrics read the very same objects, so the three
+can never disagree. Each event is a frozen dataclass of plain facts (no objects, no I/O);
+``fields()`` gives the JSON-ready dict, ``message()`` the one human log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+
+class Fault(str, Enum):
+    """Whose fault a failure was: the peer's (bad bytes, untrusted) or ours (a bug, a limit)."""
+
+    PEER = "peer"
+    LOCAL = "local"
+    NETWORK = "network"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event. ``level`` is the log level name the default log line uses."""
+
+    kind: ClassVar[str] = "event"
+    level: ClassVar[str] = "info"
+
+    def fields(self) -> dict[str, Any]:
+        """The event as a flat JSON-ready mapping, with its ``event`` name first."""
+        data: dict[str, Any] = {"event": self.kind}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            data[field.name] = value.value if isinstance(value, Enum) else value
+        return data
+
+    def message(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.fields().items())
+
+
+@dataclass(frozen=True)
+class SessionUp(Event):
+    kind: ClassVar[str] = "session_up"
+
+    peer: str
+    fingerprint: str
+    addr: str
+    direction: str
+    session_id: str
+    suite: str
+    kem: str
+    signature: str
+    aead: str
+    trust: str
+
+    def message(self) -> str:
+        return f"session up: {self.peer} {self.direction} {self.addr}, {self.kem}, {self.signature}, {self.aead}"
+
+
+@dataclass(frozen=True)
+class SessionDown(Event):
+    kind: ClassVar[str] = "session_down"
+
+    peer: str
+    fingerprint: str
+    addr: str
+    session_id: str
+    reason: str
+    bytes_in: int
+    bytes_out: int
+    duration: float
+
+    def message(self) -> str:
+        return f"session down: {self.peer} ({self.fingerprint}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class HandshakeFailed(Event):
+    kind: ClassVar[str] = "handshake_failed"
+    level: ClassVar[str] = "warning"
+
+    peer: str
+    addr: str
+    direction: str
+    reason: str
+    fault: Fault
+
+    def message(self) -> str:
+        return f"handshake with {self.peer} at {self.addr} failed: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PeerUnreachable(Event):
+    kind: ClassVar[str] = "peer_unreachable"
+    level: ClassVar[str] = "warning"
+
+    peer: str
+    addr: str
+    reason: str
+
+    def message(self) -> str:
+        return f"cannot reach {self.peer} at {self.addr}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Rekeyed(Event):
+    kind: ClassVar[str] = "rekeyed"
+
+    peer: str
+    fingerprint: str
+    session_id: str
+    epoch: int
+
+    def message(self) -> str:
+        return f"rekeyed session with {self.peer} ({self.fingerprint}) (epoch {self.epoch})"
+
+
+@dataclass(frozen=True)
+class StreamAllowed(Event):
+    kind: ClassVar[str] = "stream_allowed"
+
+    peer: str
+    fingerprint: str
+    stream_id: int
+    target: str
+    rule: str
+
+    def message(self) -> str:
+        return f"stream {self.stream_id}: {self.peer} -> {self.target} allowed ({self.rule})"
+
+
+@dataclass(frozen=True)
+class StreamDenied(Event):
+    kind: ClassVar[str] = "stream_denied"
+
+    peer: str
+    fingerprint: str
+    stream_id: int
+    target: str
+    rule: str
+    reason: str
+
+    def message(self) -> str:
+        return f"refused stream {self.stream_id} from {self.peer} to {self.target}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class StreamEnded(Event):
+    kind: ClassVar[str] = "stream_closed"
+
+    peer: str
+    fingerprint: str
+    stream_id: int
+    target: str
+    bytes_in: int
+    bytes_out: int
+    duration: float
+    reason: str
+
+    def message(self) -> str:
+        return (f"stream {self.stream_id}: {self.peer} -> {self.target} closed "
+                f"({self.bytes_in} B in, {self.bytes_out} B out): {self.reason}")
+
+
+@dataclass(frozen=True)
+class NodeStarted(Event):
+    kind: ClassVar[str] = "node_started"
+
+    name: str
+    fingerprint: str
+    listen: str
+    socks: str
+    suites: str
+
+    def message(self) -> str:
+        return (f"node {self.name} ({self.fingerprint}) listening on {self.listen}, "
+                f"SOCKS on {self.socks}, suites {self.suites}")
+
+
+@dataclass(frozen=True)
+class NodeStopping(Event):
+    kind: ClassVar[str] = "node_stopping"
+
+    signal: str
+    sessions: int
+
+    def message(self) -> str:
+        return f"shutting down ({self.signal}): closing {self.sessions} session(s)"
+
+
+@dataclass(frozen=True)
+class ConfigReloaded(Event):
+    kind: ClassVar[str] = "config_reloaded"
+
+    ok: bool
+    reason: str
+
+    def message(self) -> str:
+        return "configuration reloaded" if self.ok else f"configuration refused: {self.reason}"
