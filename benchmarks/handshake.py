@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pqlab.process import Daemon, init_node, pq  # noqa: E402
 from pqtunnel.crypto.suites import SUITES, Suite  # noqa: E402
 from pqtunnel.handshake import HandshakeConfig, InitiatorHandshake, ResponderHandshake  # noqa: E402
-from pqtunnel.identity import Identity, load_identity  # noqa: E402
+from pqtunnel.identity import Identity  # noqa: E402
 from pqtunnel.wire import FrameDecoder, Kind  # noqa: E402
+from pqtunneld.stores import load_identity  # noqa: E402
 
 BASELINE = "classical"
 

@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pqtunnel.errors import PqtunnelError, UserError
-from pqtunnel.identity import create_identity, load_identity
-from pqtunnel.trust import TrustStore
 
 from . import control
 from .config import default_home, load_config
+from .stores import (
+    PUB_FILE,
+    CaDirectory,
+    KnownPeersFile,
+    create_identity,
+    load_identity,
+    load_trust,
+    read_certificate_file,
+    write_certificate_file,
+)
 
 PROG = "pqtunnel"
 
@@ -50,9 +58,9 @@ def cmd_id(args: argparse.Namespace) -> int:
 def cmd_trust(args: argparse.Namespace) -> int:
     home = _home(args)
     load_identity(home)  # the home must be a node home
-    store = TrustStore.load(home)
-    if store.pin(args.name, args.fingerprint):
-        print(f"pinned {args.name.lower()} {store.fingerprint_for(args.name.lower())}")
+    store = KnownPeersFile(home)
+    if store.add(args.name, args.fingerprint):
+        print(f"pinned {args.name.lower()} {store.table().fingerprint_for(args.name.lower())}")
     else:
         print(f"{args.name.lower()} was already pinned to that fingerprint")
     return 0
@@ -66,7 +74,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     home = _home(args)
     identity = load_identity(home)
-    trust = TrustStore.load(home)
+    trust = load_trust(home)
     config = load_config(home, Path(args.config) if args.config else None, listen=args.listen, socks=args.socks,
                          peers=args.peer, mdns=False if args.no_mdns else None,
                          mdns_interfaces=args.mdns_interface)
@@ -185,11 +193,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    from pqtunnel.ca import CertificateAuthority
-
-    ca = CertificateAuthority.create(Path(args.ca_dir).expanduser(), args.name)
+    ca = CaDirectory.create(Path(args.ca_dir).expanduser(), args.name)
     print(f"created CA {ca.identity.name} in {args.ca_dir}")
-    print(f"public key for nodes' [ca] public = ...: {Path(args.ca_dir) / 'identity.pub'}")
+    print(f"public key for nodes' [ca] public = ...: {Path(args.ca_dir) / PUB_FILE}")
     print(ca.identity.fingerprint)
     return 0
 
@@ -197,15 +203,13 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 def cmd_ca_sign(args: argparse.Namespace) -> int:
     import time
 
-    from pqtunnel.ca import CertificateAuthority
-
-    ca = CertificateAuthority.load(Path(args.ca_dir).expanduser())
+    ca = CaDirectory.load(Path(args.ca_dir).expanduser())
     now = int(time.time())
     groups = tuple(g for g in (args.groups or "").split(",") if g)
     cert = ca.sign(args.name, args.fingerprint, groups=groups, not_before=now - 60,
                    not_after=now + int(args.days * 86400))
     if args.out:
-        Path(args.out).write_text(cert.armor())
+        write_certificate_file(Path(args.out), cert)
         print(f"wrote certificate for {cert.name} (serial {cert.serial}) to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(cert.armor())
@@ -213,17 +217,13 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_revoke(args: argparse.Namespace) -> int:
-    from pqtunnel.ca import CertificateAuthority
-
-    ca = CertificateAuthority.load(Path(args.ca_dir).expanduser())
+    ca = CaDirectory.load(Path(args.ca_dir).expanduser())
     added = ca.revoke(args.serial)
     print(f"{'revoked' if added else 'already revoked'} {args.serial.lower()}; distribute {Path(args.ca_dir) / 'revoked'}")
     return 0
 
 
 def cmd_ca_show(args: argparse.Namespace) -> int:
-    from pqtunnel.ca import read_certificate_file
-
     _print_json(read_certificate_file(Path(args.certificate)).describe())
     return 0
 

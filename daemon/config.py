@@ -21,6 +21,8 @@ DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 DEFAULT_SOCKS = "127.0.0.1:1080"
 CONFIG_FILE = "config.toml"
 CONTROL_SOCKET = "control.sock"
+BACKEND_ENV = "PQTUNNEL_CRYPTO_BACKEND"
+DEFAULT_BACKEND = "cryptography"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ def default_home() -> Path:
     return Path(state) / "pqtunnel"
 
 
+def crypto_backend_from_environment() -> str:
+    """``$PQTUNNEL_CRYPTO_BACKEND`` (``cryptography`` or ``liboqs``), else ``cryptography``."""
+    return os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
+
+
 @dataclass(frozen=True)
 class ExecService:
     argv: tuple[str, ...]
@@ -83,6 +90,7 @@ class NodeConfig:
     ca_public: Path | None = None
     certificate: Path | None = None
     revocation_list: Path | None = None
+    crypto_backend: str = DEFAULT_BACKEND
 
     @property
     def control_socket(self) -> Path:
@@ -236,4 +244,5 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         socks_users=_socks_users(_table(data, "socks_users", source), source),
         **_ca_settings(_table(data, "ca", source), source, home),
         log_level=str(node.get("log_level", "info")),
+        crypto_backend=crypto_backend_from_environment(),
     )

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import time
 
-from pqtunnel.ca import CaVerifier, load_ca_public, load_revocations, read_certificate_file
+from pqtunnel.ca import CaVerifier
+from pqtunnel.crypto import CryptographyBackend
 from pqtunnel.errors import CertificateError, ConfigError, UntrustedPeerError
 from pqtunnel.identity import Identity, WireIdentity
+from pqtunnel.stores import CaStore
 from pqtunnel.trust import TrustStore
 
 from .config import NodeConfig
+from .stores import CaFiles
 
 LOG = logging.getLogger("pqtunneld")
 EXPIRY_WARNING_S = 7 * 24 * 3600
@@ -39,21 +42,29 @@ def authorize_peer(trust: TrustStore, ca: CaVerifier | None, peer: WireIdentity,
     return cert.name
 
 
-def load_ca_setup(config: NodeConfig, identity: Identity) -> tuple[CaVerifier | None, bytes | None]:
+def load_ca_setup(config: NodeConfig, identity: Identity,
+                  backend: CryptographyBackend) -> tuple[CaVerifier | None, bytes | None]:
     """The CA verifier (if configured) and this node's own certificate (if it has one)."""
-    verifier = None
-    if config.ca_public is not None:
-        ca = load_ca_public(config.ca_public)
-        verifier = CaVerifier(ca, load_revocations(config.revocation_list), config.revocation_list)
-    certificate = None
-    if config.certificate is not None:
-        cert = read_certificate_file(config.certificate)
-        if cert.fingerprint != identity.fingerprint:
-            raise ConfigError(f"certificate {config.certificate} is for {cert.fingerprint}, not this node ({identity.fingerprint})")
-        remaining = cert.not_after - time.time()
-        if remaining <= 0:
-            LOG.warning("this node's certificate %s has expired: CA peers will refuse it", config.certificate)
-        elif remaining < EXPIRY_WARNING_S:
-            LOG.warning("this node's certificate expires in %.1f days", remaining / 86400)
-        certificate = cert.encode()
-    return verifier, certificate
+    store = CaFiles(config.ca_public, config.certificate, config.revocation_list)
+    return ca_verifier(store, backend), own_certificate(store, identity, config)
+
+
+def ca_verifier(store: CaStore, backend: CryptographyBackend) -> CaVerifier | None:
+    """Verifies with the node's backend; the store is asked for revocations on every certificate."""
+    ca = store.ca_public()
+    return CaVerifier(ca, backend, store.revoked) if ca is not None else None
+
+
+def own_certificate(store: CaStore, identity: Identity, config: NodeConfig) -> bytes | None:
+    """This node's certificate, refused if it is for another key; warns when it expires soon."""
+    cert = store.own_certificate()
+    if cert is None:
+        return None
+    if cert.fingerprint != identity.fingerprint:
+        raise ConfigError(f"certificate {config.certificate} is for {cert.fingerprint}, not this node ({identity.fingerprint})")
+    remaining = cert.not_after - time.time()
+    if remaining <= 0:
+        LOG.warning("this node's certificate %s has expired: CA peers will refuse it", config.certificate)
+    elif remaining < EXPIRY_WARNING_S:
+        LOG.warning("this node's certificate expires in %.1f days", remaining / 86400)
+    return cert.encode()

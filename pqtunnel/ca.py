@@ -5,33 +5,37 @@ identity fingerprint (which commits to all of the node's signing keys). Nodes co
 with the CA's public key accept peers that present a valid certificate, reach them by the
 certificate's name, and refuse expired or revoked certificates. The handshake carries the
 certificate (docs/PROTOCOL.md, "Certificates").
+
+Sans-IO: this module encodes, issues and verifies certificates. Where the CA keeps its key
+and revocation list, and how a node reads its CA files, is a ``CaStore``
+(``pqtunnel.stores``); the daemon's file store is ``pqtunneld.stores``.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import os
-import secrets
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from .crypto import backend as prim
 from .crypto.suites import HYBRID
-from .errors import CaError, CertificateError, IdentityError
-from .identity import MLDSA_CONTEXT, Identity, PublicIdentity, create_identity, load_identity, normalise_fingerprint
+from .entropy import SYSTEM_ENTROPY, Entropy
+from .errors import CaError, CertificateError
+from .identity import MLDSA_CONTEXT, Identity, PublicIdentity, normalise_fingerprint
 from .names import validate_name
 
 CERT_LABEL = b"pqtunnel/1 certificate\x00"
 ARMOR_BEGIN = "-----BEGIN PQTUNNEL CERTIFICATE-----"
 ARMOR_END = "-----END PQTUNNEL CERTIFICATE-----"
 MAX_CERTIFICATE = 8 * 1024
-REVOKED_FILE = "revoked"
-CA_PUBLIC_FILE = "identity.pub"
 MAX_GROUPS = 32
+SERIAL_BYTES = 16
+
+RevokedSerials = Callable[[], Collection[str]]
+"""The current revocation list; may raise CertificateError when it cannot be known (fail closed)."""
 
 
 @dataclass(frozen=True)
@@ -99,47 +103,34 @@ def _check_shape(cert: Certificate, inner: dict[str, Any]) -> None:
         raise CertificateError("certificate signature is malformed")
 
 
-def read_certificate_file(path: Path) -> Certificate:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CaError(f"cannot read certificate {path}: {exc.strerror or exc}") from None
+def dearmor(text: str) -> bytes:
+    """The certificate bytes inside an armored text (the inverse of ``Certificate.armor``)."""
     body = "".join(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("-----"))
     try:
-        raw = base64.b64decode(body, validate=True)
+        return base64.b64decode(body, validate=True)
     except ValueError:
-        raise CaError(f"{path} is not a pqtunnel certificate (bad base64)") from None
-    try:
-        return decode_certificate(raw)
-    except CertificateError as exc:
-        raise CaError(f"{path}: {exc}") from None
+        raise CertificateError("not a pqtunnel certificate (bad base64)") from None
 
 
-# --- the CA itself ---------------------------------------------------------------------------------
+def normalise_serial(text: str) -> str:
+    """A serial as the CA writes it (32 lower-case hex digits); CaError otherwise."""
+    serial = text.strip().lower()
+    if len(serial) != 2 * SERIAL_BYTES or any(c not in "0123456789abcdef" for c in serial):
+        raise CaError(f"not a certificate serial: {serial!r} (32 hex digits)")
+    return serial
+
+
+# --- issuing ---------------------------------------------------------------------------------------
 
 
 class CertificateAuthority:
-    """A CA directory: an identity (its keys) plus the revocation list it publishes."""
+    """The CA's signing half: its identity issues certificates; storing them is the caller's job."""
 
-    def __init__(self, directory: Path, identity: Identity) -> None:
-        self.directory = directory
+    def __init__(self, identity: Identity, backend: prim.CryptographyBackend,
+                 entropy: Entropy = SYSTEM_ENTROPY) -> None:
         self.identity = identity
-
-    @classmethod
-    def create(cls, directory: Path, name: str) -> CertificateAuthority:
-        try:
-            identity = create_identity(directory, name)
-        except IdentityError as exc:
-            raise CaError(str(exc).replace("an identity", "a CA")) from None
-        (directory / REVOKED_FILE).touch(mode=0o644)
-        return cls(directory, identity)
-
-    @classmethod
-    def load(cls, directory: Path) -> CertificateAuthority:
-        try:
-            return cls(directory, load_identity(directory))
-        except IdentityError as exc:
-            raise CaError(f"not a usable CA directory: {exc}") from None
+        self.backend = backend
+        self.entropy = entropy
 
     def sign(self, name: str, fingerprint: str, *, groups: tuple[str, ...] = (), not_before: int,
              not_after: int) -> Certificate:
@@ -148,73 +139,32 @@ class CertificateAuthority:
         fingerprint = normalise_fingerprint(fingerprint)
         if not_after <= not_before:
             raise CaError("certificate validity must end after it starts")
-        serial = secrets.token_hex(16)
-        body = _body(name, groups, fingerprint, not_before, not_after, serial, self.identity.fingerprint)
-        signature = self.identity.sign(prim.CryptographyBackend(), HYBRID, CERT_LABEL + body)
-        return Certificate(name, groups, fingerprint, not_before, not_after, serial, self.identity.fingerprint,
-                           body, signature)
-
-    def revoke(self, serial: str) -> bool:
-        """Add ``serial`` to the revocation list; False if it was already there."""
-        serial = serial.strip().lower()
-        if len(serial) != 32 or any(c not in "0123456789abcdef" for c in serial):
-            raise CaError(f"not a certificate serial: {serial!r} (32 hex digits)")
-        path = self.directory / REVOKED_FILE
-        if serial in load_revocations(path):
-            return False
-        with path.open("a") as handle:
-            handle.write(serial + "\n")
-        return True
+        serial = self.entropy.random_bytes(SERIAL_BYTES).hex()
+        issuer = self.identity.fingerprint
+        body = _body(name, groups, fingerprint, not_before, not_after, serial, issuer)
+        signature = self.identity.sign(self.backend, HYBRID, CERT_LABEL + body)
+        return Certificate(name, groups, fingerprint, not_before, not_after, serial, issuer, body, signature)
 
 
-def load_revocations(path: Path | None) -> frozenset[str]:
-    if path is None or not path.exists():
-        return frozenset()
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise CaError(f"cannot read revocation list {path}: {exc.strerror or exc}") from None
-    return frozenset(line.split("#", 1)[0].strip().lower() for line in lines if line.split("#", 1)[0].strip())
+# --- verifying -------------------------------------------------------------------------------------
 
 
-def load_ca_public(path: Path) -> PublicIdentity:
-    """Read a CA's public key file and check its keys hash to the fingerprint it states."""
-    try:
-        data = json.loads(path.read_text())
-        public = PublicIdentity(
-            name=data["name"],
-            ed25519=base64.b64decode(data["ed25519"]),
-            pq_keys={"ML-DSA-65": base64.b64decode(data["ml_dsa_65"]), "ML-DSA-87": base64.b64decode(data["ml_dsa_87"])},
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CaError(f"cannot read CA public key {path}: {exc}") from None
-    if public.fingerprint != data.get("fingerprint"):
-        raise CaError(f"CA public key {path} does not match its stated fingerprint")
-    return public
+def no_revocations() -> frozenset[str]:
+    return frozenset()
 
 
 class CaVerifier:
-    """Checks peer certificates against one CA public key and its revocation list."""
+    """Checks peer certificates against one CA public key and its revocation list.
 
-    def __init__(self, ca: PublicIdentity, revoked: frozenset[str] = frozenset(),
-                 revocation_path: Path | None = None) -> None:
+    ``revoked`` is asked on every verification, so a list edited while the daemon runs is
+    honoured; when it raises CertificateError (the list vanished) every certificate fails.
+    """
+
+    def __init__(self, ca: PublicIdentity, backend: prim.CryptographyBackend,
+                 revoked: RevokedSerials = no_revocations) -> None:
         self.ca = ca
+        self.backend = backend
         self.revoked = revoked
-        self.revocation_path = revocation_path
-        self._revocation_mtime = _mtime(revocation_path)
-        if revocation_path is not None and self._revocation_mtime is None:
-            raise CaError(f"revocation list {revocation_path} does not exist (create it empty if nothing is revoked)")
-
-    def _refresh_revocations(self) -> None:
-        """Pick up a revocation list edited while the daemon runs; fail closed if it vanishes."""
-        if self.revocation_path is None:
-            return
-        stamp = _mtime(self.revocation_path)
-        if stamp is None:
-            raise CertificateError(f"revocation list {self.revocation_path} is missing: refusing CA certificates")
-        if stamp != self._revocation_mtime:
-            self.revoked = load_revocations(self.revocation_path)
-            self._revocation_mtime = stamp
 
     def verify(self, data: bytes | None, presented_fingerprint: str, now: int) -> Certificate:
         """Return the certificate if the CA vouches for this exact identity now."""
@@ -223,7 +173,7 @@ class CaVerifier:
         cert = decode_certificate(data)
         if cert.issuer != self.ca.fingerprint:
             raise CertificateError(f"certificate for {cert.name} was issued by {cert.issuer}, not our CA")
-        signature_ok = _verify_hybrid(self.ca, CERT_LABEL + cert.body, cert.signature)
+        signature_ok = _verify_hybrid(self.backend, self.ca, CERT_LABEL + cert.body, cert.signature)
         if not signature_ok:
             raise CertificateError(f"certificate for {cert.name} has an invalid CA signature")
         if cert.fingerprint != presented_fingerprint:
@@ -232,8 +182,7 @@ class CaVerifier:
             raise CertificateError(f"certificate for {cert.name} is not valid yet")
         if now >= cert.not_after:
             raise CertificateError(f"certificate for {cert.name} expired")
-        self._refresh_revocations()
-        if cert.serial in self.revoked:
+        if cert.serial in self.revoked():
             raise CertificateError(f"certificate for {cert.name} (serial {cert.serial}) is revoked")
         try:
             canonical = validate_name(cert.name) == cert.name and all(validate_name(g) == g for g in cert.groups)
@@ -244,18 +193,11 @@ class CaVerifier:
         return cert
 
 
-def _verify_hybrid(ca: PublicIdentity, message: bytes, signature: dict[str, bytes]) -> bool:
-    backend = prim.CryptographyBackend()
+def _verify_hybrid(backend: prim.CryptographyBackend, ca: PublicIdentity, message: bytes,
+                   signature: dict[str, bytes]) -> bool:
+    """Both halves must verify: Ed25519 and the CA's ML-DSA-65."""
     if not prim.ed25519_verify(ca.ed25519, signature.get("ed", b""), message):
         return False
     return backend.mldsa_verify("ML-DSA-65", ca.pq_keys["ML-DSA-65"], signature.get("pq", b""), message,
                                 MLDSA_CONTEXT)
 
-
-def _mtime(path: Path | None) -> tuple[int, int, int] | None:
-    """What identifies one version of a file: modification time, size and inode."""
-    try:
-        info = os.stat(path) if path is not None else None
-    except OSError:
-        return None
-    return (info.st_mtime_ns, info.st_size, info.st_ino) if info is not None else None

@@ -2,28 +2,23 @@
 
 The identity signs the handshake transcript, which has absorbed the X25519 static key, so
 the static key is bound to the identity by the identity's own signature each handshake.
-Private material lives in ``HOME/identity.key`` (0600); the loader refuses group- or
-world-readable files, like ssh does.
+This module is the key model only (sans-IO): where identities are kept is an
+``IdentityStore`` (``pqtunnel.stores``); the daemon's file store is ``pqtunneld.stores``.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import os
-import secrets
-import stat
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from .crypto import backend as prim
 from .crypto.suites import Suite
-from .errors import IdentityError, IdentityExistsError, InsecureKeyFileError, MalformedHandshakeError, UserError
+from .entropy import SYSTEM_ENTROPY, Entropy
+from .errors import IdentityError, MalformedHandshakeError
 from .names import validate_name
 
-KEY_FILE = "identity.key"
-PUB_FILE = "identity.pub"
+SEED_SIZE = 32
 FINGERPRINT_PREFIX = "pq1:"
 _FINGERPRINT_LABEL = b"pqtunnel fingerprint v1\x00"
 MLDSA_CONTEXT = b"pqtunnel-v1"
@@ -128,16 +123,21 @@ class WireIdentity:
 
 @dataclass(frozen=True)
 class Identity:
-    """The node's private identity. Seeds only: every key is re-derivable from 32 bytes."""
+    """The node's private identity. Seeds only: every key is re-derivable from 32 bytes.
+
+    ``backend`` derives the ML-DSA public keys from their seeds; the default primitives are
+    used when none is given (every backend derives the same keys).
+    """
 
     name: str
     ed25519_seed: bytes
     pq_seeds: dict[str, bytes] = field(hash=False, repr=False)
     x25519_static: bytes = field(repr=False)
     public: PublicIdentity = field(init=False, compare=False)
+    backend: InitVar[prim.CryptographyBackend | None] = None
 
-    def __post_init__(self) -> None:
-        backend = prim.CryptographyBackend()
+    def __post_init__(self, backend: prim.CryptographyBackend | None) -> None:
+        backend = backend or prim.CryptographyBackend()
         public = PublicIdentity(
             name=self.name,
             ed25519=prim.ed25519_public(self.ed25519_seed),
@@ -154,12 +154,15 @@ class Identity:
         return prim.x25519_public(self.x25519_static)
 
     @classmethod
-    def generate(cls, name: str) -> Identity:
+    def generate(cls, name: str, entropy: Entropy = SYSTEM_ENTROPY,
+                 backend: prim.CryptographyBackend | None = None) -> Identity:
+        """A fresh identity; seeds come from ``entropy`` so tests can make it reproducible."""
         return cls(
             name=validate_name(name),
-            ed25519_seed=secrets.token_bytes(32),
-            pq_seeds={alg: secrets.token_bytes(32) for alg in PQ_ALGORITHMS},
-            x25519_static=secrets.token_bytes(32),
+            ed25519_seed=entropy.random_bytes(SEED_SIZE),
+            pq_seeds={alg: entropy.random_bytes(SEED_SIZE) for alg in PQ_ALGORITHMS},
+            x25519_static=entropy.random_bytes(SEED_SIZE),
+            backend=backend,
         )
 
     def sign(self, backend: prim.CryptographyBackend, suite: Suite, message: bytes) -> dict[str, bytes]:
@@ -169,100 +172,3 @@ class Identity:
             seed = self.pq_seeds[suite.pq_signature]
             signatures["pq"] = backend.mldsa_sign(suite.pq_signature, seed, message, MLDSA_CONTEXT)
         return signatures
-
-    # --- files ---------------------------------------------------------------------------
-
-    def to_file_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "name": self.name,
-            "ed25519_seed": _b64(self.ed25519_seed),
-            "ml_dsa_65_seed": _b64(self.pq_seeds["ML-DSA-65"]),
-            "ml_dsa_87_seed": _b64(self.pq_seeds["ML-DSA-87"]),
-            "x25519_static": _b64(self.x25519_static),
-        }
-
-    @classmethod
-    def from_file_dict(cls, data: dict[str, Any], path: Path) -> Identity:
-        if not isinstance(data.get("name"), str):
-            raise IdentityError(f"identity key file {path} is malformed (name missing or not a string)")
-        try:
-            return cls(
-                name=validate_name(data["name"]),
-                ed25519_seed=_unb64(data["ed25519_seed"], 32),
-                pq_seeds={
-                    "ML-DSA-65": _unb64(data["ml_dsa_65_seed"], 32),
-                    "ML-DSA-87": _unb64(data["ml_dsa_87_seed"], 32),
-                },
-                x25519_static=_unb64(data["x25519_static"], 32),
-            )
-        except (KeyError, TypeError, ValueError, UserError) as exc:
-            raise IdentityError(f"identity key file {path} is malformed ({exc})") from None
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str, size: int) -> bytes:
-    raw = base64.b64decode(text, validate=True)
-    if len(raw) != size:
-        raise ValueError(f"expected {size} bytes, got {len(raw)}")
-    return raw
-
-
-def ensure_home(home: Path) -> Path:
-    """Create the node home owner-only (0700); it holds keys and the control socket."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(home, 0o700)
-    return home
-
-
-def create_identity(home: Path, name: str) -> Identity:
-    """Generate and store a new identity; refuse to overwrite an existing one."""
-    key_path = home / KEY_FILE
-    if key_path.exists():
-        raise IdentityExistsError(f"an identity already exists in {home} (refusing to overwrite {key_path})")
-    identity = Identity.generate(name)
-    ensure_home(home)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(identity.to_file_dict(), handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    (home / PUB_FILE).write_text(json.dumps(public_summary(identity), indent=2) + "\n")
-    return identity
-
-
-def public_summary(identity: Identity) -> dict[str, Any]:
-    return {
-        "name": identity.name,
-        "fingerprint": identity.fingerprint,
-        "ed25519": _b64(identity.public.ed25519),
-        "ml_dsa_65": _b64(identity.public.pq_keys["ML-DSA-65"]),
-        "ml_dsa_87": _b64(identity.public.pq_keys["ML-DSA-87"]),
-        "x25519_static": _b64(identity.static_public),
-    }
-
-
-def load_identity(home: Path) -> Identity:
-    """Load ``HOME/identity.key``, refusing group/world-readable files."""
-    key_path = home / KEY_FILE
-    if not home.is_dir():
-        raise IdentityError(f"node home {home} does not exist; create an identity with: pqtunnel init --name NAME --home {home}")
-    try:
-        mode = key_path.stat().st_mode
-    except FileNotFoundError:
-        raise IdentityError(f"no identity in {home}; create one with: pqtunnel init --name NAME --home {home}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InsecureKeyFileError(
-            f"identity key {key_path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-            f"run: chmod 600 {key_path}"
-        )
-    try:
-        data = json.loads(key_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise IdentityError(f"cannot read identity key {key_path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("version") != 1:
-        raise IdentityError(f"identity key file {key_path} has an unknown format")
-    return Identity.from_file_dict(data, key_path)

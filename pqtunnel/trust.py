@@ -1,20 +1,22 @@
 """Pinned trust (like ssh's known_hosts or WireGuard's peer list): name -> fingerprint.
 
 A name is only ever believed when the handshake proves the pinned fingerprint; discovery
-and the peer's own claim are hints, never proof.
+and the peer's own claim are hints, never proof. ``TrustStore`` is the in-memory pin
+table; persisting pins is a ``PinStore``'s job (``pqtunnel.stores``).
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-from .errors import TrustStoreError, UntrustedPeerError, UserError
+from .errors import TrustStoreError, UntrustedPeerError
 from .identity import normalise_fingerprint
 from .names import validate_name
 
-TRUST_FILE = "known_peers"
+
+class PinConflictError(TrustStoreError):
+    """A name is already pinned to another fingerprint (a changed key is what an impersonator shows)."""
 
 
 @dataclass(frozen=True)
@@ -24,35 +26,21 @@ class TrustedPeer:
 
 
 class TrustStore:
-    """The pinned peers of one node, stored one ``NAME FINGERPRINT`` per line."""
+    """The pinned peers of one node: a name -> fingerprint table with the pinning rules."""
 
-    def __init__(self, peers: dict[str, str] | None = None, path: Path | None = None) -> None:
+    def __init__(self, peers: dict[str, str] | None = None) -> None:
         self._by_name: dict[str, str] = dict(peers or {})
-        self.path = path
 
     @classmethod
-    def load(cls, home: Path) -> TrustStore:
-        path = home / TRUST_FILE
-        peers: dict[str, str] = {}
-        if path.exists():
-            for number, line in enumerate(path.read_text().splitlines(), start=1):
-                text = line.split("#", 1)[0].strip()
-                if not text:
-                    continue
-                parts = text.split()
-                if len(parts) != 2:
-                    raise TrustStoreError(f"{path}:{number}: expected 'NAME FINGERPRINT'")
-                try:
-                    peers[validate_name(parts[0], "peer name")] = normalise_fingerprint(parts[1])
-                except UserError as exc:
-                    raise TrustStoreError(f"{path}:{number}: {exc}") from None
-        return cls(peers, path)
+    def from_peers(cls, peers: Iterable[TrustedPeer]) -> TrustStore:
+        """The table a ``PinStore`` holds (later entries win, as in a file read top down)."""
+        return cls({peer.name: peer.fingerprint for peer in peers})
 
     def pin(self, name: str, fingerprint: str) -> bool:
         """Pin ``name``; returns False if it was already pinned to this fingerprint.
 
         Re-pinning a name to a different fingerprint is refused: a changed key is exactly
-        what an impersonator would present, so the user must remove the old line first.
+        what an impersonator would present, so the user must remove the old pin first.
         """
         name = validate_name(name, "peer name")
         fingerprint = normalise_fingerprint(fingerprint)
@@ -60,20 +48,9 @@ class TrustStore:
         if existing == fingerprint:
             return False
         if existing is not None:
-            where = self.path or TRUST_FILE
-            raise TrustStoreError(
-                f"{name} is already pinned to {existing}; remove that line from {where} to change it"
-            )
+            raise PinConflictError(f"{name} is already pinned to {existing}; remove that pin to change it")
         self._by_name[name] = fingerprint
-        self._append(name, fingerprint)
         return True
-
-    def _append(self, name: str, fingerprint: str) -> None:
-        if self.path is None:
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as handle:
-            handle.write(f"{name} {fingerprint}\n")
 
     def fingerprint_for(self, name: str) -> str | None:
         return self._by_name.get(name)

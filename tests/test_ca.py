@@ -1,32 +1,36 @@
-"""Network CA: certificates bind a name to an identity; expired, revoked, forged ones fail."""
+"""Network CA: certificates bind a name to an identity; expired, revoked, forged ones fail.
+
+Everything here runs without files (pqtunnel/ca.py is sans-IO); the CA directory, the
+certificate files and the revocation list file are specified in tests/test_stores.py.
+"""
 
 from __future__ import annotations
-
-import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pqtunneld.trustpolicy import authorize_peer
-from pqtunnel.ca import CaVerifier, CertificateAuthority, decode_certificate, load_ca_public, read_certificate_file
+from pqtunnel.ca import CaVerifier, CertificateAuthority, dearmor, decode_certificate, normalise_serial
+from pqtunnel.crypto import CryptographyBackend
 from pqtunnel.crypto.suites import HYBRID
+from pqtunnel.entropy import Entropy
 from pqtunnel.errors import CaError, CertificateError, UntrustedPeerError
 from pqtunnel.identity import Identity, WireIdentity
 from pqtunnel.trust import TrustStore
 
 NOW = 1_800_000_000
+BACKEND = CryptographyBackend()
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
-    return CertificateAuthority.create(tmp_path_factory.mktemp("ca") / "ca", "corp")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority(Identity.generate("corp"), BACKEND)
 
 
 @pytest.fixture(scope="module")
-def other_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
-    return CertificateAuthority.create(tmp_path_factory.mktemp("ca2") / "ca", "rogue")
+def other_ca() -> CertificateAuthority:
+    return CertificateAuthority(Identity.generate("rogue"), BACKEND)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def node() -> Identity:
 
 
 def verifier(ca: CertificateAuthority) -> CaVerifier:
-    return CaVerifier(load_ca_public(ca.directory / "identity.pub"))
+    return CaVerifier(ca.identity.public, BACKEND)
 
 
 def wire(identity: Identity, certificate: bytes | None) -> WireIdentity:
@@ -64,14 +68,48 @@ def test_certificates_outside_their_validity_are_refused(ca: CertificateAuthorit
 
 
 def test_a_revoked_certificate_is_refused_even_while_running(ca: CertificateAuthority, node: Identity) -> None:
+    """The verifier asks for the revocation list on every certificate, so later revocations count."""
     cert = ca.sign("bob", node.fingerprint, not_before=NOW - 10, not_after=NOW + 3600)
-    checker = CaVerifier(load_ca_public(ca.directory / "identity.pub"), revocation_path=ca.directory / "revoked")
+    revoked: set[str] = set()
+    checker = CaVerifier(ca.identity.public, BACKEND, lambda: revoked)
     assert checker.verify(cert.encode(), node.fingerprint, NOW).serial == cert.serial
-    time.sleep(0.01)  # a distinct mtime for the edited list
-    assert ca.revoke(cert.serial) is True
-    assert ca.revoke(cert.serial) is False
+    revoked.add(cert.serial)
     with pytest.raises(CertificateError, match="revoked"):
         checker.verify(cert.encode(), node.fingerprint, NOW)
+
+
+def test_an_unknown_revocation_list_fails_closed(ca: CertificateAuthority, node: Identity) -> None:
+    def vanished() -> frozenset[str]:
+        raise CertificateError("revocation list is missing: refusing CA certificates")
+
+    checker = CaVerifier(ca.identity.public, BACKEND, vanished)
+    with pytest.raises(CertificateError, match="refusing CA certificates"):
+        checker.verify(sign(ca, node), node.fingerprint, NOW)
+
+
+def test_the_verifier_checks_signatures_with_the_configured_backend(ca: CertificateAuthority, node: Identity) -> None:
+    class RefusingBackend(CryptographyBackend):
+        asked = 0
+
+        def mldsa_verify(self, *args: object) -> bool:
+            RefusingBackend.asked += 1
+            return False
+
+    with pytest.raises(CertificateError, match="invalid CA signature"):
+        CaVerifier(ca.identity.public, RefusingBackend()).verify(sign(ca, node), node.fingerprint, NOW)
+    assert RefusingBackend.asked == 1
+
+
+def test_serials_come_from_the_injected_entropy(node: Identity) -> None:
+    class Fixed(Entropy):
+        def random_bytes(self, size: int) -> bytes:
+            return b"\xab" * size
+
+    authority = CertificateAuthority(Identity.generate("corp"), BACKEND, Fixed())
+    cert = authority.sign("bob", node.fingerprint, not_before=NOW, not_after=NOW + 60)
+    assert cert.serial == "ab" * 16 == normalise_serial(" " + "AB" * 16)
+    with pytest.raises(CaError, match="not a certificate serial"):
+        normalise_serial("ab" * 15)
 
 
 def test_a_certificate_for_another_identity_is_refused(ca: CertificateAuthority, node: Identity) -> None:
@@ -113,20 +151,11 @@ def test_garbage_is_only_ever_a_certificate_error(data: bytes) -> None:
         decode_certificate(data)
 
 
-def test_armored_files_round_trip_and_bad_files_are_clear_errors(ca: CertificateAuthority, node: Identity,
-                                                                 tmp_path: Path) -> None:
+def test_armor_round_trips_and_bad_armor_is_a_certificate_error(ca: CertificateAuthority, node: Identity) -> None:
     cert = ca.sign("bob", node.fingerprint, not_before=NOW, not_after=NOW + 60)
-    path = tmp_path / "node.cert"
-    path.write_text(cert.armor())
-    assert read_certificate_file(path).serial == cert.serial
-    path.write_text("-----BEGIN PQTUNNEL CERTIFICATE-----\nnot base64!\n")
-    with pytest.raises(CaError, match="not a pqtunnel certificate"):
-        read_certificate_file(path)
-
-
-def test_ca_init_refuses_to_overwrite(ca: CertificateAuthority) -> None:
-    with pytest.raises(CaError, match="already exists"):
-        CertificateAuthority.create(ca.directory, "again")
+    assert decode_certificate(dearmor(cert.armor())) == cert
+    with pytest.raises(CertificateError, match="not a pqtunnel certificate"):
+        dearmor("-----BEGIN PQTUNNEL CERTIFICATE-----\nnot base64!\n")
 
 
 # --- the daemon's trust policy ---------------------------------------------------------------

@@ -1,16 +1,22 @@
-"""Crypto backends: the default works; the optional liboqs backend never triggers a build."""
+"""Crypto backends: the default works; the optional liboqs backend never triggers a build.
+
+The library builds the backend it is named (``pqtunnel.crypto.load_backend``); the daemon
+chooses the name (``PQTUNNEL_CRYPTO_BACKEND``) and locates liboqs (``pqtunneld.backends``).
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from pqtunnel.crypto import load_backend
-from pqtunnel.crypto.oqs_backend import find_liboqs, liboqs_status
+from pqtunnel.crypto import CryptographyBackend, load_backend
 from pqtunnel.errors import BackendUnavailableError, ConfigError, UserError
+from pqtunneld.backends import find_liboqs, liboqs_status, open_backend
+from pqtunneld.config import BACKEND_ENV, load_config
 
 LIBOQS_AVAILABLE = find_liboqs() is not None and importlib.util.find_spec("oqs") is not None
 
@@ -29,6 +35,36 @@ def test_default_backend_runs_ml_kem_and_ml_dsa() -> None:
 def test_unknown_backend_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown crypto backend"):
         load_backend("openssl3000")
+    with pytest.raises(ConfigError, match="unknown crypto backend"):
+        open_backend("openssl3000")
+
+
+def test_the_library_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the daemon reads PQTUNNEL_CRYPTO_BACKEND; the library builds what it is named."""
+    monkeypatch.setenv(BACKEND_ENV, "openssl3000")
+    assert type(load_backend()) is CryptographyBackend
+
+
+def test_the_daemon_takes_the_backend_name_from_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert load_config(tmp_path).crypto_backend == "cryptography"
+    monkeypatch.setenv(BACKEND_ENV, "liboqs")
+    assert load_config(tmp_path).crypto_backend == "liboqs"
+
+
+def test_the_library_never_imports_oqs_itself() -> None:
+    """Without a module handed in, asking the library for liboqs is refused, not attempted."""
+    code = (
+        "import sys\n"
+        "from pqtunnel.crypto import load_backend\n"
+        "from pqtunnel.errors import BackendUnavailableError\n"
+        "try:\n    load_backend('liboqs')\nexcept BackendUnavailableError as e:\n    print('refused:', e)\n"
+        "print('oqs imported:', 'oqs' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "refused: the liboqs backend is unavailable" in out
+    assert "oqs imported: False" in out
 
 
 def test_asking_for_liboqs_without_the_library_fails_cleanly_and_never_imports_oqs() -> None:
@@ -37,9 +73,9 @@ def test_asking_for_liboqs_without_the_library_fails_cleanly_and_never_imports_o
         pytest.skip("liboqs is installed here; this test covers hosts without it")
     code = (
         "import sys\n"
-        "from pqtunnel.crypto import load_backend\n"
+        "from pqtunneld.backends import open_backend\n"
         "from pqtunnel.errors import BackendUnavailableError\n"
-        "try:\n    load_backend('liboqs')\nexcept BackendUnavailableError as e:\n    print('refused:', e)\n"
+        "try:\n    open_backend('liboqs')\nexcept BackendUnavailableError as e:\n    print('refused:', e)\n"
         "print('oqs imported:', 'oqs' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
@@ -51,7 +87,7 @@ def test_asking_for_liboqs_without_the_library_fails_cleanly_and_never_imports_o
 @pytest.mark.liboqs
 @pytest.mark.skipif(not LIBOQS_AVAILABLE, reason=f"liboqs backend tests did not run: {liboqs_status()}")
 def test_liboqs_interoperates_with_the_default_backend() -> None:
-    oqs_backend = load_backend("liboqs")
+    oqs_backend = open_backend("liboqs")
     default = load_backend("cryptography")
     key = default.kem_keypair("ML-KEM-768", b"\x03" * 64)
     secret, ciphertext = oqs_backend.kem_encapsulate("ML-KEM-768", key.public_bytes())

@@ -17,9 +17,9 @@ import trio
 
 from pqtunnel import mux
 from pqtunnel.handshake import InitiatorHandshake
-from pqtunnel.identity import load_identity
 from pqtunnel.records import ContentType
 from pqtunnel.session import Established, Session
+from pqtunneld.stores import load_identity
 from tests.nodes import Daemon, init_node, pq
 
 

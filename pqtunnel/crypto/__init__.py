@@ -1,10 +1,15 @@
-"""Crypto suites and backends. Primitives come from ``cryptography``; liboqs is optional."""
+"""Crypto suites and backends. Primitives come from ``cryptography``; liboqs is optional.
+
+Choosing a backend is the application's decision (the daemon takes the name from
+``PQTUNNEL_CRYPTO_BACKEND`` and locates liboqs in ``pqtunneld.backends``); the library only
+builds the backend it is named.
+"""
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
-from ..errors import ConfigError
+from ..errors import BackendUnavailableError, ConfigError
 from .backend import CryptographyBackend
 from .suites import (
     CLASSICAL,
@@ -20,19 +25,28 @@ from .suites import (
 )
 
 
-def load_backend(name: str | None = None) -> CryptographyBackend:
-    """Return the named backend (``cryptography`` default, ``liboqs`` optional)."""
-    name = name or os.environ.get("PQTUNNEL_CRYPTO_BACKEND", "cryptography")
+BACKEND_NAMES = ("cryptography", "liboqs")
+
+
+def load_backend(name: str = "cryptography", oqs: Any | None = None) -> CryptographyBackend:
+    """Return the named backend; ``liboqs`` needs the ``oqs`` module, imported by the caller.
+
+    The library never imports ``oqs`` itself: without the C library that import tries to
+    download and build liboqs, so only a caller that has located liboqs may hand it in.
+    """
     if name == "cryptography":
         return CryptographyBackend()
     if name == "liboqs":
+        if oqs is None:
+            raise BackendUnavailableError("the liboqs backend is unavailable: no oqs module was supplied")
         from .oqs_backend import OqsBackend
 
-        return OqsBackend()
+        return OqsBackend(oqs)
     raise ConfigError(f"unknown crypto backend {name!r}; choose 'cryptography' or 'liboqs'")
 
 
 __all__ = [
+    "BACKEND_NAMES",
     "CLASSICAL",
     "DEFAULT_AEADS",
     "DEFAULT_ALLOWED_SUITES",
