@@ -55,6 +55,17 @@ def mallory() -> Identity:
 # --- deterministic crypto -----------------------------------------------------------------------
 
 
+class CountingEntropy(Entropy):
+    """Reproducible "randomness": 1, 2, 3, ... for each draw."""
+
+    def __init__(self) -> None:
+        self.draws = 0
+
+    def random_bytes(self, size: int) -> bytes:
+        self.draws += 1
+        return bytes([self.draws]) * size
+
+
 class FixedEntropy(Entropy):
     """Always the same ephemeral X25519 key and ML-KEM seed."""
 

@@ -10,21 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pqtunnel.crypto import CryptographyBackend
-from pqtunnel.entropy import Entropy
+from tests.conftest import CountingEntropy
 from pqtunnel.errors import IdentityError, TrustStoreError, UntrustedPeerError, UserError
 from pqtunnel.identity import FINGERPRINT_PREFIX, Identity, normalise_fingerprint
 from pqtunnel.trust import PinConflictError, TrustedPeer, TrustStore
-
-
-class CountingEntropy(Entropy):
-    """Reproducible "randomness": 1, 2, 3, ... for each draw."""
-
-    def __init__(self) -> None:
-        self.draws = 0
-
-    def random_bytes(self, size: int) -> bytes:
-        self.draws += 1
-        return bytes([self.draws]) * size
 
 
 # --- generating ------------------------------------------------------------------------------------------

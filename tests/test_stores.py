@@ -18,7 +18,7 @@ import pytest
 
 from pqtunnel.ca import CaVerifier
 from pqtunnel.crypto import CryptographyBackend
-from pqtunnel.entropy import Entropy
+from tests.conftest import CountingEntropy
 from pqtunnel.errors import (
     CaError,
     CertificateError,
@@ -126,17 +126,6 @@ def test_a_loaded_identity_is_the_created_one(home: Path) -> None:
     assert loaded == created
     assert loaded.fingerprint == created.fingerprint == load_identity(home).fingerprint
     assert loaded.static_public == created.static_public
-
-
-class CountingEntropy(Entropy):
-    """Reproducible "randomness": 1, 2, 3, ... for each draw."""
-
-    def __init__(self) -> None:
-        self.draws = 0
-
-    def random_bytes(self, size: int) -> bytes:
-        self.draws += 1
-        return bytes([self.draws]) * size
 
 
 def test_the_identity_store_draws_its_seeds_from_the_given_entropy(tmp_path: Path) -> None:
