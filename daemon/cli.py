@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pqtunnel.errors import PqtunnelError, UserError
+from pqtunnel.errors import PqtunnelError
 
 from . import control
 from .config import default_home, load_config

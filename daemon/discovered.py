@@ -8,24 +8,45 @@ proves it. Advertisements that contradict a pin are listed as untrusted and neve
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from pqtunnel.discovery import Peer, PeerAppeared, PeerChanged, PeerEvent, PeerLeft
 
-from .config import Address
+from pqtunnel.ca import CaVerifier
+from pqtunnel.identity import Identity
+from pqtunnel.trust import TrustStore
+
+from .config import Address, NodeConfig
+from .links import PeerLink, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .mdns import DiscoveryError, MdnsDiscovery
 
-if TYPE_CHECKING:
-    from .node import Node
+
+
+class DiscoveryHost(Protocol):
+    """What discovery needs from the node: who we are, whom we trust, and its links."""
+
+    config: NodeConfig
+    identity: Identity
+    trust: TrustStore
+    ca: CaVerifier | None
+    links: dict[str, PeerLink]
+    listen_address: Address | None
+
+    @property
+    def sessions(self) -> Any: ...
+
+    def start_link(self, link: PeerLink) -> None: ...
+
+    def drop_link(self, link: PeerLink) -> None: ...
 
 
 class DiscoveryWiring:
     """Consumes PeerEvents and keeps the node's mDNS links in step with them."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: DiscoveryHost) -> None:
         self.node = node
         self.mdns: MdnsDiscovery | None = None
         self.peers: dict[str, Peer] = {}
@@ -96,7 +117,6 @@ class DiscoveryWiring:
             return
         addresses = [Address(address, p.port) for p in usable for address in p.addresses]
         if link is None:
-            from .node import PeerLink
 
             link = PeerLink(name, addresses[0], source="mdns")
             link.set_candidates(addresses)
@@ -108,7 +128,6 @@ class DiscoveryWiring:
     # --- queries -----------------------------------------------------------------------------------
 
     def why_unknown(self, name: str) -> Exception:
-        from .node import PeerUnreachableError, UnknownPeerError
 
         claims = sorted({p.fingerprint for p in self.peers.values() if p.name == name})
         if claims:

@@ -9,11 +9,11 @@ from typing import Any
 
 import trio
 
-from pqtunnel.errors import PqtunnelError, UntrustedPeerError, UserError
+from pqtunnel.errors import UserError
 from pqtunnel.handshake import CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache, ResponderHandshake
 from pqtunnel.identity import Identity, WireIdentity
 from pqtunnel import events
-from pqtunnel.peers import Direction, HandshakeGate, Link, SessionFacts, SessionTable
+from pqtunnel.peers import Direction, HandshakeGate, SessionFacts, SessionTable
 from pqtunnel.tunnel import Tunnel
 from pqtunnel.trust import TrustStore
 
@@ -23,56 +23,14 @@ from .trustpolicy import authorize_peer, load_ca_setup
 from .connection import Connection, ConnectionClosed
 from .control import serve_control
 from .discovered import DiscoveryWiring
+from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, log_event
 from .services import serve_stream
 from .socks_server import open_socks_listener, serve_socks_client
 from .netio import monotonic_ms, os_reason, remote_of
-from .streams import StreamError, TunnelStream
+from .streams import TunnelStream
 
 DIAL_TIMEOUT = 5.0
-
-
-class UnknownPeerError(UserError):
-    """No address is known for the peer and it has no session."""
-
-
-class PeerUnreachableError(PqtunnelError):
-    """The peer could not be reached or authenticated in time."""
-
-
-class PeerAuthenticationError(PeerUnreachableError):
-    """The peer was reached, but the handshake failed (untrusted, refused, tampered)."""
-
-
-class PeerLink(Link[Address]):
-    """A peer we dial: the pure ``Link`` state plus the trio signals its redial task waits on.
-
-    Static links come from ``--peer``/config; mDNS links from discovery. An mDNS link may
-    have several candidate addresses (e.g. two nodes claim one name): a failed dial or
-    handshake moves on to the next, and only the handshake decides who the peer is.
-    """
-
-    def __init__(self, name: str, address: Address, source: str = "static") -> None:
-        super().__init__(name=name, candidates=[address], source=source)
-        self.wake = trio.Event()
-        self.changed = trio.Event()
-        self.scope = trio.CancelScope()
-        self.dropped = False
-
-    def new_scope(self) -> trio.CancelScope:
-        """A fresh cancel scope for the next wait or dial (a scope can be entered only once)."""
-        self.scope = trio.CancelScope()
-        if self.dropped:
-            self.scope.cancel()
-        return self.scope
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def failed(self, reason: str, *, handshake: bool = False) -> None:
-        super().failed(reason, handshake=handshake)
-        self.notify()
 
 
 class Node:

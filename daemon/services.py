@@ -10,21 +10,28 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from pqtunnel import mux
 from pqtunnel.errors import PqtunnelError
 
-from .config import Address, ExecService
+from pqtunnel.identity import Identity
+
+from .config import Address, ExecService, NodeConfig
 from .logs import LOG
 from .splice import EXPECTED_ERRORS, Duplex, bridge
 from .netio import os_reason as _os_reason
 from .streams import TunnelStream
 
-if TYPE_CHECKING:
-    from .node import Node
+
+
+class ServiceHost(Protocol):
+    """What serving a stream needs from the node: its name and its service table."""
+
+    config: NodeConfig
+    identity: Identity
 
 CONNECT_TIMEOUT = 10.0
 KILL_GRACE = 2.0
@@ -42,7 +49,7 @@ def describe(target: dict[str, Any]) -> str:
     return f"port {target.get('port')}"
 
 
-def resolve(node: Node, target: dict[str, Any]) -> Address | ExecService:
+def resolve(node: ServiceHost, target: dict[str, Any]) -> Address | ExecService:
     """Map a stream target to what this node serves, or refuse with the reason."""
     service, port = target.get("service"), target.get("port")
     if isinstance(service, str):
@@ -57,7 +64,7 @@ def resolve(node: Node, target: dict[str, Any]) -> Address | ExecService:
     raise Refusal(mux.ErrorCode.PROTOCOL_ERROR, "stream target names neither a service nor a port")
 
 
-async def serve_stream(node: Node, stream: TunnelStream) -> None:
+async def serve_stream(node: ServiceHost, stream: TunnelStream) -> None:
     """Own one inbound stream from accept to close; never lets an error escape."""
     what = describe(stream.target)
     try:

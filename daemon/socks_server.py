@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from pqtunnel import mux, socks
 from pqtunnel.errors import PqtunnelError, UserError
 
-from .config import Address
+from .config import Address, NodeConfig
+from .links import PeerAuthenticationError, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .splice import bridge
-from .streams import StreamError, StreamRefusedError
+from .streams import StreamError, StreamRefusedError, TunnelStream
 
-if TYPE_CHECKING:
-    from .node import Node
+
+
+class SocksHost(Protocol):
+    """What the SOCKS endpoint needs from the node: its accounts and streams to peers."""
+
+    config: NodeConfig
+
+    async def open_stream(self, peer: str, target: dict[str, Any]) -> TunnelStream: ...
 
 NEGOTIATION_TIMEOUT = 10.0
 
@@ -36,7 +43,6 @@ def target_dict(target: socks.ServiceTarget | socks.PortTarget) -> dict[str, Any
 
 def failure_for(exc: BaseException) -> socks.TargetFailure:
     """One mapping from why a stream could not open to the SOCKS reply (via socks.reply_for)."""
-    from .node import PeerAuthenticationError, PeerUnreachableError, UnknownPeerError
 
     if isinstance(exc, UnknownPeerError):
         return socks.TargetFailure.UNKNOWN_PEER
@@ -58,7 +64,7 @@ async def open_socks_listener(address: Address) -> list[trio.SocketListener]:
         raise UserError(f"cannot listen for SOCKS on {address}: {exc.strerror or exc}") from None
 
 
-async def serve_socks_client(node: Node, client: trio.SocketStream) -> None:
+async def serve_socks_client(node: SocksHost, client: trio.SocketStream) -> None:
     """Negotiate, open the tunnel stream, reply, then splice; one line of log per outcome.
 
     A client that vanishes at any point costs only its own connection.
@@ -71,7 +77,7 @@ async def serve_socks_client(node: Node, client: trio.SocketStream) -> None:
         LOG.warning("SOCKS client failed: %s: %s", type(exc).__name__, exc)
 
 
-async def _serve(node: Node, client: trio.SocketStream) -> None:
+async def _serve(node: SocksHost, client: trio.SocketStream) -> None:
     async with client:
         try:
             with trio.fail_after(NEGOTIATION_TIMEOUT):
@@ -83,7 +89,7 @@ async def _serve(node: Node, client: trio.SocketStream) -> None:
         await _connect(node, client, server, request)
 
 
-async def _negotiate(node: Node, client: trio.SocketStream) -> tuple[socks.Socks5Server, socks.ConnectRequested | None]:
+async def _negotiate(node: SocksHost, client: trio.SocketStream) -> tuple[socks.Socks5Server, socks.ConnectRequested | None]:
     server = socks.Socks5Server(require_auth=bool(node.config.socks_users))
     while True:
         data = await client.receive_some(65536)
@@ -114,7 +120,7 @@ async def _send(client: trio.SocketStream, server: socks.Socks5Server) -> None:
         await client.send_all(out)
 
 
-async def _connect(node: Node, client: trio.SocketStream, server: socks.Socks5Server,
+async def _connect(node: SocksHost, client: trio.SocketStream, server: socks.Socks5Server,
                    request: socks.ConnectRequested) -> None:
     try:
         target = socks.target_for_request(request)

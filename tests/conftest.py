@@ -10,6 +10,7 @@ handshake fail".
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -270,3 +271,16 @@ def establish(alice: Identity, bob: Identity, *, suite: Suite = HYBRID, now_ms: 
     assert any(isinstance(e, Established) for e in events_b), events_b
     assert not any(isinstance(e, RecordDataReceived) for e in events_a + events_b)
     return a, b
+
+
+# --- markers by folder: pytest -m unit | vectors | e2e ------------------------------------------------
+
+_MARK_BY_FOLDER = {"unit": pytest.mark.unit, "vectors": pytest.mark.vectors, "e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test carries the marker of its folder, so a layer can run alone."""
+    for item in items:
+        mark = _MARK_BY_FOLDER.get(Path(str(item.fspath)).parent.name)
+        if mark is not None:
+            item.add_marker(mark)

@@ -6,7 +6,7 @@ This builds two nodes in a temporary directory and pins their trust both ways. b
 server.py as the exec service ``tools``. Both daemons start on loopback, and agent.py runs on
 alice's node with ``pqtunnel connect bob/tools`` as its MCP stdio transport. The script then
 shows the session's algorithms and bob's view of the stream, and shuts everything down.
-tests/test_mcp_example.py runs the same ``run_scenario``.
+tests/e2e/test_mcp_example.py runs the same ``run_scenario``.
 """
 
 from __future__ import annotations

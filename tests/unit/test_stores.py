@@ -2,7 +2,7 @@
 
 Identity key files (0600, refused when group/world-readable), known_peers, CA directories,
 certificate files and revocation lists. The key model they store is tested in
-tests/test_identity.py and tests/test_ca.py without touching a file.
+tests/unit/test_identity.py and tests/unit/test_ca.py without touching a file.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pqtunneld.stores import (
 )
 
 NOW = 1_800_000_000
-LIBRARY = Path(__file__).resolve().parent.parent / "pqtunnel"
+LIBRARY = Path(__file__).resolve().parents[2] / "pqtunnel"
 PURE_MODULES = ["identity.py", "trust.py", "ca.py", "stores.py", "crypto/__init__.py", "crypto/backend.py",
                 "crypto/suites.py", "crypto/oqs_backend.py"]
 IO_MODULES = {"os", "stat", "pathlib", "secrets", "time", "json", "socket", "trio", "ctypes", "glob", "importlib",

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("mcp", reason="the MCP example needs the MCP Python SDK: pip install -e '.[test]'")
 
-RUN_PY = Path(__file__).resolve().parent.parent / "examples" / "mcp" / "run.py"
+RUN_PY = Path(__file__).resolve().parents[2] / "examples" / "mcp" / "run.py"
 
 
 def _load_example() -> ModuleType:

@@ -1,6 +1,6 @@
 """Spec for the key model (pqtunnel/identity.py) and the pin table (pqtunnel/trust.py), without files.
 
-The files they are stored in are specified in tests/test_stores.py.
+The files they are stored in are specified in tests/unit/test_stores.py.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def test_leftovers_of_a_killed_lab_are_cleaned_up() -> None:
     script = ("from pqlab.netlab import NetLab; import time; lab = NetLab(); lab.start(); "
               "lab.add_host('orphan').popen(['sleep', '600']); print(lab.bridge_netns, flush=True); time.sleep(600)")
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parent.parent)
+                             cwd=Path(__file__).resolve().parents[2])
     assert owner.stdout is not None
     bridge = owner.stdout.readline().strip()
     owner.kill()
@@ -216,7 +216,7 @@ def test_mistakes_give_clear_errors() -> None:
 
 
 def test_the_lab_example_runs_end_to_end() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, str(root / "examples" / "lab" / "lab.py")], capture_output=True,
                             text=True, timeout=180, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,7 +1,7 @@
 """Network CA: certificates bind a name to an identity; expired, revoked, forged ones fail.
 
 Everything here runs without files (pqtunnel/ca.py is sans-IO); the CA directory, the
-certificate files and the revocation list file are specified in tests/test_stores.py.
+certificate files and the revocation list file are specified in tests/unit/test_stores.py.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import trio
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NETNS_PREFIX = "pqtavahi-"
 STARTUP_TIMEOUT = 20.0
 MDNS_TIMEOUT = 25.0

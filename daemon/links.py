@@ -1,0 +1,53 @@
+"""A peer link in the daemon: the pure ``pqtunnel.peers.Link`` plus the trio signals its redial task waits on."""
+
+from __future__ import annotations
+
+import trio
+
+from pqtunnel.errors import PqtunnelError, UserError
+from pqtunnel.peers import Link
+
+from .config import Address
+
+
+class UnknownPeerError(UserError):
+    """No address is known for the peer and it has no session."""
+
+
+class PeerUnreachableError(PqtunnelError):
+    """The peer could not be reached or authenticated in time."""
+
+
+class PeerAuthenticationError(PeerUnreachableError):
+    """The peer was reached, but the handshake failed (untrusted, refused, tampered)."""
+
+
+class PeerLink(Link[Address]):
+    """A peer we dial: the pure ``Link`` state plus the trio signals its redial task waits on.
+
+    Static links come from ``--peer``/config; mDNS links from discovery. An mDNS link may
+    have several candidate addresses (e.g. two nodes claim one name): a failed dial or
+    handshake moves on to the next, and only the handshake decides who the peer is.
+    """
+
+    def __init__(self, name: str, address: Address, source: str = "static") -> None:
+        super().__init__(name=name, candidates=[address], source=source)
+        self.wake = trio.Event()
+        self.changed = trio.Event()
+        self.scope = trio.CancelScope()
+        self.dropped = False
+
+    def new_scope(self) -> trio.CancelScope:
+        """A fresh cancel scope for the next wait or dial (a scope can be entered only once)."""
+        self.scope = trio.CancelScope()
+        if self.dropped:
+            self.scope.cancel()
+        return self.scope
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def failed(self, reason: str, *, handshake: bool = False) -> None:
+        super().failed(reason, handshake=handshake)
+        self.notify()
