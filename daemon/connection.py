@@ -335,7 +335,7 @@ class Connection:
 
     async def ping(self) -> float:
         """Round trip through the encrypted session, in milliseconds."""
-        if self.finished.is_set():
+        if self.finished.is_set() or self.tunnel.closed:  # closed: still flushing its CLOSE
             raise ConnectionClosed(f"session with {self.peer_label} is closed")
         started = time.perf_counter()
         ping_id = self.tunnel.ping(monotonic_ms())

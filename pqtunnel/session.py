@@ -34,6 +34,8 @@ from .wire import MAX_HANDSHAKE_FRAME, MAX_RECORD_FRAME, MAX_RECORD_PLAINTEXT, F
 
 REKEY_IKM_LABEL = b"pqtunnel/1 rekey\x00"
 PING = struct.Struct(">Q")
+MAX_CLOSE_REASON = 512
+"""CLOSE reasons are cut to this many bytes when sent and when received (the log shows them)."""
 
 
 class SessionState(Enum):
@@ -276,7 +278,7 @@ class Session:
         if self.closed:
             return
         if self.records is not None:
-            self._queue(self.records.seal(ContentType.CLOSE, reason.encode()[:512]))
+            self._queue(self.records.seal(ContentType.CLOSE, reason.encode()[:MAX_CLOSE_REASON]))
         self._close()
 
     def _close(self) -> None:
@@ -313,13 +315,20 @@ class Session:
             return [PongReceived(PING.unpack_from(data)[0], PING.unpack_from(data, PING.size)[0])]
         if content_type is ContentType.CLOSE:
             self._close()
-            return [PeerClosed(data.decode(errors="replace") or "no reason given")]
+            reason = data[:MAX_CLOSE_REASON].decode(errors="replace")  # the peer's text, bounded as sent
+            return [PeerClosed(reason or "no reason given")]
         return self._on_rekey(content_type, data, now_ms)
 
     # --- timers ----------------------------------------------------------------------------------------
 
     def tick(self, now_ms: int) -> None:
-        """Drive keepalive and rekey from the shell's clock; raises KeepaliveTimeout."""
+        """Drive keepalive and rekey from the shell's clock; raises KeepaliveTimeout.
+
+        A no-op once closed: the shell may still tick while it flushes the CLOSE (or the
+        GOAWAY) to a peer that does not read, and a closed session sends nothing more.
+        """
+        if self.closed:
+            return
         if not self.confirmed:
             if now_ms - self.started_ms > self.timers.handshake_timeout_ms:
                 raise KeepaliveTimeout(f"handshake did not finish within {self.timers.handshake_timeout_ms / 1000:.0f} s")
@@ -362,6 +371,8 @@ class Session:
             return []
         if content_type is ContentType.REKEY_RESP:
             return self._on_rekey_resp(data, now_ms)
+        if data:
+            raise RekeyError(f"REKEY_DONE must be empty, not {len(data)} bytes")
         return self._on_rekey_done(now_ms)
 
     def _expect_size(self, data: bytes, kem_part: str) -> None:
