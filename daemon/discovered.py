@@ -14,11 +14,11 @@ import trio
 
 from pqtunnel.discovery import Peer, PeerAppeared, PeerChanged, PeerEvent, PeerLeft
 
-from pqtunnel.ca import CaVerifier
 from pqtunnel.identity import Identity
-from pqtunnel.trust import TrustStore
+from pqtunnel.policy import AdvertisementRequest, Decision, Policy
 
 from .config import Address, NodeConfig
+from .decisions import policy_for
 from .links import PeerLink, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .mdns import DiscoveryError, MdnsDiscovery
@@ -26,12 +26,11 @@ from .mdns import DiscoveryError, MdnsDiscovery
 
 
 class DiscoveryHost(Protocol):
-    """What discovery needs from the node: who we are, whom we trust, and its links."""
+    """What discovery needs from the node: who we are, its Policy (whom we trust), and its links."""
 
     config: NodeConfig
     identity: Identity
-    trust: TrustStore
-    ca: CaVerifier | None
+    policy: Policy
     links: dict[str, PeerLink]
     listen_address: Address | None
 
@@ -73,14 +72,14 @@ class DiscoveryWiring:
 
     # --- events ---------------------------------------------------------------------------------
 
+    def decide(self, peer: Peer) -> Decision:
+        """The Policy's answer for one advertisement (an mDNS sighting is a hint, never proof)."""
+        return policy_for(self.node).decide(AdvertisementRequest(peer.name, peer.fingerprint))
+
     def classify(self, peer: Peer) -> str:
         """pinned (fingerprint matches the pin), ca (a certificate may prove it), or untrusted."""
-        pinned = self.node.trust.fingerprint_for(peer.name)
-        if pinned is not None:
-            return "pinned" if pinned == peer.fingerprint else "untrusted"
-        if peer.name == self.node.identity.name:
-            return "untrusted"  # somebody else claims our own name
-        return "ca" if self.node.ca is not None else "untrusted"
+        decision = self.decide(peer)
+        return decision.trust if decision.allowed and decision.trust else "untrusted"
 
     def apply(self, event: PeerEvent) -> None:
         peer = event.peer
@@ -95,12 +94,11 @@ class DiscoveryWiring:
         self._sync(peer.name)
 
     def _warn_if_untrusted(self, peer: Peer) -> None:
-        if self.classify(peer) != "untrusted" or peer.fingerprint == self.node.identity.fingerprint:
+        decision = self.decide(peer)
+        if decision.allowed or peer.fingerprint == self.node.identity.fingerprint:
             return
-        pinned = self.node.trust.fingerprint_for(peer.name)
-        why = f"does not match the pinned {pinned} (possible spoofing)" if pinned else "is neither pinned nor under a CA"
         LOG.warning("mDNS: %r advertised by %s at %s %s; not used", peer.name, peer.fingerprint,
-                    ", ".join(peer.addresses), why)
+                    ", ".join(peer.addresses), decision.reason)
 
     def _sync(self, name: str) -> None:
         """Create, update or drop the mDNS link for ``name`` from its usable advertisements."""

@@ -1,8 +1,11 @@
 """The serving side of streams: a peer asks for a named service or a port; we connect it.
 
-TCP services are spliced to a fresh connection; exec services (stdio, e.g. an MCP tool
-server) get one process per stream, with stdin/stdout spliced to the stream, stderr logged,
-and the process killed and reaped when the stream ends.
+Whether the peer may is the node's Policy's decision (``pqtunnel.policy``); this module
+only carries it out. TCP services are spliced to a fresh connection; exec services (stdio,
+e.g. an MCP tool server) get one process per stream, with stdin/stdout spliced to the
+stream, stderr logged, and the process killed and reaped when the stream ends. Each
+decision and each end is a structured event (``StreamAllowed``, ``StreamDenied``,
+``StreamEnded``) on the node's event bus.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
+import time
 from typing import Any, Protocol
 
 import trio
 
-from pqtunnel import mux
+from pqtunnel import events, mux
 from pqtunnel.errors import PqtunnelError
+from pqtunnel.policy import Decision, LocalPort, Policy, StreamRequest
 
-from pqtunnel.identity import Identity
-
-from .config import Address, ExecService, NodeConfig
+from .config import Address, ExecService
+from .decisions import policy_for
+from .eventlog import Emit
 from .logs import LOG
 from .splice import EXPECTED_ERRORS, Duplex, bridge
 from .netio import os_reason as _os_reason
@@ -28,19 +33,22 @@ from .streams import TunnelStream
 
 
 class ServiceHost(Protocol):
-    """What serving a stream needs from the node: its name and its service table."""
+    """What serving a stream needs from the node: its Policy and its event bus."""
 
-    config: NodeConfig
-    identity: Identity
+    policy: Policy
+    emit: Emit
 
 CONNECT_TIMEOUT = 10.0
 KILL_GRACE = 2.0
+BACKEND_RULE = "backend"
+"""The rule named in a StreamDenied when the policy allowed the stream but its backend failed."""
 
 
 class Refusal(PqtunnelError):
-    def __init__(self, code: mux.ErrorCode, reason: str) -> None:
+    def __init__(self, code: mux.ErrorCode, reason: str, rule: str = BACKEND_RULE) -> None:
         super().__init__(reason)
         self.code = code
+        self.rule = rule
 
 
 def describe(target: dict[str, Any]) -> str:
@@ -49,38 +57,92 @@ def describe(target: dict[str, Any]) -> str:
     return f"port {target.get('port')}"
 
 
-def resolve(node: ServiceHost, target: dict[str, Any]) -> Address | ExecService:
-    """Map a stream target to what this node serves, or refuse with the reason."""
-    service, port = target.get("service"), target.get("port")
-    if isinstance(service, str):
-        found = node.config.services.get(service)
-        if found is None:
-            raise Refusal(mux.ErrorCode.UNKNOWN_SERVICE, f"{node.identity.name} has no service {service!r}")
-        return found
-    if isinstance(port, int) and not isinstance(port, bool):
-        if port not in node.config.allowed_ports:
-            raise Refusal(mux.ErrorCode.NOT_ALLOWED, f"port {port} on {node.identity.name} is not allowed")
-        return Address("127.0.0.1", port)
-    raise Refusal(mux.ErrorCode.PROTOCOL_ERROR, "stream target names neither a service nor a port")
+def stream_request(stream: TunnelStream) -> StreamRequest:
+    """The policy question for an inbound stream, with the facts of the session carrying it."""
+    result = getattr(stream.port, "result", None)  # the Connection's handshake result
+    return StreamRequest(
+        peer=stream.peer,
+        target=stream.target,
+        fingerprint=result.peer.fingerprint if result is not None else None,
+        address=getattr(stream.port, "remote", None),
+        suite=result.suite.name if result is not None else None,
+    )
+
+
+def resolve(policy: Policy, request: StreamRequest) -> tuple[Decision, Address | ExecService]:
+    """Ask the policy; return its decision and what to connect, or raise Refusal with its reason."""
+    decision = policy.decide(request)
+    if not decision.allowed:
+        raise Refusal(decision.code if decision.code is not None else mux.ErrorCode.REFUSED,
+                      decision.reason, decision.rule)
+    backend = decision.backend
+    if isinstance(backend, LocalPort):
+        return decision, Address("127.0.0.1", backend.port)
+    return decision, backend
+
+
+class _StreamReport:
+    """The events of one served stream. Without an event bus, today's log lines instead."""
+
+    def __init__(self, stream: TunnelStream, request: StreamRequest, what: str, emit: Emit | None) -> None:
+        self.stream = stream
+        self.fingerprint = request.fingerprint or ""
+        self.what = what
+        self.emit = emit
+        self.started = time.monotonic()
+
+    def allowed(self, rule: str) -> None:
+        if self.emit is not None:
+            self.emit(events.StreamAllowed(self.stream.peer, self.fingerprint, self.stream.stream_id, self.what, rule))
+
+    def denied(self, rule: str, reason: str) -> None:
+        if self.emit is not None:  # its message is the log line below
+            self.emit(events.StreamDenied(self.stream.peer, self.fingerprint, self.stream.stream_id, self.what,
+                                          rule, reason))
+        else:
+            LOG.info("refused stream %d from %s to %s: %s", self.stream.stream_id, self.stream.peer, self.what, reason)
+
+    def ended(self, reason: str, *, logged: bool = True) -> None:
+        """``logged``: the caller already wrote its own line (kept where tools and tests read it)."""
+        stream = self.stream
+        if self.emit is not None:
+            self.emit(events.StreamEnded(stream.peer, self.fingerprint, stream.stream_id, self.what, stream.bytes_in,
+                                         stream.bytes_out, round(time.monotonic() - self.started, 6), reason))
+        elif not logged:
+            LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, stream.peer, self.what,
+                     stream.bytes_in, stream.bytes_out)
 
 
 async def serve_stream(node: ServiceHost, stream: TunnelStream) -> None:
     """Own one inbound stream from accept to close; never lets an error escape."""
+    await serve(stream, policy_for(node), getattr(node, "emit", None))
+
+
+async def serve(stream: TunnelStream, policy: Policy, emit: Emit | None = None) -> None:
+    """Serve one inbound stream as ``policy`` decides, reporting through ``emit``."""
     what = describe(stream.target)
+    request = stream_request(stream)
+    report = _StreamReport(stream, request, what, emit)
     try:
-        backend = resolve(node, stream.target)
+        decision, backend = resolve(policy, request)
+        report.allowed(decision.rule)
         if isinstance(backend, ExecService):
-            await _serve_exec(stream, backend, what)
+            status = await _serve_exec(stream, backend, what)
+            report.ended(f"exit status {status}")
         else:
             await _serve_tcp(stream, backend, what)
+            report.ended("finished", logged=False)
     except Refusal as refusal:
-        LOG.info("refused stream %d from %s to %s: %s", stream.stream_id, stream.peer, what, refusal)
+        report.denied(refusal.rule, str(refusal))
         stream.refuse(refusal.code, str(refusal))
     except (PqtunnelError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        LOG.info("stream %d from %s to %s ended: %s", stream.stream_id, stream.peer, what, _os_reason(exc) if isinstance(exc, OSError) else exc)
+        reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
+        LOG.info("stream %d from %s to %s ended: %s", stream.stream_id, stream.peer, what, reason)
+        report.ended(reason)
         await stream.aclose()
     except Exception as exc:  # a bug costs one stream, never the session
         LOG.warning("stream %d from %s to %s failed: %s: %s", stream.stream_id, stream.peer, what, type(exc).__name__, exc)
+        report.ended(f"failed: {type(exc).__name__}: {exc}")
         await stream.aclose()
 
 
@@ -95,8 +157,6 @@ async def _serve_tcp(stream: TunnelStream, address: Address, what: str) -> None:
         stream.accept()
         LOG.debug("stream %d: %s -> %s (%s)", stream.stream_id, stream.peer, what, address)
         await bridge(stream, target)
-    LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, stream.peer, what,
-             stream.bytes_in, stream.bytes_out)
 
 
 async def connect_tcp(host: str, port: int) -> trio.SocketStream:
@@ -114,7 +174,8 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-async def _serve_exec(stream: TunnelStream, service: ExecService, what: str) -> None:
+async def _serve_exec(stream: TunnelStream, service: ExecService, what: str) -> int | None:
+    """Run the process for one stream; returns its exit status."""
     try:
         process = await trio.lowlevel.open_process(list(service.argv), stdin=subprocess.PIPE,
                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -141,6 +202,7 @@ async def _serve_exec(stream: TunnelStream, service: ExecService, what: str) -> 
     if error is not None:
         raise error
     LOG.info("stream %d: %s -> %s closed, exit status %s", stream.stream_id, stream.peer, what, process.returncode)
+    return process.returncode
 
 
 async def _log_stderr(stderr: trio.abc.ReceiveStream, what: str, pid: int) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Protocol
 
 import trio
 
 from pqtunnel import mux, socks
 from pqtunnel.errors import PqtunnelError, UserError
+from pqtunnel.policy import Policy, SocksAccountRequest
 
-from .config import Address, NodeConfig
+from .config import Address
+from .decisions import policy_for
 from .links import PeerAuthenticationError, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .splice import bridge
@@ -19,9 +20,9 @@ from .streams import StreamError, StreamRefusedError, TunnelStream
 
 
 class SocksHost(Protocol):
-    """What the SOCKS endpoint needs from the node: its accounts and streams to peers."""
+    """What the SOCKS endpoint needs from the node: its Policy (accounts) and streams to peers."""
 
-    config: NodeConfig
+    policy: Policy
 
     async def open_stream(self, peer: str, target: dict[str, Any]) -> TunnelStream: ...
 
@@ -81,7 +82,7 @@ async def _serve(node: SocksHost, client: trio.SocketStream) -> None:
     async with client:
         try:
             with trio.fail_after(NEGOTIATION_TIMEOUT):
-                server, request = await _negotiate(node, client)
+                server, request = await _negotiate(policy_for(node), client)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         if request is None:
@@ -89,19 +90,18 @@ async def _serve(node: SocksHost, client: trio.SocketStream) -> None:
         await _connect(node, client, server, request)
 
 
-async def _negotiate(node: SocksHost, client: trio.SocketStream) -> tuple[socks.Socks5Server, socks.ConnectRequested | None]:
-    server = socks.Socks5Server(require_auth=bool(node.config.socks_users))
+async def _negotiate(policy: Policy, client: trio.SocketStream) -> tuple[socks.Socks5Server, socks.ConnectRequested | None]:
+    server = socks.Socks5Server(require_auth=policy.socks_login_required)
     while True:
         data = await client.receive_some(65536)
         events = server.receive_data(data)
         while events:
             event = events.pop(0)
             if isinstance(event, socks.AuthRequested):
-                expected = node.config.socks_users.get(event.username)
-                ok = expected is not None and hmac.compare_digest(expected.encode(), event.password.encode())
-                if not ok:
-                    LOG.info("SOCKS: wrong credentials for user %r", event.username)
-                events.extend(server.accept_credentials(ok))
+                decision = policy.decide(SocksAccountRequest(event.username, event.password))
+                if not decision.allowed:
+                    LOG.info("SOCKS: %s", decision.reason)
+                events.extend(server.accept_credentials(decision.allowed))
             elif isinstance(event, socks.ConnectRequested):
                 await _send(client, server)
                 return server, event

@@ -1,4 +1,5 @@
-"""Who is this peer? Pinned fingerprints first, then the network CA; mDNS never decides."""
+"""Who is this peer? The node's Policy decides (pins first, then the network CA; mDNS never
+decides); this module adapts it to the handshake and loads the CA material."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pqtunnel.ca import CaVerifier
 from pqtunnel.crypto import CryptographyBackend
 from pqtunnel.errors import CertificateError, ConfigError, UntrustedPeerError
 from pqtunnel.identity import Identity, WireIdentity
+from pqtunnel.policy import RULE_CA, PeerRequest, Policy
 from pqtunnel.stores import CaStore
 from pqtunnel.trust import TrustStore
 
@@ -19,27 +21,29 @@ LOG = logging.getLogger("pqtunneld")
 EXPIRY_WARNING_S = 7 * 24 * 3600
 
 
+def admit_peer(policy: Policy, peer: WireIdentity, dialled: str | None, now: int, *,
+               address: str | None = None, suite: str | None = None) -> str:
+    """The handshake's authorize callback: the proven name of ``peer``, as ``policy`` decides.
+
+    A refusal raises UntrustedPeerError saying why (CertificateError when the network CA
+    decided). The decision itself (pins first, then the CA) is ``pqtunnel.policy``'s.
+    """
+    decision = policy.decide(PeerRequest(fingerprint=peer.fingerprint, certificate=peer.certificate,
+                                         dialled=dialled, now=now, address=address, suite=suite))
+    if decision.allowed:
+        if decision.name is None:  # fail closed: an admission must say under which name
+            raise UntrustedPeerError(f"rule {decision.rule} admitted {peer.fingerprint} without a name")
+        return decision.name
+    raise (CertificateError if decision.rule == RULE_CA else UntrustedPeerError)(decision.reason)
+
+
 def authorize_peer(trust: TrustStore, ca: CaVerifier | None, peer: WireIdentity, dialled: str | None, now: int) -> str:
-    """Return the proven name of ``peer`` or raise UntrustedPeerError saying why.
+    """``admit_peer`` with a Policy of just these pins and this CA (for callers without a Policy).
 
     A pin always wins: a CA certificate can never claim a name pinned to another key.
     """
-    fingerprint = peer.fingerprint
-    if dialled is not None and trust.fingerprint_for(dialled) is not None:
-        return trust.require(fingerprint, dialled)
-    pinned_name = trust.name_for(fingerprint)
-    if dialled is None and pinned_name is not None:
-        return pinned_name
-    if ca is None:
-        expected = f"no pinned fingerprint for {dialled}" if dialled else f"peer {fingerprint} is not pinned"
-        raise UntrustedPeerError(expected)
-    cert = ca.verify(peer.certificate, fingerprint, now)
-    if dialled is not None and cert.name != dialled:
-        raise CertificateError(f"certificate is for {cert.name}, not {dialled}")
-    pinned = trust.fingerprint_for(cert.name)
-    if pinned is not None and pinned != fingerprint:
-        raise CertificateError(f"certificate claims {cert.name}, which is pinned to another key")
-    return cert.name
+    policy = Policy(pins=trust, verify_certificate=ca.verify if ca is not None else None)
+    return admit_peer(policy, peer, dialled, now)
 
 
 def load_ca_setup(config: NodeConfig, identity: Identity,
