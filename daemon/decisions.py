@@ -8,8 +8,6 @@ turned into extra rules here.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pqtunnel.ca import CaVerifier
 from pqtunnel.policy import Policy
 from pqtunnel.trust import TrustStore
@@ -28,17 +26,3 @@ def build_policy(config: NodeConfig, node_name: str, trust: TrustStore | None, c
         allowed_ports=config.allowed_ports,
         socks_accounts=config.socks_users,
     )
-
-
-def policy_for(host: Any) -> Policy:
-    """``host.policy`` if the host holds one, else one built from its config, pins and CA.
-
-    The fallback keeps callers that still hand over the whole node (without a ``policy``
-    attribute) deciding exactly as the node's own Policy would.
-    """
-    policy = getattr(host, "policy", None)
-    if isinstance(policy, Policy):
-        return policy
-    identity = getattr(host, "identity", None)
-    return build_policy(host.config, identity.name if identity is not None else "",
-                        getattr(host, "trust", None), getattr(host, "ca", None))

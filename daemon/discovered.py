@@ -18,7 +18,6 @@ from pqtunnel.identity import Identity
 from pqtunnel.policy import AdvertisementRequest, Decision, Policy
 
 from .config import Address, NodeConfig
-from .decisions import policy_for
 from .links import PeerLink, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .mdns import DiscoveryError, MdnsDiscovery
@@ -74,7 +73,7 @@ class DiscoveryWiring:
 
     def decide(self, peer: Peer) -> Decision:
         """The Policy's answer for one advertisement (an mDNS sighting is a hint, never proof)."""
-        return policy_for(self.node).decide(AdvertisementRequest(peer.name, peer.fingerprint))
+        return self.node.policy.decide(AdvertisementRequest(peer.name, peer.fingerprint))
 
     def classify(self, peer: Peer) -> str:
         """pinned (fingerprint matches the pin), ca (a certificate may prove it), or untrusted."""

@@ -19,7 +19,8 @@ from pqtunnel.trust import TrustStore
 
 from .backends import liboqs_status, open_backend
 from .config import Address, NodeConfig
-from .trustpolicy import authorize_peer, load_ca_setup
+from .decisions import build_policy
+from .trustpolicy import admit_peer, load_ca_setup
 from .connection import Connection, ConnectionClosed
 from .control import serve_control
 from .discovered import DiscoveryWiring
@@ -41,6 +42,7 @@ class Node:
         self.backend = open_backend(config.crypto_backend)
         self.handshake_config = HandshakeConfig(allowed_suites=config.suites, aeads=config.aeads)
         self.ca, self.certificate = load_ca_setup(config, identity, self.backend)
+        self.policy = build_policy(config, identity.name, trust, self.ca)
         self.replay_cache = ReplayCache(self.handshake_config.replay_window_ms)
         self.cookies = CookieJar()
         self.sessions: SessionTable[Connection] = SessionTable(identity.fingerprint)
@@ -109,7 +111,7 @@ class Node:
 
     def _authorizer(self, dialled: str | None):
         def authorize(peer: WireIdentity) -> str:
-            return authorize_peer(self.trust, self.ca, peer, dialled, int(time.time()))
+            return admit_peer(self.policy, peer, dialled, int(time.time()))
         return authorize
 
     def trust_source(self, name: str, fingerprint: str) -> str:

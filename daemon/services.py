@@ -23,7 +23,6 @@ from pqtunnel.errors import PqtunnelError
 from pqtunnel.policy import Decision, LocalPort, Policy, StreamRequest
 
 from .config import Address, ExecService
-from .decisions import policy_for
 from .eventlog import Emit
 from .logs import LOG
 from .splice import EXPECTED_ERRORS, Duplex, bridge
@@ -59,12 +58,12 @@ def describe(target: dict[str, Any]) -> str:
 
 def stream_request(stream: TunnelStream) -> StreamRequest:
     """The policy question for an inbound stream, with the facts of the session carrying it."""
-    result = getattr(stream.port, "result", None)  # the Connection's handshake result
+    result = stream.port.result
     return StreamRequest(
         peer=stream.peer,
         target=stream.target,
         fingerprint=result.peer.fingerprint if result is not None else None,
-        address=getattr(stream.port, "remote", None),
+        address=stream.port.remote,
         suite=result.suite.name if result is not None else None,
     )
 
@@ -82,9 +81,9 @@ def resolve(policy: Policy, request: StreamRequest) -> tuple[Decision, Address |
 
 
 class _StreamReport:
-    """The events of one served stream. Without an event bus, today's log lines instead."""
+    """The events of one served stream: allowed or denied, then how it ended."""
 
-    def __init__(self, stream: TunnelStream, request: StreamRequest, what: str, emit: Emit | None) -> None:
+    def __init__(self, stream: TunnelStream, request: StreamRequest, what: str, emit: Emit) -> None:
         self.stream = stream
         self.fingerprint = request.fingerprint or ""
         self.what = what
@@ -92,33 +91,24 @@ class _StreamReport:
         self.started = time.monotonic()
 
     def allowed(self, rule: str) -> None:
-        if self.emit is not None:
-            self.emit(events.StreamAllowed(self.stream.peer, self.fingerprint, self.stream.stream_id, self.what, rule))
+        self.emit(events.StreamAllowed(self.stream.peer, self.fingerprint, self.stream.stream_id, self.what, rule))
 
     def denied(self, rule: str, reason: str) -> None:
-        if self.emit is not None:  # its message is the log line below
-            self.emit(events.StreamDenied(self.stream.peer, self.fingerprint, self.stream.stream_id, self.what,
-                                          rule, reason))
-        else:
-            LOG.info("refused stream %d from %s to %s: %s", self.stream.stream_id, self.stream.peer, self.what, reason)
+        self.emit(events.StreamDenied(self.stream.peer, self.fingerprint, self.stream.stream_id, self.what,
+                                      rule, reason))
 
-    def ended(self, reason: str, *, logged: bool = True) -> None:
-        """``logged``: the caller already wrote its own line (kept where tools and tests read it)."""
+    def ended(self, reason: str) -> None:
         stream = self.stream
-        if self.emit is not None:
-            self.emit(events.StreamEnded(stream.peer, self.fingerprint, stream.stream_id, self.what, stream.bytes_in,
-                                         stream.bytes_out, round(time.monotonic() - self.started, 6), reason))
-        elif not logged:
-            LOG.info("stream %d: %s -> %s closed (%d B in, %d B out)", stream.stream_id, stream.peer, self.what,
-                     stream.bytes_in, stream.bytes_out)
+        self.emit(events.StreamEnded(stream.peer, self.fingerprint, stream.stream_id, self.what, stream.bytes_in,
+                                     stream.bytes_out, round(time.monotonic() - self.started, 6), reason))
 
 
 async def serve_stream(node: ServiceHost, stream: TunnelStream) -> None:
     """Own one inbound stream from accept to close; never lets an error escape."""
-    await serve(stream, policy_for(node), getattr(node, "emit", None))
+    await serve(stream, node.policy, node.emit)
 
 
-async def serve(stream: TunnelStream, policy: Policy, emit: Emit | None = None) -> None:
+async def serve(stream: TunnelStream, policy: Policy, emit: Emit) -> None:
     """Serve one inbound stream as ``policy`` decides, reporting through ``emit``."""
     what = describe(stream.target)
     request = stream_request(stream)
@@ -131,7 +121,7 @@ async def serve(stream: TunnelStream, policy: Policy, emit: Emit | None = None) 
             report.ended(f"exit status {status}")
         else:
             await _serve_tcp(stream, backend, what)
-            report.ended("finished", logged=False)
+            report.ended("finished")
     except Refusal as refusal:
         report.denied(refusal.rule, str(refusal))
         stream.refuse(refusal.code, str(refusal))

@@ -11,7 +11,6 @@ from pqtunnel.errors import PqtunnelError, UserError
 from pqtunnel.policy import Policy, SocksAccountRequest
 
 from .config import Address
-from .decisions import policy_for
 from .links import PeerAuthenticationError, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .splice import bridge
@@ -82,7 +81,7 @@ async def _serve(node: SocksHost, client: trio.SocketStream) -> None:
     async with client:
         try:
             with trio.fail_after(NEGOTIATION_TIMEOUT):
-                server, request = await _negotiate(policy_for(node), client)
+                server, request = await _negotiate(node.policy, client)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         if request is None:

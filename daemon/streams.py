@@ -15,6 +15,7 @@ import trio
 
 from pqtunnel import mux
 from pqtunnel.errors import PqtunnelError
+from pqtunnel.handshake import HandshakeResult
 
 COALESCE_LIMIT = 256 * 1024
 
@@ -43,6 +44,11 @@ class StreamPort(Protocol):
 
     @property
     def peer(self) -> str: ...
+
+    @property
+    def result(self) -> HandshakeResult | None: ...
+
+    remote: str
 
     def credit(self, stream_id: int) -> int: ...
 
