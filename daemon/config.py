@@ -36,6 +36,8 @@ class Address:
 
 def parse_address(text: str, what: str, default_port: int | None = None) -> Address:
     """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a message that says what was wrong."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: expected a string \"HOST:PORT\", not {type(text).__name__} {text!r}")
     value = text.strip()
     host, sep, port_text = value.rpartition(":")
     if not sep:
@@ -201,6 +203,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes lazily and raises this for non-UTF-8 bytes
+        raise ConfigError(f"config file {path} is not valid UTF-8 (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 
