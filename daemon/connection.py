@@ -54,6 +54,7 @@ class Connection:
         self.inbound: InboundHandler | None = None
         self.on_established: Callable[[Connection], None] = lambda conn: None
         self.on_finished: Callable[[Connection], None] = lambda conn: None
+        self.on_rekeyed: Callable[[Connection], None] = lambda conn: None
         self.emit: Callable[[events.Event], None] = lambda event: None
         self.fault = events.Fault.PEER
         self._nursery: trio.Nursery | None = None
@@ -197,6 +198,7 @@ class Connection:
                 waiter.set()
         elif isinstance(event, core.Rekeyed) and self.result is not None:
             self.emit(events.Rekeyed(self.peer, self.result.peer.fingerprint, self.result.session_id.hex(), event.epoch))
+            self.on_rekeyed(self)
         elif isinstance(event, core.PeerClosed):
             self.close_reason = f"peer closed the session: {event.reason}"
         elif isinstance(event, core.GoAwayReceived):

@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from pqtunnel.errors import UserError
+from pqtunnel.errors import UntrustedPeerError, UserError
 from pqtunnel.handshake import CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache, ResponderHandshake
 from pqtunnel.identity import Identity, WireIdentity
 from pqtunnel import events
@@ -145,7 +145,23 @@ class Node:
         conn.emit = self.emit
         conn.on_established = established
         conn.on_finished = self._unregister
+        conn.on_rekeyed = self.readmit
         await conn.run()
+
+    def readmit(self, conn: Connection) -> bool:
+        """Ask the policy again whether a live session's peer is still trusted (at every rekey,
+        and whenever trust material changes): a certificate revoked or expired since the
+        handshake closes the session with that reason. Returns whether the peer passed."""
+        result = conn.result
+        if result is None:
+            return True
+        try:
+            admit_peer(self.policy, result.peer, conn.dialled, int(time.time()))
+        except UntrustedPeerError as exc:
+            if self._nursery is not None:
+                self._nursery.start_soon(conn.close, f"peer no longer trusted: {exc}")
+            return False
+        return True
 
     # --- session table --------------------------------------------------------------------------------
 
