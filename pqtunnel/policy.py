@@ -30,10 +30,21 @@ Each request kind is answered by an ordered chain of rules; a rule returns a Dec
   is not pinned and is not our own, if a network CA is configured (the handshake may then
   prove it with a certificate); anything else is ``untrusted``.
 
-Rules added later (grants by name, group or fingerprint, minimum suites, source networks,
-rate budgets) are more rules in these chains (``extra_rules``, consulted first); callers do
-not change. The requests already carry what such rules need (fingerprint, suite, source
-address, certificate groups).
+The ``[policy]`` section of a node's configuration arrives as ``AccessRules`` (plain data:
+grants, triggers, the legacy budget, the policy's own tests). Without it the defaults above
+are the whole policy; with it, access is denied by default and:
+
+* streams: a service or port is reachable only through a ``Grant`` matching the peer (its
+  proven name, a group of its CA certificate, its fingerprint, or ``*``), the target, the
+  session's suite (``min_suite``) and the peer's source network (``from``); grants are a
+  union of allows. Sessions below hybrid (classical) may reach only the legacy services.
+* peers: a ``Trigger`` makes every session from outside its networks use at least its
+  suite (``SuiteRequest`` tells the handshake which suites a source address may use; a peer
+  admitted with a weaker suite is refused); a legacy session is admitted with the legacy
+  ``RateLimit``.
+
+Further rules can be added to these chains (``extra_rules``, consulted first); callers do
+not change.
 
 Sans-IO: no files, clocks or sockets. Certificate verification stays in ``pqtunnel.ca``:
 the policy is handed a verifier callable (``CaVerifier.verify``) and the time comes in the
@@ -43,12 +54,16 @@ request.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
-from .errors import CertificateError
+from .crypto.suites import HYBRID, SUITES
+from .errors import CertificateError, ConfigError, IdentityError
+from .identity import normalise_fingerprint
 from .mux import ErrorCode
+from .names import validate_name
 from .trust import TrustStore
 
 # --- rule names ------------------------------------------------------------------------------
@@ -82,6 +97,248 @@ def port_rule(port: int) -> str:
 
 def socks_account_rule(username: str) -> str:
     return f"socks-account:{username}"
+
+
+RULE_LEGACY = "legacy"
+"""A session below hybrid asked for something outside ``[policy.legacy] services``."""
+RULE_NO_TRIGGER = "no-trigger"
+"""No trigger raises the minimum suite for this source address."""
+ACCESS_RULE_PREFIXES = ("grant:", "trigger:", RULE_LEGACY)
+
+
+def grant_rule(index: int) -> str:
+    return f"grant:{index}"
+
+
+def trigger_rule(index: int) -> str:
+    return f"trigger:{index}"
+
+
+def is_access_rule(rule: str) -> bool:
+    """Whether ``rule`` comes from the ``[policy]`` section (not from pins, the CA or defaults)."""
+    return rule.startswith(ACCESS_RULE_PREFIXES)
+
+
+# --- the [policy] section as data --------------------------------------------------------------
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IpAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+ANYONE = "*"
+GROUP_PREFIX = "group:"
+PORT_PREFIX = "port:"
+
+
+def suite_rank(name: str | None) -> int:
+    """``classical`` < ``hybrid`` < ``pq-strong``; an unknown or missing suite ranks below all."""
+    suite = SUITES.get(name or "")
+    return suite.rank if suite is not None else -1
+
+
+def is_legacy(suite: str | None) -> bool:
+    """Below hybrid: no post-quantum key exchange (an unknown suite counts as legacy: fail closed)."""
+    return suite_rank(suite) < HYBRID.rank
+
+
+def host_of(address: str | None) -> IpAddress | None:
+    """The IP of ``"10.0.0.1:4000"``, ``"[::1]:4000"``, ``"10.0.0.1"`` or ``"::1"``; else None."""
+    if not address:
+        return None
+    text = address.strip()
+    candidates = [text]
+    if text.startswith("["):
+        candidates = [text[1:].partition("]")[0]]
+    elif text.count(":") == 1:
+        candidates = [text.partition(":")[0]]
+    for candidate in candidates:
+        try:
+            return ipaddress.ip_address(candidate)
+        except ValueError:
+            pass
+    return None
+
+
+def _in_any(ip: IpAddress | None, networks: Iterable[Network]) -> bool:
+    return ip is not None and any(ip.version == net.version and ip in net for net in networks)
+
+
+def _networks_text(networks: Iterable[Network]) -> str:
+    return ", ".join(str(n) for n in networks)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Who asks, as far as grants can tell: proven name, fingerprint, CA certificate groups."""
+
+    name: str | None = None
+    fingerprint: str | None = None
+    groups: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        who = self.name or self.fingerprint or "an unnamed peer"
+        return f"{who} (groups {', '.join(self.groups)})" if self.groups else who
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a stream asks for: ``service`` NAME or ``port`` N."""
+
+    kind: str
+    value: str | int
+
+    @classmethod
+    def of(cls, target: Mapping[str, Any]) -> Target | None:
+        """The target of a mux OPEN (a service name wins over a port), None if it names neither."""
+        service = target.get("service")
+        if isinstance(service, str):
+            return cls("service", service)
+        port = target.get("port")
+        if isinstance(port, int) and not isinstance(port, bool):
+            return cls("port", port)
+        return None
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.value}"
+
+
+def parse_destination(text: str) -> dict[str, Any]:
+    """``"web"`` -> ``{"service": "web"}``, ``"port:8080"`` -> ``{"port": 8080}`` (ConfigError if neither)."""
+    value = text.strip().lower()
+    if value.startswith(PORT_PREFIX):
+        number = value.removeprefix(PORT_PREFIX)
+        if not number.isdigit() or not 0 < int(number) < 65536:
+            raise ConfigError(f"destination {text!r}: the port must be a number from 1 to 65535")
+        return {"port": int(number)}
+    return {"service": validate_name(value, "service name")}
+
+
+def parse_subject(text: str, pins: TrustStore | None = None) -> Subject:
+    """A peer described as ``NAME``, ``pq1:...``, ``group:NAME`` or several of them joined by
+    commas (``carol,group:ops``); a pinned name brings its fingerprint and vice versa."""
+    name = fingerprint = None
+    groups: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower().startswith(GROUP_PREFIX):
+            groups.append(validate_name(part[len(GROUP_PREFIX):], "group name"))
+        elif part.lower().startswith("pq1:"):
+            try:
+                fingerprint = normalise_fingerprint(part)
+            except IdentityError as exc:
+                raise ConfigError(str(exc)) from None
+        else:
+            name = validate_name(part, "peer name")
+    if pins is not None:
+        if name is not None and fingerprint is None:
+            fingerprint = pins.fingerprint_for(name)
+        elif fingerprint is not None and name is None:
+            name = pins.name_for(fingerprint)
+    return Subject(name, fingerprint, tuple(groups))
+
+
+@dataclass(frozen=True)
+class Grant:
+    """``[[policy.grant]]``: peers matching ``src`` may reach targets matching ``dst``.
+
+    ``src``: proven names, ``group:NAME`` (a group of the peer's CA certificate), fingerprints
+    ``pq1:...``, ``*`` (anyone admitted). ``dst``: service names, ``port:N``, ``*`` (every
+    service and every allowed port). ``min_suite``: the session must use at least this suite.
+    ``networks``: the peer's source address must be in one of them (None: from anywhere).
+    """
+
+    src: tuple[str, ...]
+    dst: tuple[str, ...]
+    min_suite: str | None = None
+    networks: tuple[Network, ...] | None = None
+    index: int = 1
+
+    @property
+    def rule(self) -> str:
+        return grant_rule(self.index)
+
+    def admits(self, subject: Subject) -> bool:
+        for item in self.src:
+            if item == ANYONE or item == subject.name or item == subject.fingerprint:
+                return True
+            if item.startswith(GROUP_PREFIX) and item[len(GROUP_PREFIX):] in subject.groups:
+                return True
+        return False
+
+    def reaches(self, target: Target, allowed_ports: frozenset[int]) -> bool:
+        """``*`` covers every service and every allowed port; ``port:N`` opens port N itself."""
+        if target.kind == "service":
+            return ANYONE in self.dst or target.value in self.dst
+        return f"{PORT_PREFIX}{target.value}" in self.dst or (ANYONE in self.dst and target.value in allowed_ports)
+
+    def names_port(self, port: int) -> bool:
+        return f"{PORT_PREFIX}{port}" in self.dst
+
+    def from_ok(self, ip: IpAddress | None) -> bool:
+        return self.networks is None or _in_any(ip, self.networks)
+
+    def suite_ok(self, suite: str | None) -> bool:
+        return self.min_suite is None or suite_rank(suite) >= suite_rank(self.min_suite)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """``[[policy.trigger]]``: a session from outside ``outside`` must use at least ``min_suite``."""
+
+    outside: tuple[Network, ...]
+    min_suite: str
+    index: int = 1
+
+    @property
+    def rule(self) -> str:
+        return trigger_rule(self.index)
+
+    def applies(self, ip: IpAddress | None) -> bool:
+        """An unknown source address is outside every network (fail closed)."""
+        return not _in_any(ip, self.outside)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket's budget: ``rate`` bytes per second, ``burst`` bytes at once."""
+
+    rate: int
+    burst: int
+
+
+@dataclass(frozen=True)
+class LegacyRules:
+    """``[policy.legacy]``: what sessions below hybrid may reach, and how fast."""
+
+    services: tuple[str, ...] = ()
+    limit: RateLimit | None = None
+
+
+@dataclass(frozen=True)
+class PolicyTest:
+    """``[[policy.test]]``: ``src`` must reach every ``accept`` and none of ``deny``.
+
+    ``address`` and ``suite`` describe the session the test imagines (defaults: an unknown
+    address, the node's preferred suite raised to what the triggers demand).
+    """
+
+    src: str
+    accept: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    address: str | None = None
+    suite: str | None = None
+    index: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"policy test #{self.index} (src {self.src!r})"
+
+
+@dataclass(frozen=True)
+class AccessRules:
+    """The ``[policy]`` section: present means deny by default, grants add access."""
+
+    grants: tuple[Grant, ...] = ()
+    triggers: tuple[Trigger, ...] = ()
+    legacy: LegacyRules = field(default_factory=LegacyRules)
+    tests: tuple[PolicyTest, ...] = ()
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -132,7 +389,17 @@ class AdvertisementRequest:
     fingerprint: str
 
 
-Request = Union[PeerRequest, StreamRequest, SocksAccountRequest, AdvertisementRequest]
+@dataclass(frozen=True)
+class SuiteRequest:
+    """A connection from (or to) ``address`` is starting: which suites may its session use?
+
+    Answered with the ``min_suite`` the triggers demand (None: any suite the node allows).
+    """
+
+    address: str | None
+
+
+Request = Union[PeerRequest, StreamRequest, SocksAccountRequest, AdvertisementRequest, SuiteRequest]
 
 
 # --- the answer ------------------------------------------------------------------------------
@@ -150,8 +417,9 @@ class Decision:
     """The answer to one request; ``rule`` names the rule that decided it.
 
     Kind-specific facts: ``name``, ``groups`` and ``trust`` ("pinned", "ca", "untrusted")
-    for peers and advertisements; ``code`` (the mux error code to refuse with) and
-    ``backend`` (the service table's value, or a ``LocalPort``) for streams.
+    for peers and advertisements, and ``rate_limit`` for an admitted legacy session;
+    ``code`` (the mux error code to refuse with) and ``backend`` (the service table's
+    value, or a ``LocalPort``) for streams; ``min_suite`` for a ``SuiteRequest``.
     """
 
     allowed: bool
@@ -162,6 +430,34 @@ class Decision:
     trust: str | None = None
     code: ErrorCode | None = None
     backend: Any = None
+    min_suite: str | None = None
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """The answer to ``Policy.check``: the imagined session, the trigger, and the decision."""
+
+    subject: Subject
+    target: Mapping[str, Any]
+    address: str | None
+    suite: str
+    trigger: Decision
+    decision: Decision
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    def fields(self) -> dict[str, Any]:
+        """JSON-ready (``pqtunnel policy check --json``)."""
+        return {
+            "allowed": self.decision.allowed, "rule": self.decision.rule, "reason": self.decision.reason,
+            "src": {"name": self.subject.name, "fingerprint": self.subject.fingerprint,
+                    "groups": list(self.subject.groups)},
+            "dst": dict(self.target), "from": self.address, "suite": self.suite,
+            "trigger": {"rule": self.trigger.rule, "reason": self.trigger.reason, "min_suite": self.trigger.min_suite},
+        }
 
 
 class Certified(Protocol):
@@ -191,8 +487,9 @@ class Policy:
     by reference so pins added while running count, or a name -> fingerprint mapping),
     ``verify_certificate`` (the CA verifier, None without a CA), ``services`` (name ->
     service spec, returned as the stream's backend untouched), ``allowed_ports`` and
-    ``socks_accounts`` (username -> password). ``extra_rules`` maps a request type to rules
-    consulted before the default ones.
+    ``socks_accounts`` (username -> password). ``access`` is the ``[policy]`` section (None:
+    today's defaults, every admitted peer reaches every service and allowed port).
+    ``extra_rules`` maps a request type to rules consulted before the default ones.
     """
 
     def __init__(self, node_name: str = "", *,
@@ -201,6 +498,7 @@ class Policy:
                  services: Mapping[str, Any] | None = None,
                  allowed_ports: Iterable[int] = (),
                  socks_accounts: Mapping[str, str] | None = None,
+                 access: AccessRules | None = None,
                  extra_rules: Mapping[type, Sequence[Rule]] | None = None) -> None:
         self.node_name = node_name
         self.pins = pins if isinstance(pins, TrustStore) else TrustStore(dict(pins or {}))
@@ -208,12 +506,15 @@ class Policy:
         self.services: Mapping[str, Any] = services if services is not None else {}
         self.allowed_ports = frozenset(allowed_ports)
         self.socks_accounts: Mapping[str, str] = socks_accounts if socks_accounts is not None else {}
+        self.access = access
+        stream_access: list[Rule] = [self._stream_access] if access is not None else []
         defaults: dict[type, list[Rule]] = {
             PeerRequest: [self._peer_pins, self._peer_certificate, self._peer_default],
-            StreamRequest: [self._stream_service, self._stream_port, self._stream_default],
+            StreamRequest: [*stream_access, self._stream_service, self._stream_port, self._stream_default],
             SocksAccountRequest: [self._socks_account],
             AdvertisementRequest: [self._advert_pin, self._advert_own_name, self._advert_ca,
                                    self._advert_default],
+            SuiteRequest: [self._suite_floor],
         }
         extra = extra_rules or {}
         unknown = set(extra) - set(defaults)
@@ -237,6 +538,8 @@ class Policy:
         for rule in chain:
             decision = rule(request)
             if decision is not None:
+                if isinstance(request, PeerRequest) and decision.allowed and self.access is not None:
+                    return self._peer_access(request, decision)
                 return decision
         raise AssertionError("the default rules always decide")  # pragma: no cover
 
@@ -305,6 +608,124 @@ class Policy:
     def _stream_default(self, request: StreamRequest) -> Decision:
         return Decision(False, RULE_BAD_TARGET, "stream target names neither a service nor a port",
                         code=ErrorCode.PROTOCOL_ERROR)
+
+    # --- [policy]: grants, the legacy cap, triggers ---------------------------------------------
+
+    def _stream_access(self, request: StreamRequest) -> Decision | None:
+        """Deny by default: a grant must match the peer, the target, the suite and the source."""
+        assert self.access is not None
+        target = Target.of(request.target)
+        if target is None:
+            return None  # malformed: the default rule says so
+        subject = Subject(request.peer, request.fingerprint, tuple(request.groups))
+        if is_legacy(request.suite) and not (target.kind == "service" and target.value in self.access.legacy.services):
+            allowed = ", ".join(self.access.legacy.services) or "nothing"
+            return Decision(False, RULE_LEGACY, f"{request.peer} uses the {request.suite or 'unknown'} suite (below "
+                            f"hybrid): legacy sessions may reach only {allowed}", code=ErrorCode.NOT_ALLOWED)
+        ip = host_of(request.address)
+        candidates = [g for g in self.access.grants if g.admits(subject) and g.reaches(target, self.allowed_ports)]
+        for grant in candidates:
+            if grant.from_ok(ip) and grant.suite_ok(request.suite):
+                return self._granted(grant, target)
+        reason = f"no grant lets {subject.describe()} reach {target.describe()}"
+        if candidates:
+            reason += f" ({self._near_miss(candidates[0], ip, request.suite)})"
+        return Decision(False, RULE_DEFAULT_DENY, reason, code=ErrorCode.NOT_ALLOWED)
+
+    def _near_miss(self, grant: Grant, ip: IpAddress | None, suite: str | None) -> str:
+        """Why the closest grant did not apply: the one-line hint an operator needs."""
+        if not grant.from_ok(ip):
+            networks = _networks_text(grant.networks or ())
+            return f"{grant.rule} would, but only from {networks}, not {ip or 'an unknown address'}"
+        return f"{grant.rule} would, but needs at least {grant.min_suite}, not {suite or 'an unknown suite'}"
+
+    def _granted(self, grant: Grant, target: Target) -> Decision:
+        """The grant allows it; the target must still exist on this node."""
+        if target.kind == "service":
+            backend = self.services.get(str(target.value))
+            if backend is None:
+                return Decision(False, RULE_UNKNOWN_SERVICE, f"{self.node_name} has no service {target.value!r}",
+                                code=ErrorCode.UNKNOWN_SERVICE)
+            return Decision(True, grant.rule, f"{grant.rule} allows service {target.value}", backend=backend)
+        port = int(target.value)
+        return Decision(True, grant.rule, f"{grant.rule} allows port {port}", backend=LocalPort(port))
+
+    def _floor(self, ip: IpAddress | None) -> Trigger | None:
+        """The trigger demanding the strongest suite from this address (the first of equals)."""
+        best: Trigger | None = None
+        for trigger in self.access.triggers if self.access is not None else ():
+            if trigger.applies(ip) and (best is None or suite_rank(trigger.min_suite) > suite_rank(best.min_suite)):
+                best = trigger
+        return best
+
+    def _suite_floor(self, request: SuiteRequest) -> Decision:
+        ip = host_of(request.address)
+        trigger = self._floor(ip)
+        if trigger is None:
+            return Decision(True, RULE_NO_TRIGGER, f"no trigger applies to {ip or 'an unknown address'}")
+        return Decision(True, trigger.rule, f"sessions from {ip or 'an unknown address'} (outside "
+                        f"{_networks_text(trigger.outside)}) must use at least {trigger.min_suite}",
+                        min_suite=trigger.min_suite)
+
+    def _peer_access(self, request: PeerRequest, admitted: Decision) -> Decision:
+        """An admitted peer: its CA groups (also when a pin decided), the triggers, the legacy budget."""
+        groups = admitted.groups or self._pinned_groups(request, admitted)
+        trigger = self._floor(host_of(request.address))
+        if trigger is not None and suite_rank(request.suite) < suite_rank(trigger.min_suite):
+            return Decision(False, trigger.rule, f"sessions from {request.address or 'an unknown address'} must use at "
+                            f"least {trigger.min_suite} ({trigger.rule}: outside {_networks_text(trigger.outside)}), "
+                            f"not {request.suite or 'an unknown suite'}",
+                            name=admitted.name, groups=groups, trust=UNTRUSTED)
+        limit = self.access.legacy.limit if self.access is not None and is_legacy(request.suite) else None
+        reason = admitted.reason + (f"; legacy session limited to {limit.rate} B/s" if limit else "")
+        return Decision(True, admitted.rule, reason, name=admitted.name, groups=groups, trust=admitted.trust,
+                        rate_limit=limit)
+
+    def _pinned_groups(self, request: PeerRequest, admitted: Decision) -> tuple[str, ...]:
+        """A pinned peer that also presents a valid certificate for the same name keeps its groups."""
+        if admitted.trust != PINNED or request.certificate is None or self.verify_certificate is None:
+            return ()
+        try:
+            cert = self.verify_certificate(request.certificate, request.fingerprint, request.now)
+        except CertificateError:
+            return ()
+        return tuple(cert.groups) if cert.name == admitted.name else ()
+
+    # --- questions asked without a session: `pqtunnel policy check`, [[policy.test]] ----------
+
+    def check(self, src: str, dst: str, *, address: str | None = None, suite: str | None = None,
+              preferred_suite: str = HYBRID.name) -> Check:
+        """Would ``src`` (``NAME``, ``pq1:...``, ``group:G``, or several joined by commas) reach
+        ``dst`` (a service or ``port:N``) from ``address`` with ``suite``?
+
+        Without ``suite``, the session is imagined as the handshake would make it: the node's
+        ``preferred_suite``, raised to what the triggers demand from that address.
+        """
+        subject = parse_subject(src, self.pins)
+        target = parse_destination(dst)
+        floor = self.decide(SuiteRequest(address))
+        if suite is None:
+            suite = max(preferred_suite, floor.min_suite or preferred_suite, key=suite_rank)
+        if floor.min_suite is not None and suite_rank(suite) < suite_rank(floor.min_suite):
+            session = Decision(False, floor.rule, f"{floor.reason}, not {suite}: the session is refused")
+            return Check(subject, target, address, suite, floor, session)
+        request = StreamRequest(peer=subject.name or subject.fingerprint or "?", target=target,
+                                fingerprint=subject.fingerprint, groups=subject.groups, address=address, suite=suite)
+        return Check(subject, target, address, suite, floor, self.decide(request))
+
+    def failed_tests(self, preferred_suite: str = HYBRID.name) -> list[str]:
+        """One line per ``[[policy.test]]`` expectation the policy does not meet (empty: all pass)."""
+        failures = []
+        for test in self.access.tests if self.access is not None else ():
+            for dst, expected in [*((d, True) for d in test.accept), *((d, False) for d in test.deny)]:
+                result = self.check(test.src, dst, address=test.address, suite=test.suite,
+                                    preferred_suite=preferred_suite)
+                if result.decision.allowed != expected:
+                    verdict = "allowed by" if result.decision.allowed else "denied by"
+                    failures.append(f"{test.label}: {test.src} -> {dst} should be "
+                                    f"{'accepted' if expected else 'denied'}, but is {verdict} "
+                                    f"{result.decision.rule}: {result.decision.reason}")
+        return failures
 
     # --- SOCKS accounts ------------------------------------------------------------------------
 
