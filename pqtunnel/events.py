@@ -9,7 +9,7 @@ can never disagree. Each event is a frozen dataclass of plain facts (no objects,
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -72,6 +72,11 @@ class SessionDown(Event):
     bytes_in: int
     bytes_out: int
     duration: float
+    direction: str = ""
+    suite: str = ""
+    kem: str = ""
+    signature: str = ""
+    aead: str = ""
 
     def message(self) -> str:
         return f"session down: {self.peer} ({self.fingerprint}): {self.reason}"
@@ -119,7 +124,23 @@ class Rekeyed(Event):
 
 
 @dataclass(frozen=True)
-class StreamAllowed(Event):
+class StreamFacts:
+    """What an auditor needs about a stream besides its decision: the target as a service
+    name or a port, and the session carrying it (the peer's address, suite and algorithms).
+    Keyword-only, so the events' positional fields stay as they were."""
+
+    _: KW_ONLY
+    service: str | None = None
+    port: int | None = None
+    addr: str = ""
+    suite: str = ""
+    kem: str = ""
+    signature: str = ""
+    aead: str = ""
+
+
+@dataclass(frozen=True)
+class StreamAllowed(StreamFacts, Event):
     kind: ClassVar[str] = "stream_allowed"
 
     peer: str
@@ -133,7 +154,7 @@ class StreamAllowed(Event):
 
 
 @dataclass(frozen=True)
-class StreamDenied(Event):
+class StreamDenied(StreamFacts, Event):
     kind: ClassVar[str] = "stream_denied"
 
     peer: str
@@ -148,7 +169,7 @@ class StreamDenied(Event):
 
 
 @dataclass(frozen=True)
-class StreamEnded(Event):
+class StreamEnded(StreamFacts, Event):
     kind: ClassVar[str] = "stream_closed"
 
     peer: str
