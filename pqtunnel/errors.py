@@ -107,7 +107,11 @@ class ReplayError(HandshakeError):
 
 
 class CookieError(HandshakeError):
-    """A retry cookie is missing, forged or expired."""
+    """A retry cookie is missing, forged, expired or already used."""
+
+
+class HandshakeBusyError(HandshakeError):
+    """The responder's budget for expensive handshake work is spent; try again later."""
 
 
 class RecordError(ProtocolError):
@@ -144,3 +148,38 @@ class CertificateError(UntrustedPeerError):
 
 class CaError(UserError):
     """The CA directory or a CA command's input is unusable."""
+
+
+# --- counter leases and shared stores (docs/ha.md) ------------------------------------------------
+
+
+class LeaseError(PqtunnelError):
+    """A counter lease cannot hand out a counter."""
+
+
+class NoCounterError(LeaseError):
+    """No reserved counter is in hand right now: the sender waits for the store's answer."""
+
+
+class LeaseStoppedError(NoCounterError):
+    """This lease will never hand out another counter (state gone, store rolled back, exhausted)."""
+
+
+class StoreError(PqtunnelError):
+    """A shared store (nonce marks, single-use records) failed; the message names it."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store did not answer in time: the outcome of the request is unknown."""
+
+
+class StoreDataError(StoreError):
+    """The store holds data that is corrupt or not ours: refused, never trusted."""
+
+
+class StoreKeyError(LocalProtocolError):
+    """A key id or record id the store cannot hold (our mistake, not the store's)."""
+
+
+class StoreOpenError(UserError):
+    """The configured store cannot be opened (bad path, a file of another format)."""

@@ -3,18 +3,29 @@
 The library is sans-IO: it holds identities, pins and CA state in memory and never opens a
 file. An application persists that state by implementing these protocols; the daemon's
 file-backed implementations are in ``pqtunneld.stores`` (``daemon/stores.py``), and tests
-may use in-memory ones. Stores for further state (counter leases, resumption tickets,
-replay state) are declared here as they are added.
+may use in-memory ones.
+
+``NonceStore`` is the shared store of HA replicas (docs/ha.md): counter-lease high-water
+marks changed only by compare-and-swap, and single-use records (resumption tickets, the
+handshake anti-replay cache). Its backends (SQLite, etcd) are in the application
+(``pqtunneld.noncestore``); ``StoreCodec`` is the one format of what they hold, so every
+backend refuses corrupt or foreign data the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import re
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .ca import Certificate
 from .entropy import SYSTEM_ENTROPY, Entropy
+from .errors import StoreDataError, StoreKeyError
 from .identity import Identity, PublicIdentity
+from .leases import MAX_MARK, ReserveResult
 from .trust import TrustedPeer
 
 
@@ -59,3 +70,114 @@ class CaStore(Protocol):
     def own_certificate(self) -> Certificate | None:
         """The certificate this node presents in handshakes (None: it has none)."""
         ...
+
+
+# --- the shared nonce store of HA replicas ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """Whether the store answers now, and a short detail for ``pqtunnel status``."""
+
+    ok: bool
+    detail: str
+
+
+@runtime_checkable
+class NonceStore(Protocol):
+    """Counter-lease marks and single-use records, shared by the replicas of one node.
+
+    Every method is one atomic, durable step. A method that cannot know its outcome (no
+    answer in time) raises StoreUnavailableError; data that fails ``StoreCodec`` checks
+    raises StoreDataError and is never used.
+    """
+
+    kind: str
+    """``local`` or ``etcd``: what ``pqtunnel status`` names."""
+
+    async def read_mark(self, key_id: str) -> int | None:
+        """The stored high-water mark of ``key_id`` (None: no mark stored)."""
+        ...
+
+    async def reserve(self, key_id: str, expected_mark: int | None, new_mark: int) -> ReserveResult:
+        """Compare-and-swap the mark: set ``new_mark`` only if the mark is ``expected_mark``.
+
+        ``expected_mark`` None: only if no mark exists (create). Returns Granted,
+        MarkMoved(current) or KeyMissing (pqtunnel/leases.py).
+        """
+        ...
+
+    async def delete(self, key_id: str) -> None:
+        """Forget ``key_id``'s mark, once no replica will ever seal under that key again."""
+        ...
+
+    async def use_once(self, kind: str, record_id: str, ttl_s: float) -> bool:
+        """Record one use of ``(kind, record_id)``: True the first time, False ever after.
+
+        The record is kept at least ``ttl_s`` seconds, so it must outlive whatever it
+        protects (a ticket's lifetime, the replay window): the TLS 1.3 anti-replay model.
+        """
+        ...
+
+    async def health(self) -> StoreHealth:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+_STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_MARK_PREFIX = "pqtunnel-mark/1"
+_TAG_SIZE = 16
+_STORE_KEY_LABEL = b"pqtunnel store integrity v1\x00"
+
+
+def check_store_id(value: str, what: str = "key id") -> str:
+    """Ids become etcd keys and SQLite rows: short, printable, no separators of our own."""
+    if not isinstance(value, str) or not _STORE_ID.match(value):
+        raise StoreKeyError(f"{what} {value!r} is not 1-128 of [A-Za-z0-9._:-]")
+    return value
+
+
+class StoreCodec:
+    """The format of a stored mark: ``pqtunnel-mark/1 <mark> <tag>``.
+
+    The tag is an HMAC over the node's namespace, the key id and the mark, under a key only
+    the node's replicas can derive (from ``identity.key``, which they share). So a value
+    that is garbled, written by another node or another program, or copied from another key
+    id is refused: a replica never reserves from a mark it cannot vouch for. (It cannot tell
+    a genuine older value replayed by someone who can write the store: the store itself is
+    trusted to be linearizable; see docs/ha.md.)
+    """
+
+    def __init__(self, namespace: str, key: bytes) -> None:
+        self.namespace = namespace
+        self._key = key
+
+    @classmethod
+    def for_identity(cls, identity: Identity) -> StoreCodec:
+        """The codec of a node: namespace = its fingerprint, key derived from its seeds."""
+        seeds = identity.ed25519_seed + b"".join(identity.pq_seeds[a] for a in sorted(identity.pq_seeds))
+        return cls(identity.fingerprint, hmac.new(seeds, _STORE_KEY_LABEL, hashlib.sha256).digest())
+
+    def _tag(self, key_id: str, mark: int) -> str:
+        message = f"{self.namespace}\x00{key_id}\x00{mark}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).digest()[:_TAG_SIZE].hex()
+
+    def encode_mark(self, key_id: str, mark: int) -> bytes:
+        if not 0 <= mark <= MAX_MARK:
+            raise StoreKeyError(f"counter mark {mark} is outside 0..2**64")
+        return f"{_MARK_PREFIX} {mark} {self._tag(key_id, mark)}".encode()
+
+    def decode_mark(self, key_id: str, value: bytes) -> int:
+        """The mark in ``value``; StoreDataError unless it is a well-formed mark of ours for ``key_id``."""
+        try:
+            prefix, mark_text, tag = value.decode("ascii").split(" ")
+            mark = int(mark_text) if mark_text.isdigit() else -1
+        except (UnicodeDecodeError, ValueError):
+            raise StoreDataError(f"stored mark of {key_id} is not a pqtunnel mark ({len(value)} bytes)") from None
+        if prefix != _MARK_PREFIX or not 0 <= mark <= MAX_MARK:
+            raise StoreDataError(f"stored mark of {key_id} is not a pqtunnel mark (format {prefix[:20]!r})")
+        if not hmac.compare_digest(tag, self._tag(key_id, mark)):
+            raise StoreDataError(f"stored mark of {key_id} fails its integrity check (corrupt, or another node's)")
+        return mark
