@@ -7,10 +7,10 @@ the daemon where it might dial. Whether the peer really is who it claims is deci
 the handshake against the pinned fingerprint (see ``pqtunnel.trust``).
 
 This module is pure, like the rest of the library: ``advertisement_properties``,
-``parse_advertisement`` (defensive against hostile records), ``PeerTable`` and
-``LogLimiter``. It does no I/O and reads no clock: the caller passes ``now``. The
-trio/zeroconf bridge that feeds it real mDNS records is the application's
-``pqtunneld.mdns`` (``daemon/mdns.py``).
+``parse_advertisement`` (defensive against hostile records) and ``PeerTable``
+(``LogLimiter`` is re-exported from ``pqtunnel.ratelimit``). It does no I/O and reads no
+clock: the caller passes ``now``. The trio/zeroconf bridge that feeds it real mDNS
+records is the application's ``pqtunneld.mdns`` (``daemon/mdns.py``).
 
 See docs/discovery.md for the record layout, limits and timings.
 """
@@ -28,6 +28,8 @@ from typing import Final
 
 from .errors import ProtocolError, UserError
 from .handshake import PROTOCOL_VERSION
+from .ratelimit import LogLimiter
+from .ratelimit import TokenBucket as _Bucket
 from .identity import FINGERPRINT_PREFIX, normalise_fingerprint
 from .names import validate_name
 
@@ -352,29 +354,6 @@ class PeerLeft:
 PeerEvent = PeerAppeared | PeerChanged | PeerLeft
 
 
-@dataclass
-class _Bucket:
-    """Token bucket: ``burst`` at once, then one token every ``interval`` seconds."""
-
-    tokens: float
-    stamp: float
-
-    def refill(self, now: float, burst: int, interval: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(float(burst), self.tokens + (now - self.stamp) / interval)
-            self.stamp = now
-
-    def take(self, now: float, burst: int, interval: float) -> bool:
-        self.refill(now, burst, interval)
-        if self.tokens >= 1.0 - 1e-9:
-            self.tokens = max(0.0, self.tokens - 1.0)
-            return True
-        return False
-
-    def ready_at(self, interval: float) -> float:
-        return self.stamp + max(0.0, 1.0 - self.tokens) * interval
-
-
 _Key = tuple[str, str]  # (instance, fingerprint)
 
 
@@ -576,27 +555,6 @@ class PeerTable:
                 slot.current = dataclasses.replace(old, conflict=conflict)
                 events.append(PeerChanged(slot.current, old))
         return events
-
-
-# --- log flood control (sans-IO) --------------------------------------------------------------------
-
-
-class LogLimiter:
-    """Per-category token bucket for log lines, so a record flood cannot flood the log."""
-
-    def __init__(self, burst: int = 20, interval: float = 5.0) -> None:
-        self.burst = burst
-        self.interval = interval
-        self._buckets: dict[str, _Bucket] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, category: str, now: float) -> tuple[bool, int]:
-        """(may log now, lines suppressed since the last allowed one in this category)."""
-        bucket = self._buckets.setdefault(category, _Bucket(tokens=float(self.burst), stamp=now))
-        if not bucket.take(now, self.burst, self.interval):
-            self._suppressed[category] = self._suppressed.get(category, 0) + 1
-            return False, 0
-        return True, self._suppressed.pop(category, 0)
 
 
 # --- describing events (sans-IO) --------------------------------------------------------------------

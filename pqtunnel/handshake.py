@@ -5,6 +5,7 @@ comes out. No sockets, no clocks, and all randomness comes from an injectable ``
 
     -> HELLO     version, suite | e, e1               | payload {v, suites, aeads, ts, retry?}
     <- RETRY     (optional) {suite, cookie}              stateless; the initiator starts over
+                                                         (same e, never a weaker suite)
     <- RESPONSE  e, ee, ekem1, s, es                   | payload {aead, id, sig_R(h)}
     -> FINISH    s, se                                 | payload {id, sig_I(h)}
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,12 +27,14 @@ from typing import Any, Callable
 
 import msgpack
 
+from .admission import Verdict
 from .crypto import backend as prim
 from .crypto.suites import DEFAULT_AEADS, DEFAULT_ALLOWED_SUITES, SUITES_BY_WIRE_ID, Aead, Suite
 from .errors import (
     BadSignatureError,
     CookieError,
     DowngradeError,
+    HandshakeBusyError,
     HandshakeError,
     HandshakeRefusedError,
     LocalProtocolError,
@@ -51,11 +55,17 @@ SIGNATURE_LABEL = b"pqtunnel/1 transcript signature\x00"
 SESSION_ID_LABEL = b"pqtunnel/1 session id"
 REKEY_LABEL = b"pqtunnel/1 rekey chain"
 COOKIE_LABEL = b"pqtunnel/1 cookie\x00"
-COOKIE_BUCKET_MS = 60_000
+COOKIE_LIFETIME_MS = 120_000
+"""A cookie is good this long either side of the moment it was issued (wall clock)."""
+COOKIE_SIZE = 24
+MAX_SPENT_COOKIES = 65_536
 MAX_PAYLOAD = 16 * 1024
 MAX_CERTIFICATE = 8 * 1024
 
 Authorizer = Callable[[WireIdentity], str]
+Admit = Callable[[bool], Verdict]
+"""Asked before the responder signs: ``admit(proven)`` -> ADMIT, COOKIE (send a RETRY) or
+BUSY (refuse); ``proven`` says the HELLO carried a valid cookie. See pqtunnel/admission.py."""
 
 
 class InitiatorState(Enum):
@@ -112,6 +122,7 @@ class AlertCode(IntEnum):
     BAD_MESSAGE = 4
     REPLAY = 5
     BAD_COOKIE = 6
+    BUSY = 7
 
 
 _ALERT_FOR: list[tuple[type[HandshakeError], AlertCode]] = [
@@ -121,6 +132,7 @@ _ALERT_FOR: list[tuple[type[HandshakeError], AlertCode]] = [
     (UntrustedPeerError, AlertCode.UNTRUSTED),
     (ReplayError, AlertCode.REPLAY),
     (CookieError, AlertCode.BAD_COOKIE),
+    (HandshakeBusyError, AlertCode.BUSY),
 ]
 
 
@@ -175,7 +187,13 @@ class HandshakeStep:
 
 
 class ReplayCache:
-    """Hashes of recently accepted HELLOs, so a replayed one is refused inside the window."""
+    """Hashes of recently accepted HELLOs, so a replayed one is refused inside the window.
+
+    A HELLO accepted at ``t`` may carry a timestamp up to ``t + window``, and that timestamp
+    passes the window check until ``t + 2 * window`` *inclusive* (the check is
+    ``|now - ts| <= window``). So the hash is kept through ``t + 2 * window`` and forgotten
+    only after it.
+    """
 
     def __init__(self, window_ms: int = 120_000, max_entries: int = 65_536) -> None:
         self._seen: OrderedDict[bytes, int] = OrderedDict()
@@ -192,35 +210,78 @@ class ReplayCache:
 
     def _expire(self, now_ms: int) -> None:
         while self._seen:
-            digest, expiry = next(iter(self._seen.items()))
-            if expiry > now_ms:
+            digest, last_valid = next(iter(self._seen.items()))
+            if last_valid >= now_ms:
                 break
             del self._seen[digest]
 
 
 class CookieJar:
-    """Stateless retry cookies: a MAC over the client's address, suite and first HELLO."""
+    """Retry cookies: bound to the HELLO they answer, and good for one HELLO only.
 
-    def __init__(self, secret: bytes | None = None, entropy: Entropy = SYSTEM_ENTROPY) -> None:
+    A cookie is ``issued_ms (u64) || HMAC-SHA256(secret, label || issued_ms || suite id ||
+    e || client IP)[0:16]``, where ``e`` is the X25519 ephemeral key of the HELLO it
+    answers. The retried HELLO must carry that same ``e`` (the responder takes it from the
+    HELLO itself, trusting nothing the client claims about its first HELLO), from the same
+    address, for the suite the RETRY named, within ``COOKIE_LIFETIME_MS``.
+
+    Single use: redeemed cookies are remembered until they expire, at most ``max_spent`` of
+    them. When more are live, the earliest-issued is forgotten and every cookie issued at or
+    before it is refused from then on (the *horizon*), so a full table never lets a cookie
+    through twice; a genuine client redeems within a round trip, far above the horizon.
+    """
+
+    def __init__(self, secret: bytes | None = None, entropy: Entropy = SYSTEM_ENTROPY, *,
+                 max_spent: int = MAX_SPENT_COOKIES) -> None:
         self._secret = secret or entropy.random_bytes(32)
+        self._max_spent = max_spent
+        self._spent_heap: list[tuple[int, bytes]] = []  # (issued_ms, mac), earliest first
+        self._spent: set[bytes] = set()
+        self._horizon_ms: int | None = None
 
-    def _mac(self, bucket: int, peer_address: str, suite: Suite, first_hello_hash: bytes) -> bytes:
-        message = COOKIE_LABEL + bucket.to_bytes(8, "big") + bytes([suite.wire_id]) + first_hello_hash + peer_address.encode()
+    def _mac(self, issued_ms: int, peer_address: str, suite: Suite, ephemeral: bytes) -> bytes:
+        message = COOKIE_LABEL + issued_ms.to_bytes(8, "big") + bytes([suite.wire_id]) + ephemeral + peer_address.encode()
         return hmac.new(self._secret, message, hashlib.sha256).digest()[:16]
 
-    def issue(self, now_ms: int, peer_address: str, suite: Suite, first_hello_hash: bytes) -> bytes:
-        bucket = now_ms // COOKIE_BUCKET_MS
-        return bucket.to_bytes(8, "big") + self._mac(bucket, peer_address, suite, first_hello_hash)
+    def issue(self, now_ms: int, peer_address: str, suite: Suite, ephemeral: bytes) -> bytes:
+        """The cookie for a RETRY answering a HELLO with ephemeral key ``ephemeral``."""
+        return now_ms.to_bytes(8, "big") + self._mac(now_ms, peer_address, suite, ephemeral)
 
-    def check(self, cookie: Any, now_ms: int, peer_address: str, suite: Suite, first_hello_hash: Any) -> None:
-        if not isinstance(cookie, bytes) or len(cookie) != 24 or not isinstance(first_hello_hash, bytes):
+    def redeem(self, cookie: Any, now_ms: int, peer_address: str, suite: Suite, ephemeral: bytes) -> None:
+        """Accept ``cookie`` once for a HELLO with this address, suite and ephemeral key.
+
+        Raises CookieError if it is malformed, expired, forged, for another HELLO, or used.
+        """
+        if not isinstance(cookie, bytes) or len(cookie) != COOKIE_SIZE:
             raise CookieError("retry cookie is malformed")
-        bucket = int.from_bytes(cookie[:8], "big")
-        if bucket not in (now_ms // COOKIE_BUCKET_MS, now_ms // COOKIE_BUCKET_MS - 1):
+        issued_ms, mac = int.from_bytes(cookie[:8], "big"), cookie[8:]
+        if abs(now_ms - issued_ms) > COOKIE_LIFETIME_MS:
             raise CookieError("retry cookie has expired")
-        expected = self._mac(bucket, peer_address, suite, first_hello_hash)
-        if not hmac.compare_digest(expected, cookie[8:]):
+        if not hmac.compare_digest(self._mac(issued_ms, peer_address, suite, ephemeral), mac):
             raise CookieError("retry cookie is forged or was issued for another HELLO")
+        self._forget_expired(now_ms)
+        if mac in self._spent or (self._horizon_ms is not None and issued_ms <= self._horizon_ms):
+            raise CookieError("retry cookie was already used")
+        self._remember(issued_ms, mac)
+
+    def _remember(self, issued_ms: int, mac: bytes) -> None:
+        heapq.heappush(self._spent_heap, (issued_ms, mac))
+        self._spent.add(mac)
+        while len(self._spent_heap) > self._max_spent:
+            oldest, forgotten = heapq.heappop(self._spent_heap)
+            self._spent.discard(forgotten)
+            self._horizon_ms = oldest if self._horizon_ms is None else max(self._horizon_ms, oldest)
+
+    def _forget_expired(self, now_ms: int) -> None:
+        """Cookies issued more than a lifetime ago fail the expiry check; no need to keep them."""
+        while self._spent_heap and self._spent_heap[0][0] < now_ms - COOKIE_LIFETIME_MS:
+            _, mac = heapq.heappop(self._spent_heap)
+            self._spent.discard(mac)
+
+    @property
+    def spent(self) -> int:
+        """Redeemed cookies still remembered (bounded by ``max_spent``)."""
+        return len(self._spent_heap)
 
 
 # --- payload encoding ------------------------------------------------------------------------
@@ -321,7 +382,7 @@ class InitiatorHandshake:
         self.suite = self.config.allowed_suites[0]
         self.state = InitiatorState.START
         self._noise: NoiseState | None = None
-        self._hello_hash = b""
+        self._ephemeral = b""
 
     @property
     def done(self) -> bool:
@@ -330,13 +391,18 @@ class InitiatorHandshake:
     def start(self, now_ms: int, retry: dict[str, Any] | None = None) -> bytes:
         """Build the HELLO frame (again after a RETRY, carrying its cookie).
 
-        ``now_ms`` is wall-clock time: it goes on the wire as the HELLO timestamp.
+        ``now_ms`` is wall-clock time: it goes on the wire as the HELLO timestamp. A retried
+        HELLO keeps the first one's X25519 ephemeral ``e`` (the cookie is bound to it; no
+        Diffie-Hellman was done with it yet, as in Noise Pipes' fallback) and gets a fresh
+        ML-KEM key, since the suite may have changed.
         """
         if self.state is not (InitiatorState.START if retry is None else InitiatorState.HELLO_SENT):
             raise LocalProtocolError(f"HELLO cannot be sent while the initiator is {self.state.value}")
         suite = self.suite
+        if retry is None:
+            self._ephemeral = self.entropy.x25519_private()
         self._noise = NoiseState(suite.noise_name, initiator=True, static_private=self.identity.x25519_static,
-                                 ephemeral_private=self.entropy.x25519_private(), prologue=_prologue(suite),
+                                 ephemeral_private=self._ephemeral, prologue=_prologue(suite),
                                  kem=_kem_hooks(self.backend, self.entropy, suite))
         payload: dict[str, Any] = {
             "v": [PROTOCOL_VERSION],
@@ -350,7 +416,6 @@ class InitiatorHandshake:
         if suite.kem is not None:
             body += self._noise.write_e1()
         body += self._noise.encrypt_and_hash(encode_payload(payload))
-        self._hello_hash = prim.sha256(body)
         self.state = InitiatorState.HELLO_SENT if retry is None else InitiatorState.RETRIED
         return encode_frame(Kind.HELLO, body)
 
@@ -370,11 +435,13 @@ class InitiatorHandshake:
         suite = SUITES_BY_WIRE_ID.get(payload.get("suite", -1)) if isinstance(payload.get("suite"), int) else None
         if suite is None or suite not in self.config.allowed_suites:
             raise DowngradeError("RETRY asks for a suite this node does not allow")
+        if suite.rank < self.suite.rank:  # a RETRY is unauthenticated: it may only move us up
+            raise DowngradeError(f"RETRY asks for {suite.name}, weaker than the proposed {self.suite.name}")
         cookie = payload.get("cookie")
         if not isinstance(cookie, bytes) or len(cookie) > 64:
             raise MalformedHandshakeError("RETRY cookie is malformed")
         self.suite = suite
-        return self.start(now_ms, retry={"cookie": cookie, "first": self._hello_hash})
+        return self.start(now_ms, retry={"cookie": cookie})
 
     def _on_response(self, body: bytes) -> HandshakeStep:
         state, suite = self._noise, self.suite
@@ -409,13 +476,18 @@ class InitiatorHandshake:
 
 
 class ResponderHandshake:
-    """The listening side. Cheap checks (version, replay, cookie) come before any signing."""
+    """The listening side. Cheap checks (version, replay, cookie, admission) come before any signing.
+
+    ``admit`` rations the expensive work (see pqtunnel/admission.py); without it every HELLO
+    that passes the checks is answered. ``require_cookie`` makes every stranger echo a
+    cookie first, whatever ``admit`` says.
+    """
 
     def __init__(self, identity: Identity, authorize: Authorizer, *, peer_address: str,
                  config: HandshakeConfig | None = None, backend: prim.CryptographyBackend | None = None,
                  entropy: Entropy | None = None, replay_cache: ReplayCache | None = None,
                  cookies: CookieJar | None = None, require_cookie: bool = False,
-                 certificate: bytes | None = None) -> None:
+                 admit: Admit | None = None, certificate: bytes | None = None) -> None:
         self.identity = identity
         self.certificate = certificate
         self.authorize = authorize
@@ -426,6 +498,7 @@ class ResponderHandshake:
         self.replay_cache = replay_cache or ReplayCache(self.config.replay_window_ms)
         self.cookies = cookies or CookieJar()
         self.require_cookie = require_cookie
+        self.admit = admit
         self.state = ResponderState.AWAITING_HELLO
         self._noise: NoiseState | None = None
         self._suite: Suite | None = None
@@ -434,6 +507,12 @@ class ResponderHandshake:
     @property
     def done(self) -> bool:
         return self.state is ResponderState.DONE
+
+    @property
+    def suite(self) -> Suite | None:
+        """The suite this handshake runs with (None until a HELLO is answered with a RESPONSE);
+        the authorize callback reads it, so policy can judge the session's algorithms."""
+        return self._suite
 
     def receive(self, frame: Frame, now_ms: int) -> HandshakeStep:
         """Feed one handshake frame; ``now_ms`` is wall-clock time (HELLO timestamps, cookies)."""
@@ -463,22 +542,42 @@ class ResponderHandshake:
         offered, aeads = self._check_hello(payload, suite, now_ms)
         self.replay_cache.check_and_add(prim.sha256(body), now_ms)
         chosen = self._choose_suite(suite, offered)
-        retry = payload.get("retry")
-        if retry is not None:
-            if not isinstance(retry, dict):
-                raise MalformedHandshakeError("HELLO retry field is not a map")
-            self.cookies.check(retry.get("cookie"), now_ms, self.peer_address, suite, retry.get("first"))
-        elif chosen is not suite or self.require_cookie:
-            if retried:
-                raise MalformedHandshakeError("too many HELLOs on one connection")
-            cookie = self.cookies.issue(now_ms, self.peer_address, chosen, prim.sha256(body))
-            return encode_frame(Kind.RETRY, encode_payload({"suite": chosen.wire_id, "cookie": cookie}))
+        assert state.re is not None
+        proven = self._redeem_cookie(payload.get("retry"), now_ms, suite, state.re)
+        if not proven and chosen is not suite:
+            return self._retry(chosen, state.re, now_ms, retried)
         if chosen is not suite:
             raise DowngradeError("HELLO after RETRY still proposes a suite this node does not allow")
+        verdict = self._verdict(proven)
+        if verdict is Verdict.COOKIE and not proven:
+            return self._retry(suite, state.re, now_ms, retried)
+        if verdict is not Verdict.ADMIT:
+            raise HandshakeBusyError("too many handshakes right now; try again later")
         self._aead = self._choose_aead(aeads)
         self._suite, self._noise = suite, state
         self.state = ResponderState.AWAITING_FINISH
         return encode_frame(Kind.RESPONSE, self._response(state, suite))
+
+    def _redeem_cookie(self, retry: Any, now_ms: int, suite: Suite, ephemeral: bytes) -> bool:
+        """Whether the HELLO carries a valid, unused cookie; a bad one is refused outright."""
+        if retry is None:
+            return False
+        if not isinstance(retry, dict):
+            raise MalformedHandshakeError("HELLO retry field is not a map")
+        self.cookies.redeem(retry.get("cookie"), now_ms, self.peer_address, suite, ephemeral)
+        return True
+
+    def _verdict(self, proven: bool) -> Verdict:
+        if self.require_cookie and not proven:
+            return Verdict.COOKIE
+        return Verdict.ADMIT if self.admit is None else self.admit(proven)
+
+    def _retry(self, suite: Suite, ephemeral: bytes, now_ms: int, retried: bool) -> bytes:
+        """A RETRY naming ``suite``, with a cookie for this HELLO: cheap, no signature."""
+        if retried:
+            raise MalformedHandshakeError("too many HELLOs on one connection")
+        cookie = self.cookies.issue(now_ms, self.peer_address, suite, ephemeral)
+        return encode_frame(Kind.RETRY, encode_payload({"suite": suite.wire_id, "cookie": cookie}))
 
     def _check_hello(self, payload: dict[str, Any], suite: Suite, now_ms: int) -> tuple[list[int], list[int]]:
         if PROTOCOL_VERSION not in _int_list(payload, "v", "HELLO"):
@@ -495,14 +594,15 @@ class ResponderHandshake:
         return offered, aeads
 
     def _choose_suite(self, proposed: Suite, offered: list[int]) -> Suite:
-        """Keep the initiator's proposal if we allow it, else its best offer that we allow."""
+        """Keep the initiator's proposal if we allow it, else its first offer that we allow and
+        that is at least as strong (an initiator never follows a RETRY to a weaker suite)."""
         if proposed in self.config.allowed_suites:
             return proposed
         for wire_id in offered:
             suite = SUITES_BY_WIRE_ID.get(wire_id)
-            if suite is not None and suite in self.config.allowed_suites:
+            if suite is not None and suite in self.config.allowed_suites and suite.rank >= proposed.rank:
                 return suite
-        raise NoCommonSuiteError("none of the offered suites is allowed by this node's configuration")
+        raise NoCommonSuiteError(f"no offered suite at least as strong as {proposed.name} is allowed by this node")
 
     def _choose_aead(self, offered: list[int]) -> Aead:
         for wire_id in offered:

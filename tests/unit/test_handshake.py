@@ -19,12 +19,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from pqtunnel.admission import Verdict
 from pqtunnel.crypto.backend import KEM_SIZES, CryptographyBackend, ed25519_sign
 from pqtunnel.crypto.suites import CLASSICAL, HYBRID, PQ_STRONG, Aead, Suite
 from pqtunnel.errors import (
     BadSignatureError,
     CookieError,
     DowngradeError,
+    HandshakeBusyError,
     HandshakeDecryptError,
     HandshakeError,
     HandshakeRefusedError,
@@ -35,6 +37,7 @@ from pqtunnel.errors import (
     UntrustedPeerError,
 )
 from pqtunnel.handshake import (
+    COOKIE_LIFETIME_MS,
     AlertCode,
     CookieJar,
     HandshakeConfig,
@@ -344,11 +347,32 @@ def test_a_hello_at_the_edge_of_the_window_is_accepted(skew_ms: int, alice: Iden
 
 
 def test_the_replay_cache_forgets_entries_only_after_they_can_no_longer_pass_the_window() -> None:
+    """Accepted at 0 with a timestamp of +1000, a HELLO still passes the (inclusive) window
+    check at exactly 2000, so the cache must still refuse it then; only at 2001 is it
+    refused by its timestamp anyway. (Until issue 13, finding 9, it was forgotten at 2000.)"""
     cache = ReplayCache(window_ms=1_000)
     cache.check_and_add(b"a" * 32, 0)
     with pytest.raises(ReplayError):
         cache.check_and_add(b"a" * 32, 1_999)
-    cache.check_and_add(b"a" * 32, 2_000)  # a HELLO that old is refused by its timestamp anyway
+    with pytest.raises(ReplayError):
+        cache.check_and_add(b"a" * 32, 2_000)
+    cache.check_and_add(b"a" * 32, 2_001)
+
+
+def test_a_hello_stamped_at_the_future_edge_is_not_accepted_again_at_twice_the_window(alice: Identity,
+                                                                                      bob: Identity) -> None:
+    """Finding 9: stamped +120 s and accepted, the same HELLO was accepted again exactly
+    240,000 ms later, when its timestamp is at the (inclusive) -120 s edge."""
+    cache = ReplayCache()
+    initiator, responder = pair(alice, bob, replay_cache=cache)
+    hello = one_frame(initiator.start(NOW_MS + WINDOW_MS))
+    assert one_frame(responder.receive(hello, NOW_MS).to_send).kind is Kind.RESPONSE
+    _, later = pair(alice, bob, replay_cache=cache)
+    with pytest.raises(ReplayError, match="replayed"):
+        later.receive(hello, NOW_MS + 2 * WINDOW_MS)
+    _, after_the_edge = pair(alice, bob, replay_cache=cache)
+    with pytest.raises(ReplayError, match="away from our clock"):
+        after_the_edge.receive(hello, NOW_MS + 2 * WINDOW_MS + 1)
 
 
 def test_the_replay_cache_is_bounded() -> None:
@@ -472,16 +496,49 @@ def test_a_forged_retry_asking_for_classical_is_a_downgrade(alice: Identity, bob
     assert exchange.kinds("I") == [], "the initiator must not start over with a suite it does not allow"
 
 
-@pytest.mark.parametrize("suite", [PQ_STRONG, CLASSICAL], ids=lambda s: s.name)
-def test_a_forged_retry_with_a_bad_cookie_is_refused_by_the_responder(suite: Suite, alice: Identity, bob: Identity) -> None:
-    """Even when both sides allow the suite the forged RETRY asks for, it cannot carry a
-    cookie the responder issued, so the restarted HELLO is refused."""
+def test_a_forged_retry_with_a_bad_cookie_is_refused_by_the_responder(alice: Identity, bob: Identity) -> None:
+    """Even when both sides allow the (stronger) suite the forged RETRY asks for, it cannot
+    carry a cookie the responder issued, so the restarted HELLO is refused."""
     everything = config_for(HYBRID, PQ_STRONG, CLASSICAL)
     initiator, responder = pair(alice, bob, initiator_config=everything, responder_config=everything)
     initiator.start(NOW_MS)
-    exchange = run_handshake(initiator, responder, start=[("R", forged_retry(suite.wire_id, os.urandom(24)))])
+    exchange = run_handshake(initiator, responder, start=[("R", forged_retry(PQ_STRONG.wire_id, os.urandom(24)))])
     assert exchange.kinds() == [Kind.RETRY, Kind.HELLO]
     assert_refused(exchange, by="R", error=CookieError)
+
+
+@pytest.mark.parametrize(
+    ("proposed", "retried_to"),
+    [(HYBRID, CLASSICAL), (PQ_STRONG, HYBRID), (PQ_STRONG, CLASSICAL)],
+    ids=["hybrid-to-classical", "pq-strong-to-hybrid", "pq-strong-to-classical"],
+)
+def test_the_initiator_never_follows_a_retry_to_a_weaker_suite(proposed: Suite, retried_to: Suite, alice: Identity,
+                                                               bob: Identity) -> None:
+    """Finding 8: a RETRY is unauthenticated, so it may only move the initiator to a suite at
+    least as strong as the one it proposed, even one its configuration allows. (Before, a
+    forged RETRY could take an initiator that allows classical down to classical.)"""
+    everything_but_first = config_for(proposed, *[s for s in ALL_SUITES if s is not proposed])
+    initiator, responder = pair(alice, bob, initiator_config=everything_but_first, responder_config=config_for(*ALL_SUITES))
+    initiator.start(NOW_MS)
+    exchange = run_handshake(initiator, responder, start=[("R", forged_retry(retried_to.wire_id, os.urandom(24)))])
+    assert_refused(exchange, by="I", error=DowngradeError)
+    assert exchange.kinds("I") == [], "no HELLO for the weaker suite was sent"
+
+
+def test_a_responder_that_allows_only_weaker_suites_refuses_instead_of_retrying(alice: Identity, bob: Identity) -> None:
+    """The honest counterpart: a responder never asks for a weaker suite, it says there is
+    none in common (ALERT no common suite), so the initiator's proposal is its floor."""
+    exchange = run_handshake(*pair(alice, bob, initiator_config=config_for(PQ_STRONG, HYBRID),
+                                   responder_config=config_for(HYBRID)))
+    assert_refused(exchange, by="R", error=NoCommonSuiteError)
+    assert exchange.kinds() == [Kind.HELLO]
+
+
+def test_a_retry_to_a_stronger_suite_is_followed(alice: Identity, bob: Identity) -> None:
+    exchange = run_handshake(*pair(alice, bob, initiator_config=config_for(CLASSICAL, HYBRID, PQ_STRONG),
+                                   responder_config=config_for(PQ_STRONG)))
+    assert exchange.completed and exchange.kinds() == [Kind.HELLO, Kind.RETRY, Kind.HELLO, Kind.RESPONSE, Kind.FINISH]
+    assert exchange.initiator_result.suite is PQ_STRONG
 
 
 @pytest.mark.parametrize("cookie", [b"", b"x" * 65, "a string"], ids=["empty", "too-long", "not-bytes"])
@@ -520,6 +577,7 @@ def test_a_responder_requiring_hybrid_refuses_a_classical_only_initiator_with_an
     [(NoCommonSuiteError("x"), AlertCode.NO_COMMON_SUITE), (DowngradeError("x"), AlertCode.NO_COMMON_SUITE),
      (UnsupportedVersionError("x"), AlertCode.UNSUPPORTED_VERSION), (UntrustedPeerError("x"), AlertCode.UNTRUSTED),
      (ReplayError("x"), AlertCode.REPLAY), (CookieError("x"), AlertCode.BAD_COOKIE),
+     (HandshakeBusyError("x"), AlertCode.BUSY),
      (BadSignatureError("secret detail"), AlertCode.BAD_MESSAGE), (HandshakeDecryptError("x"), AlertCode.BAD_MESSAGE)],
     ids=lambda v: type(v).__name__ if isinstance(v, Exception) else v.name,
 )
@@ -682,12 +740,13 @@ def test_an_expired_cookie_is_refused(alice: Identity, bob: Identity) -> None:
         responder.receive(one_frame(second_hello), later)
 
 
-def test_a_cookie_from_the_previous_bucket_is_accepted(alice: Identity, bob: Identity) -> None:
+def test_a_cookie_is_accepted_until_the_end_of_its_lifetime(alice: Identity, bob: Identity) -> None:
+    """Cookies carry their issue time (since issue 13; before, a 60 s bucket number)."""
     initiator, responder = pair(alice, bob, require_cookie=True)
-    start = (NOW_MS // 60_000) * 60_000 + 59_000  # near the end of a bucket
-    retry = responder.receive(one_frame(initiator.start(start)), start).to_send
-    second_hello = initiator.receive(one_frame(retry), start + 2_000).to_send
-    assert one_frame(responder.receive(one_frame(second_hello), start + 2_000).to_send).kind is Kind.RESPONSE
+    retry = responder.receive(one_frame(initiator.start(NOW_MS)), NOW_MS).to_send
+    at_the_edge = NOW_MS + COOKIE_LIFETIME_MS
+    second_hello = initiator.receive(one_frame(retry), at_the_edge).to_send
+    assert one_frame(responder.receive(one_frame(second_hello), at_the_edge).to_send).kind is Kind.RESPONSE
 
 
 def test_a_cookie_is_bound_to_the_client_address(alice: Identity, bob: Identity) -> None:
@@ -707,6 +766,155 @@ def test_a_cookie_from_another_responder_secret_is_refused(alice: Identity, bob:
     _, restarted = pair(alice, bob, require_cookie=True)  # new random cookie secret
     with pytest.raises(CookieError):
         restarted.receive(one_frame(second_hello), NOW_MS)
+
+
+def retried_hellos_with_one_cookie(alice: Identity, bob: Identity, backend: CryptographyBackend, count: int,
+                                   jar: CookieJar) -> list[Frame]:
+    """What a flooder does with one cookie: ``count`` distinct HELLOs (other timestamps) from
+    the same ephemeral key and address, each carrying the cookie of the first RETRY."""
+    first, responder = deterministic_pair(alice, bob, backend, require_cookie=True, cookies=jar)
+    retry = one_frame(responder.receive(one_frame(first.start(NOW_MS)), NOW_MS).to_send)
+    assert retry.kind is Kind.RETRY
+    hellos = []
+    for n in range(count):
+        initiator, _ = deterministic_pair(alice, bob, backend)
+        initiator.start(NOW_MS + n)
+        hellos.append(one_frame(initiator.receive(retry, NOW_MS + n).to_send))
+    assert len({hello.body for hello in hellos}) == count
+    return hellos
+
+
+def test_one_cookie_admits_one_hello_not_a_hundred(alice: Identity, bob: Identity, memo_backend) -> None:
+    """Finding 2: one cookie was accepted for 100 different HELLOs. Now it is single-use:
+    the first redemption is answered, every other HELLO carrying it is refused, on any
+    connection, before the responder signs anything."""
+    jar = CookieJar(b"k" * 32)
+    answered, refused = 0, 0
+    for hello in retried_hellos_with_one_cookie(alice, bob, memo_backend, 100, jar):
+        _, responder = deterministic_pair(alice, bob, memo_backend, require_cookie=True, cookies=jar)
+        try:
+            answered += one_frame(responder.receive(hello, NOW_MS + 200).to_send).kind is Kind.RESPONSE
+        except CookieError as exc:
+            assert "already used" in str(exc)
+            refused += 1
+    assert (answered, refused) == (1, 99)
+
+
+def test_a_cookie_is_bound_to_the_ephemeral_key_of_the_hello_it_answers(alice: Identity, bob: Identity) -> None:
+    """The MAC covers the answered HELLO's X25519 ephemeral ``e``, which the retried HELLO
+    must carry again: another HELLO (another ``e``) cannot use the cookie."""
+    jar = CookieJar(b"k" * 32)
+    initiator, responder = pair(alice, bob, require_cookie=True, cookies=jar)
+    retry = one_frame(responder.receive(one_frame(initiator.start(NOW_MS)), NOW_MS).to_send)
+    stranger, _ = pair(alice, bob)
+    stranger.start(NOW_MS)
+    borrowed = one_frame(stranger.receive(retry, NOW_MS).to_send)
+    _, other_connection = pair(alice, bob, require_cookie=True, cookies=jar)
+    with pytest.raises(CookieError, match="another HELLO"):
+        other_connection.receive(borrowed, NOW_MS)
+
+
+def test_a_retried_hello_keeps_its_ephemeral_key_and_gets_a_fresh_kem_key(alice: Identity, bob: Identity) -> None:
+    initiator, responder = pair(alice, bob, require_cookie=True)
+    first = one_frame(initiator.start(NOW_MS)).body
+    retried = one_frame(initiator.receive(one_frame(responder.receive(Frame(Kind.HELLO, first), NOW_MS).to_send),
+                                          NOW_MS).to_send).body
+    kem = KEM_SIZES[HYBRID.kem].public_key
+    assert retried[2:34] == first[2:34], "same X25519 ephemeral e"
+    assert retried[34:34 + kem] != first[34:34 + kem], "new ML-KEM encapsulation key"
+
+
+def test_a_full_table_of_used_cookies_never_lets_a_cookie_through_twice() -> None:
+    """The single-use table is bounded; when it overflows, the earliest-issued cookie is
+    forgotten and every cookie issued up to then is refused (the horizon moves up)."""
+    jar = CookieJar(b"k" * 32, max_spent=2)
+    cookies = [jar.issue(NOW_MS + n, PEER_ADDRESS, HYBRID, bytes([n]) * 32) for n in range(4)]
+    for n in (0, 1, 2):
+        jar.redeem(cookies[n], NOW_MS + 10, PEER_ADDRESS, HYBRID, bytes([n]) * 32)
+    assert jar.spent == 2
+    for n in (0, 1, 2):
+        with pytest.raises(CookieError, match="already used"):
+            jar.redeem(cookies[n], NOW_MS + 10, PEER_ADDRESS, HYBRID, bytes([n]) * 32)
+    jar.redeem(cookies[3], NOW_MS + 10, PEER_ADDRESS, HYBRID, bytes([3]) * 32)  # issued after the horizon
+
+
+def test_used_cookies_are_forgotten_once_they_have_expired_anyway() -> None:
+    jar = CookieJar(b"k" * 32)
+    cookie = jar.issue(NOW_MS, PEER_ADDRESS, HYBRID, b"e" * 32)
+    jar.redeem(cookie, NOW_MS, PEER_ADDRESS, HYBRID, b"e" * 32)
+    jar.redeem(jar.issue(NOW_MS + COOKIE_LIFETIME_MS + 1, PEER_ADDRESS, HYBRID, b"f" * 32),
+               NOW_MS + COOKIE_LIFETIME_MS + 1, PEER_ADDRESS, HYBRID, b"f" * 32)
+    assert jar.spent == 1
+    with pytest.raises(CookieError, match="expired"):
+        jar.redeem(cookie, NOW_MS + COOKIE_LIFETIME_MS + 1, PEER_ADDRESS, HYBRID, b"e" * 32)
+
+
+@pytest.mark.parametrize("cookie", [b"", b"x" * 23, b"x" * 25, "text", None, 7], ids=repr)
+def test_a_malformed_cookie_is_refused(cookie) -> None:
+    with pytest.raises(CookieError, match="malformed"):
+        CookieJar(b"k" * 32).redeem(cookie, NOW_MS, PEER_ADDRESS, HYBRID, b"e" * 32)
+
+
+# --- admission: rationing the responder's expensive work -----------------------------------------------
+
+
+class RecordingAdmission:
+    """An ``admit`` hook that answers from a script and remembers what it was asked."""
+
+    def __init__(self, *verdicts: Verdict) -> None:
+        self.verdicts = list(verdicts)
+        self.asked: list[bool] = []
+
+    def __call__(self, proven: bool) -> Verdict:
+        self.asked.append(proven)
+        return self.verdicts.pop(0)
+
+
+def test_admission_asking_for_a_cookie_gets_a_retry_and_no_signature(alice: Identity, bob: Identity, monkeypatch) -> None:
+    signed: list[str] = []
+    real_sign = Identity.sign
+    monkeypatch.setattr(Identity, "sign", lambda self, *a: signed.append(self.name) or real_sign(self, *a))
+    admit = RecordingAdmission(Verdict.COOKIE, Verdict.ADMIT)
+    initiator, responder = pair(alice, bob, admit=admit)
+    retry = one_frame(responder.receive(one_frame(initiator.start(NOW_MS)), NOW_MS).to_send)
+    assert retry.kind is Kind.RETRY and signed == []
+    exchange = run_handshake(initiator, responder, start=[("R", encode_frame(retry.kind, retry.body))])
+    assert exchange.completed
+    assert admit.asked == [False, True], "the retried HELLO is judged as proven (it carried a valid cookie)"
+
+
+def test_admission_saying_busy_refuses_with_a_busy_alert_and_no_signature(alice: Identity, bob: Identity,
+                                                                           monkeypatch) -> None:
+    signed: list[str] = []
+    real_sign = Identity.sign
+    monkeypatch.setattr(Identity, "sign", lambda self, *a: signed.append(self.name) or real_sign(self, *a))
+    a = Session(InitiatorHandshake(alice, accept_as("bob")), now_ms=NOW_MS)
+    b = Session(ResponderHandshake(bob, accept_as("alice"), peer_address=PEER_ADDRESS,
+                                   admit=RecordingAdmission(Verdict.BUSY)), now_ms=NOW_MS)
+    a.start(NOW_MS)
+    with pytest.raises(HandshakeBusyError):
+        b.receive_data(a.data_to_send(), NOW_MS)
+    assert signed == []
+    alert = b.data_to_send()
+    assert one_frame(alert).body[0] == AlertCode.BUSY
+    with pytest.raises(HandshakeRefusedError, match="busy"):
+        a.receive_data(alert, NOW_MS)
+
+
+def test_a_proven_hello_that_admission_still_answers_with_cookie_is_refused_as_busy(alice: Identity,
+                                                                                    bob: Identity) -> None:
+    """A cookie is never asked for twice: a second RETRY would only cost another round trip."""
+    initiator, responder = pair(alice, bob, admit=RecordingAdmission(Verdict.COOKIE, Verdict.COOKIE))
+    exchange = run_handshake(initiator, responder)
+    assert exchange.kinds() == [Kind.HELLO, Kind.RETRY, Kind.HELLO]
+    assert_refused(exchange, by="R", error=HandshakeBusyError)
+
+
+def test_a_suite_retry_does_not_consult_admission_until_the_retried_hello(alice: Identity, bob: Identity) -> None:
+    admit = RecordingAdmission(Verdict.ADMIT)
+    exchange = run_handshake(*pair(alice, bob, initiator_config=config_for(HYBRID, PQ_STRONG),
+                                   responder_config=config_for(PQ_STRONG), admit=admit))
+    assert exchange.completed and admit.asked == [True]
 
 
 # --- arbitrary input -------------------------------------------------------------------------------------
