@@ -240,7 +240,7 @@ def _add_up_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="configuration file (default: HOME/config.toml)")
     parser.add_argument("--listen", help="tunnel listen address HOST:PORT (default 0.0.0.0:7330)")
     parser.add_argument("--socks", help="SOCKS5 listen address HOST:PORT (default 127.0.0.1:1080, 'off' to disable)")
-    parser.add_argument("--peer", action="append", metavar="NAME=HOST:PORT", help="static peer (repeatable)")
+    parser.add_argument("--peer", action="append", metavar="NAME=HOST:PORT[,HOST:PORT]", help="static peer (repeatable); several addresses are replicas of one node, dialled in a staggered race")
     parser.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
     parser.add_argument("--mdns-interface", action="append", metavar="IP",
                         help="advertise and browse only on the interface with this address (repeatable)")

@@ -79,7 +79,8 @@ class NodeConfig:
     home: Path
     listen: Address = field(default_factory=lambda: parse_address(DEFAULT_LISTEN, "listen"))
     socks: Address | None = field(default_factory=lambda: parse_address(DEFAULT_SOCKS, "socks"))
-    peers: dict[str, Address] = field(default_factory=dict)
+    peers: dict[str, tuple[Address, ...]] = field(default_factory=dict)
+    """Static peers: several addresses for one name are replicas of one node (dialled in a race)."""
     services: dict[str, Address | ExecService] = field(default_factory=dict)
     allowed_ports: frozenset[int] = frozenset()
     suites: tuple[Suite, ...] = DEFAULT_ALLOWED_SUITES
@@ -106,12 +107,14 @@ def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
     return value
 
 
-def _peers(table: dict[str, Any], source: str) -> dict[str, Address]:
+def _peers(table: dict[str, Any], source: str) -> dict[str, tuple[Address, ...]]:
     peers = {}
     for name, value in table.items():
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: peers.{name} must be \"HOST:PORT\"")
-        peers[validate_name(name, "peer name")] = parse_address(value, f"{source}: peers.{name}", DEFAULT_PORT)
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"{source}: peers.{name} must be \"HOST:PORT\" or a list of them")
+        peers[validate_name(name, "peer name")] = tuple(
+            parse_address(v, f"{source}: peers.{name}", DEFAULT_PORT) for v in values)
     return peers
 
 
@@ -231,7 +234,8 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         name, sep, address = spec.partition("=")
         if not sep:
             raise ConfigError(f"--peer {spec!r}: expected NAME=HOST:PORT")
-        static_peers[validate_name(name, "peer name")] = parse_address(address, f"--peer {spec}", DEFAULT_PORT)
+        static_peers[validate_name(name, "peer name")] = tuple(
+            parse_address(part, f"--peer {spec}", DEFAULT_PORT) for part in address.split(","))
     socks_text = socks if socks is not None else node.get("socks", DEFAULT_SOCKS)
     return NodeConfig(
         home=home,

@@ -26,15 +26,17 @@ class PeerLink(Link[Address]):
     """A peer we dial: the pure ``Link`` state plus the trio signals its redial task waits on.
 
     Static links come from ``--peer``/config; mDNS links from discovery. An mDNS link may
-    have several candidate addresses (e.g. two nodes claim one name): a failed dial or
-    handshake moves on to the next, and only the handshake decides who the peer is.
+    have several candidate addresses (e.g. two nodes claim one name): all of them are
+    dialled in a staggered race, and only the handshake decides who the peer is.
     """
 
-    def __init__(self, name: str, address: Address, source: str = "static") -> None:
-        super().__init__(name=name, candidates=[address], source=source)
+    def __init__(self, name: str, *addresses: Address, source: str = "static") -> None:
+        super().__init__(name=name, candidates=list(addresses), source=source)
         self.wake = trio.Event()
         self.changed = trio.Event()
         self.scope = trio.CancelScope()
+        self.attempts: set[trio.CancelScope] = set()
+        """Dial attempts not yet established: drop_link cancels them, never a live session."""
         self.dropped = False
 
     def new_scope(self) -> trio.CancelScope:

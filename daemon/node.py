@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -13,7 +13,7 @@ from pqtunnel.errors import UntrustedPeerError, UserError
 from pqtunnel.handshake import CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache, ResponderHandshake
 from pqtunnel.identity import Identity, WireIdentity
 from pqtunnel import events
-from pqtunnel.peers import Direction, HandshakeGate, SessionFacts, SessionTable
+from pqtunnel.peers import RACE_STAGGER_MS, Direction, HandshakeGate, SessionFacts, SessionTable
 from pqtunnel.tunnel import Tunnel
 from pqtunnel.trust import TrustStore
 
@@ -46,7 +46,7 @@ class Node:
         self.replay_cache = ReplayCache(self.handshake_config.replay_window_ms)
         self.cookies = CookieJar()
         self.sessions: SessionTable[Connection] = SessionTable(identity.fingerprint)
-        self.links = {name: PeerLink(name, address) for name, address in config.peers.items()}
+        self.links = {name: PeerLink(name, *addresses) for name, addresses in config.peers.items()}
         self.handshake_gate = HandshakeGate()
         self.events = EventBus()
         self.events.subscribe(log_event)
@@ -135,8 +135,10 @@ class Node:
             if not conn.established.is_set():
                 self.handshake_gate.end()
 
-    async def _run_connection(self, conn: Connection) -> None:
+    async def _run_connection(self, conn: Connection, on_up: Callable[[Connection], None] | None = None) -> None:
         def established(c: Connection) -> None:
+            if on_up is not None:
+                on_up(c)
             if c.direction == "inbound":
                 self.handshake_gate.end()
             self._register(c)
@@ -207,45 +209,81 @@ class Node:
         keepalive decides when it is dead, never an (unauthenticated) mDNS goodbye."""
         link.dropped = True
         link.scope.cancel()
+        for attempt in list(link.attempts):
+            attempt.cancel()
         if self.links.get(link.name) is link:
             del self.links[link.name]
 
     async def _keep_link(self, link: PeerLink) -> None:
         """Dial, run the session, and redial with exponential backoff when it ends."""
         while not link.dropped:
-            conn = None
-            with link.new_scope():  # only waiting and dialling can be cancelled by drop_link
+            with link.new_scope():  # only waiting can be cancelled by drop_link (attempts have their own)
                 while link.name in self.sessions:  # e.g. the peer dialled us: one session per peer
                     await link.changed.wait()
-                conn = await self._dial(link)
-            if conn is not None and link.dropped:
-                await trio.aclose_forcefully(conn.stream)
+            if link.dropped:
                 return
-            if conn is not None:
-                await self._run_connection(conn)
-                if conn.established.is_set():
-                    link.backoff.reset()
-                else:
-                    link.failed(conn.close_reason, handshake=True)
+            if await self._race(link):
+                link.backoff.reset()
             with link.new_scope():
                 with trio.move_on_after(link.backoff.next_delay() / 1000):
                     await link.wake.wait()
             link.wake = trio.Event()
 
-    async def _dial(self, link: PeerLink) -> Connection | None:
+    async def _race(self, link: PeerLink) -> bool:
+        """Dial every candidate, staggered; the first session to come up wins, the rest are
+        cancelled, and the winner runs here until it ends. Returns whether one came up.
+
+        A candidate that accepts and never answers (an mDNS tarpit) therefore delays nobody:
+        the address that last worked starts first, and each further one only RACE_STAGGER_MS later.
+        """
+        race = _Race()
+        async with trio.open_nursery() as nursery:
+            for index, address in enumerate(link.race_order()):
+                nursery.start_soon(self._attempt, link, address, index * RACE_STAGGER_MS / 1000, race)
+        if race.winner is None and not link.dropped:
+            link.failed(race.reason or "no candidate answered", handshake=race.handshake_failed)
+        return race.winner is not None
+
+    async def _attempt(self, link: PeerLink, address: Address, delay: float, race: _Race) -> None:
+        """One candidate of a race: connect, handshake, and if first, run the session."""
+        with trio.CancelScope() as scope:
+            race.pending.add(scope)
+            link.attempts.add(scope)
+            if link.dropped:
+                scope.cancel()
+            try:
+                await trio.sleep(delay)
+                conn = await self._dial(link, address, race)
+                if conn is None:
+                    return
+
+                def won(c: Connection) -> None:
+                    race.won(c, scope)
+                    link.attempts.discard(scope)  # a live session is never cut by drop_link
+                    link.connected(address)
+
+                await self._run_connection(conn, won)
+                if not conn.established.is_set():
+                    race.lost(f"{address}: {conn.close_reason}" if len(link.candidates) > 1 else conn.close_reason,
+                              handshake=True)
+            finally:
+                race.pending.discard(scope)
+                link.attempts.discard(scope)
+
+    async def _dial(self, link: PeerLink, address: Address, race: _Race) -> Connection | None:
         try:
             with trio.fail_after(DIAL_TIMEOUT):
-                stream = await trio.open_tcp_stream(link.address.host, link.address.port)
+                stream = await trio.open_tcp_stream(address.host, address.port)
         except (OSError, trio.TooSlowError) as exc:
             reason = "connect timed out" if isinstance(exc, trio.TooSlowError) else os_reason(exc)
             if link.last_error != reason:
-                self.emit(events.PeerUnreachable(link.name, str(link.address), reason))
-            link.failed(reason)
+                self.emit(events.PeerUnreachable(link.name, str(address), reason))
+            race.lost(f"{address}: {reason}" if len(link.candidates) > 1 else reason, handshake=False)
             return None
         handshake = InitiatorHandshake(self.identity, self._authorizer(link.name), config=self.handshake_config,
                                        backend=self.backend, certificate=self.certificate)
         tunnel = Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers)
-        return Connection(stream, tunnel, str(link.address), dialled=link.name)
+        return Connection(stream, tunnel, str(address), dialled=link.name)
 
     async def session_for(self, peer: str, timeout: float = 10.0) -> Connection:
         """The live session with ``peer``, waiting for a handshake if one is needed."""
@@ -346,3 +384,25 @@ class Node:
         info = conn.info()
         return {"peer": peer, "rtt_ms": round(rtt, 3), "fingerprint": info["fingerprint"], "kem": info["kem"],
                 "signature": info["signature"], "aead": info["aead"]}
+
+
+class _Race:
+    """The shared state of one dial race: who won, and why the losers lost."""
+
+    def __init__(self) -> None:
+        self.winner: Connection | None = None
+        self.pending: set[trio.CancelScope] = set()
+        self.reason = ""
+        self.handshake_failed = False
+
+    def won(self, conn: Connection, own: trio.CancelScope) -> None:
+        if self.winner is not None:
+            return  # a second candidate came up in the same instant: the session table keeps one
+        self.winner = conn
+        for scope in self.pending:
+            if scope is not own:
+                scope.cancel()
+
+    def lost(self, reason: str, *, handshake: bool) -> None:
+        if self.winner is None and (handshake or not self.handshake_failed):
+            self.reason, self.handshake_failed = reason, handshake  # an authentication failure says more

@@ -25,6 +25,10 @@ BACKOFF_START_MS = 500
 BACKOFF_MAX_MS = 30_000
 COOKIE_THRESHOLD = 32
 """Concurrent inbound handshakes before strangers must echo a cookie."""
+MAX_CANDIDATES = 4
+"""Addresses dialled for one name: anyone on the LAN can advertise more (tarpits)."""
+RACE_STAGGER_MS = 250
+"""Delay between starting dials to successive candidates (Happy Eyeballs style)."""
 SIMULTANEOUS_WINDOW_MS = 5_000
 """Two sessions established closer together than this are a simultaneous dial."""
 
@@ -67,6 +71,10 @@ class Link(Generic[A]):
     failures: int = 0
     handshake_failed: bool = False
     backoff: Backoff = field(default_factory=Backoff)
+    last_good: A | None = None
+
+    def __post_init__(self) -> None:
+        self.candidates = self.candidates[:MAX_CANDIDATES]
 
     @property
     def address(self) -> A:
@@ -75,8 +83,15 @@ class Link(Generic[A]):
     def set_candidates(self, addresses: list[A]) -> None:
         """Replace the candidates, staying on the current address if it is still listed."""
         current = self.address
-        self.candidates = list(addresses) or self.candidates
+        self.candidates = list(dict.fromkeys(addresses))[:MAX_CANDIDATES] or self.candidates
         self.index = self.candidates.index(current) if current in self.candidates else 0
+
+    def race_order(self) -> list[A]:
+        """Candidates in the order to start dialling them: the one that last worked first, so a
+        tarpit advertised beside it (accepts, never answers) costs nothing."""
+        if self.last_good in self.candidates:
+            return [self.last_good, *(a for a in self.candidates if a != self.last_good)]
+        return list(self.candidates)
 
     def rotate(self) -> None:
         self.index = (self.index + 1) % len(self.candidates)
@@ -88,9 +103,11 @@ class Link(Generic[A]):
         self.failures += 1
         self.rotate()
 
-    def connected(self) -> None:
+    def connected(self, address: A | None = None) -> None:
         self.last_error = ""
         self.backoff.reset()
+        if address is not None:
+            self.last_good = address
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pqtunnel.peers import (
     BACKOFF_MAX_MS,
     BACKOFF_START_MS,
     COOKIE_THRESHOLD,
+    MAX_CANDIDATES,
     SIMULTANEOUS_WINDOW_MS,
     Backoff,
     Direction,
@@ -95,3 +96,20 @@ def test_the_table_keeps_one_session_per_peer_and_names_the_loser() -> None:
     assert loser == "second" and table.get("bob") == "first"
     assert not table.unregister("bob", "second"), "only the registered session can be removed"
     assert table.unregister("bob", "first") and "bob" not in table
+
+
+def test_the_address_that_last_worked_is_dialled_first() -> None:
+    link = Link("bob", ["tarpit-1", "tarpit-2", "real"])
+    assert link.race_order() == ["tarpit-1", "tarpit-2", "real"]
+    link.connected("real")
+    assert link.race_order() == ["real", "tarpit-1", "tarpit-2"]
+    link.set_candidates(["tarpit-3", "real"])
+    assert link.race_order()[0] == "real"
+
+
+def test_a_name_never_has_more_than_a_few_candidates() -> None:
+    """Anyone on the LAN can advertise a name with many addresses; only a few are dialled."""
+    link = Link("bob", [f"10.0.0.{n}" for n in range(20)])
+    assert len(link.candidates) == MAX_CANDIDATES
+    link.set_candidates([f"10.0.1.{n}" for n in range(20)] + ["10.0.1.0"])
+    assert len(link.candidates) == MAX_CANDIDATES and len(set(link.candidates)) == MAX_CANDIDATES
