@@ -214,10 +214,63 @@ class NodeStopping(Event):
 
 @dataclass(frozen=True)
 class ConfigReloaded(Event):
+    """``pqtunnel reload`` or SIGHUP: the new configuration is in force (``ok``), or it was
+    refused and the previous one stays (``reason`` names the file, line or policy test).
+    ``policy`` summarises the ``[policy]`` now in force; ``closed_sessions`` and
+    ``closed_streams`` count what the new policy no longer allowed."""
+
     kind: ClassVar[str] = "config_reloaded"
 
     ok: bool
     reason: str
+    path: str = ""
+    policy: str = ""
+    closed_sessions: int = 0
+    closed_streams: int = 0
+
+    @property
+    def level(self) -> str:  # type: ignore[override]
+        return "info" if self.ok else "error"
 
     def message(self) -> str:
-        return "configuration reloaded" if self.ok else f"configuration refused: {self.reason}"
+        if not self.ok:
+            return f"configuration refused, the previous one stays in force: {self.reason}"
+        return (f"configuration reloaded from {self.path or 'the config file'} (policy: {self.policy or 'none'}); "
+                f"closed {self.closed_sessions} session(s) and {self.closed_streams} stream(s) the policy no longer allows")
+
+
+@dataclass(frozen=True)
+class StoreHealthChanged(Event):
+    """The HA nonce store (docs/ha.md) started answering or stopped: without it no replica
+    reserves counters, so nothing is sent under keys shared between replicas."""
+
+    kind: ClassVar[str] = "store_health"
+
+    store: str
+    healthy: bool
+    detail: str
+
+    @property
+    def level(self) -> str:  # type: ignore[override]
+        return "info" if self.healthy else "warning"
+
+    def message(self) -> str:
+        if self.healthy:
+            return f"nonce store {self.store} answers ({self.detail})"
+        return (f"nonce store {self.store} unreachable ({self.detail}): "
+                f"refusing to send under shared keys until it answers")
+
+
+@dataclass(frozen=True)
+class StoreDataRefused(Event):
+    """The store held a value that is corrupt or not ours: refused, never trusted."""
+
+    kind: ClassVar[str] = "store_data_refused"
+    level: ClassVar[str] = "error"
+
+    store: str
+    key: str
+    reason: str
+
+    def message(self) -> str:
+        return f"nonce store {self.store}: refused the data of {self.key}: {self.reason}"

@@ -159,9 +159,9 @@ class CounterLease:
         """
         lease = cls(key_id, stored_mark, floor=floor, **options)
         if stored_mark is None:
-            lease._stop("no counter mark is stored for this key: the session's state is gone")
+            lease.stop("no counter mark is stored for this key: the session's state is gone")
         elif stored_mark < floor:
-            lease._stop(f"stored counter mark {stored_mark} is below the known floor {floor}: store rolled back")
+            lease.stop(f"stored counter mark {stored_mark} is below the known floor {floor}: store rolled back")
         return lease
 
     # --- the hot path ----------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class CounterLease:
             return None
         start = self._known_mark or 0
         if start >= MAX_MARK:
-            self._stop("the 64-bit counter space is used up: the session must be replaced")
+            self.stop("the 64-bit counter space is used up: the session must be replaced")
             return None
         self._seq += 1
         self._pending = Reservation(self.key_id, self._known_mark, min(start + self.block_size, MAX_MARK), self._seq)
@@ -226,12 +226,12 @@ class CounterLease:
         elif isinstance(outcome, MarkMoved):
             self._moved(request, outcome.current)
         elif isinstance(outcome, KeyMissing):
-            self._stop("the counter mark is gone from the store (the session ended elsewhere)"
+            self.stop("the counter mark is gone from the store (the session ended elsewhere)"
                        if request.expected_mark is not None else "the store refused to create the mark")
         elif isinstance(outcome, Unanswered):
             self.leaked.append(request.block)  # if it committed, nobody will ever use it
         elif isinstance(outcome, Refused):
-            self._stop(f"the store's data was refused: {outcome.reason}")
+            self.stop(f"the store's data was refused: {outcome.reason}")
         else:
             raise LocalProtocolError(f"unknown reservation outcome {outcome!r}")
 
@@ -247,10 +247,11 @@ class CounterLease:
     def _moved(self, request: Reservation, current: int) -> None:
         expected = request.expected_mark
         if not max(expected or 0, self.floor) < current <= MAX_MARK:
-            self._stop(f"stored counter mark {current} is not above {expected or 0}: store rolled back or corrupt")
+            self.stop(f"stored counter mark {current} is not above {expected or 0}: store rolled back or corrupt")
             return
         self._known_mark = current  # any block below it is someone's (or leaked): retry from the mark
 
-    def _stop(self, reason: str) -> None:
+    def stop(self, reason: str) -> None:
+        """No more reservations, ever (the first reason is kept); blocks in hand stay usable."""
         if self.stopped is None:
             self.stopped = reason

@@ -1,0 +1,378 @@
+"""Spec for the HA nonce store contract (pqtunnel/stores.py NonceStore), on BOTH backends.
+
+``local`` is a SQLite file; ``etcd`` is a real 3-member etcd cluster on loopback (one per
+module: a start takes 0.3-2.6 s). Every contract test runs against both. The etcd-only
+tests kill the leader mid-run and freeze a majority (a minority partition), and restore
+the cluster before they end, so the tests after them find three healthy members.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from pqlab.etcd import EtcdCluster
+from pqlab.leaseworker import lab_codec
+from pqtunnel.errors import LeaseStoppedError, StoreDataError, StoreOpenError, StoreUnavailableError
+from pqtunnel.events import Event, StoreDataRefused
+from pqtunnel.leases import CounterLease, Granted, KeyMissing, MarkMoved
+from pqtunnel.stores import NonceStore, StoreCodec
+from pqtunneld.etcd import EtcdGateway, b64
+from pqtunneld.leasekeeper import LeaseKeeper, takeover_lease
+from pqtunneld.noncestore import EtcdNonceStore, SqliteNonceStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    with EtcdCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def namespace() -> str:
+    """Each test writes under its own namespace: tests sharing one cluster never meet."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", "etcd"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict:
+    """How to open one more client of the same store (two clients = two replicas)."""
+    if request.param == "etcd":
+        endpoints = tuple(request.getfixturevalue("etcd_cluster").endpoints)
+        return {"kind": "etcd", "etcd": endpoints, "args": [a for e in endpoints for a in ("--etcd", e)]}
+    path = tmp_path / "nonces.sqlite"
+    return {"kind": "local", "path": path, "args": ["--path", str(path)]}
+
+
+def open_client(backend: dict, codec: StoreCodec, events: list[Event] | None = None,
+                deadline: float = 8.0) -> SqliteNonceStore | EtcdNonceStore:
+    emit = events.append if events is not None else (lambda event: None)
+    if backend["kind"] == "etcd":
+        return EtcdNonceStore(EtcdGateway(backend["etcd"], deadline=deadline), codec, emit)
+    return SqliteNonceStore(backend["path"], codec, emit)
+
+
+@pytest.fixture
+async def store(backend: dict, namespace: str) -> AsyncIterator[NonceStore]:
+    client = open_client(backend, lab_codec(namespace))
+    yield client
+    await client.aclose()
+
+
+async def use_counters(keeper: LeaseKeeper, count: int, into: list[int], pause_every: int = 0) -> None:
+    for index in range(count):
+        into.append(await keeper.next_counter())
+        if pause_every and index % pause_every == 0:
+            await trio.sleep(0)  # let the other replica run
+
+
+def assert_disjoint(*runs: list[int]) -> None:
+    seen: set[int] = set()
+    for run in runs:
+        assert run == sorted(set(run)), "a replica's counters must strictly increase"
+        assert not seen & set(run), f"counters used twice: {sorted(seen & set(run))[:5]}"
+        seen |= set(run)
+
+
+# --- compare-and-swap ---------------------------------------------------------------------------------
+
+
+async def test_a_mark_is_created_once_and_then_only_moved_by_compare_and_swap(store: NonceStore) -> None:
+    assert await store.read_mark("k1") is None
+    assert await store.reserve("k1", None, 64) == Granted()
+    assert await store.reserve("k1", None, 64) == MarkMoved(64)  # exists: create refused
+    assert await store.reserve("k1", 64, 128) == Granted()
+    assert await store.reserve("k1", 64, 192) == MarkMoved(128)  # someone moved it: here is where to
+    assert await store.read_mark("k1") == 128
+
+
+async def test_a_retried_reservation_never_commits_twice(store: NonceStore) -> None:
+    """A lost reply is retried with the same expected mark: the retry finds the mark moved."""
+    assert await store.reserve("k2", None, 64) == Granted()
+    assert await store.reserve("k2", 64, 128) == Granted()
+    assert await store.reserve("k2", 64, 128) == MarkMoved(128)
+
+
+async def test_a_deleted_mark_cannot_be_moved_or_taken_over(store: NonceStore) -> None:
+    assert await store.reserve("k3", None, 64) == Granted()
+    await store.delete("k3")
+    assert await store.read_mark("k3") is None
+    assert await store.reserve("k3", 64, 128) == KeyMissing()
+    lease = await takeover_lease(store, "k3")
+    with pytest.raises(LeaseStoppedError, match="state is gone"):
+        lease.next_counter()
+
+
+async def test_keys_of_one_node_are_separate_from_another_nodes(backend: dict, namespace: str) -> None:
+    ours, theirs = open_client(backend, lab_codec(namespace)), open_client(backend, lab_codec(namespace + "x"))
+    try:
+        assert await ours.reserve("shared-name", None, 64) == Granted()
+        assert await theirs.read_mark("shared-name") is None
+        assert await theirs.reserve("shared-name", None, 640) == Granted()
+        assert await ours.read_mark("shared-name") == 64
+    finally:
+        await ours.aclose()
+        await theirs.aclose()
+
+
+# --- concurrent reservers -------------------------------------------------------------------------------
+
+
+async def test_two_replicas_in_one_process_never_get_overlapping_counters(backend: dict, namespace: str) -> None:
+    first, second = open_client(backend, lab_codec(namespace)), open_client(backend, lab_codec(namespace))
+    counters: tuple[list[int], list[int]] = ([], [])
+    try:
+        async with trio.open_nursery() as nursery:
+            keepers = [LeaseKeeper(CounterLease.fresh("race", block_size=16, low_water=4), client)
+                       for client in (first, second)]
+            for keeper in keepers:
+                await nursery.start(keeper.run)
+            async with trio.open_nursery() as users:
+                for keeper, into in zip(keepers, counters):
+                    users.start_soon(use_counters, keeper, 600, into, 7)
+            nursery.cancel_scope.cancel()
+        mark = await first.read_mark("race")
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert len(counters[0]) == len(counters[1]) == 600
+    assert_disjoint(*counters)
+    assert mark is not None and mark > max(counters[0] + counters[1])
+
+
+def run_worker(backend: dict, namespace: str, *args: str) -> subprocess.Popen[str]:
+    """A replica process (pqlab/leaseworker.py); its stderr joins stdout, so a traceback shows in the failure."""
+    argv = [sys.executable, "-m", "pqlab.leaseworker", "--store", backend["kind"], *backend["args"],
+            "--namespace", namespace, *args]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def worker_counters(process: subprocess.Popen[str], timeout: float = 60) -> tuple[list[int], dict]:
+    """Every counter the worker printed (reading its pipe to the end), and its last line."""
+    assert process.stdout is not None
+    out = process.stdout.read()
+    process.wait(timeout)
+    assert process.returncode == 0 and out.endswith("}\n"), out[-3000:]
+    lines = [json.loads(line) for line in out.splitlines()]
+    counters = [c for line in lines if "used" in line for c in range(line["used"][0], line["used"][1] + 1)]
+    return counters, lines[-1]
+
+
+def test_two_replica_processes_never_get_overlapping_counters(backend: dict, namespace: str) -> None:
+    workers = [run_worker(backend, namespace, "--key", "procs", "--count", "1500", "--block", "32") for _ in range(2)]
+    results = [worker_counters(w) for w in workers]
+    assert [len(counters) for counters, _ in results] == [1500, 1500]
+    assert_disjoint(results[0][0], results[1][0])
+
+
+def test_a_frozen_replica_resumes_with_its_old_block_and_nothing_overlaps(backend: dict, namespace: str) -> None:
+    """SIGSTOP a replica holding a block, let another take over from the stored mark, SIGCONT."""
+    frozen = run_worker(backend, namespace, "--key", "freeze", "--count", "200", "--block", "100",
+                        "--every", "10", "--pause", "0.05")
+    assert frozen.stdout is not None
+    first = json.loads(frozen.stdout.readline())  # it holds [0, 100) and has used some of it
+    assert first["used"][0] == 0
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        takeover = run_worker(backend, namespace, "--key", "freeze", "--takeover", "--count", "300", "--block", "100")
+        taken, _ = worker_counters(takeover)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    rest, _ = worker_counters(frozen)
+    old = list(range(first["used"][0], first["used"][1] + 1)) + rest
+    assert min(taken) >= 100  # the takeover started at the stored mark, above the frozen block
+    assert any(c < 100 for c in rest)  # the frozen replica did go on with its old block
+    assert_disjoint(old, taken)
+
+
+# --- single-use records --------------------------------------------------------------------------------
+
+
+async def test_a_single_use_record_is_accepted_once(store: NonceStore) -> None:
+    assert await store.use_once("ticket", "abc123", 60) is True
+    assert await store.use_once("ticket", "abc123", 60) is False
+    assert await store.use_once("ticket", "abc124", 60) is True
+    assert await store.use_once("replay", "abc123", 60) is True  # kinds are separate
+
+
+async def test_two_replicas_redeeming_the_same_records_at_once_succeed_once_each(backend: dict,
+                                                                               namespace: str) -> None:
+    clients = [open_client(backend, lab_codec(namespace)) for _ in range(2)]
+    wins: dict[str, list[bool]] = {f"t{i}": [] for i in range(25)}
+
+    async def redeem(client: NonceStore) -> None:
+        for record_id in wins:
+            wins[record_id].append(await client.use_once("ticket", record_id, 30))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(redeem, client)
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert all(sorted(results) == [False, True] for results in wins.values()), wins
+
+
+async def test_a_local_single_use_record_expires_after_its_ttl(tmp_path: Path) -> None:
+    store = SqliteNonceStore(tmp_path / "n.sqlite", lab_codec())
+    assert await store.use_once("ticket", "t", 0.2) is True
+    assert await store.use_once("ticket", "t", 0.2) is False
+    await trio.sleep(0.3)
+    assert await store.use_once("ticket", "t", 0.2) is True
+    await store.aclose()
+
+
+# --- data we cannot vouch for ---------------------------------------------------------------------------
+
+
+async def write_raw(backend: dict, client: NonceStore, key_id: str, value: bytes) -> None:
+    """Put ``value`` where the mark of ``key_id`` lives, behind the store's back."""
+    if isinstance(client, EtcdNonceStore):
+        await client.gateway.call("/v3/kv/put", {"key": b64(client.mark_key(key_id)), "value": b64(value)})
+        return
+    db = sqlite3.connect(backend["path"])
+    with db:
+        db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?, ?)", (client.codec.namespace, key_id, value))
+    db.close()
+
+
+@pytest.mark.parametrize("value", [b"garbage", b"pqtunnel-mark/1 64 " + b"0" * 32, "foreign"])
+async def test_corrupt_or_foreign_marks_are_refused_and_logged(backend: dict, namespace: str,
+                                                               value: bytes | str) -> None:
+    events: list[Event] = []
+    client = open_client(backend, lab_codec(namespace), events)
+    if value == "foreign":  # a well-formed mark of another node (other store key)
+        value = StoreCodec(namespace, bytes(32)).encode_mark("bad", 64)
+    try:
+        await write_raw(backend, client, "bad", value)
+        with pytest.raises(StoreDataError):
+            await client.read_mark("bad")
+        with pytest.raises(StoreDataError):
+            await client.reserve("bad", 64, 128)
+        lease = await takeover_lease(client, "bad")
+        with pytest.raises(LeaseStoppedError, match="refused"):
+            lease.next_counter()
+    finally:
+        await client.aclose()
+    refusals = [e for e in events if isinstance(e, StoreDataRefused)]
+    assert len(refusals) == 3 and refusals[0].key == "bad" and refusals[0].store == backend["kind"]
+
+
+def test_a_file_that_is_not_a_nonce_store_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    with pytest.raises(StoreOpenError, match="not a pqtunnel nonce store"):
+        SqliteNonceStore(other, lab_codec())
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreOpenError, match="cannot open"):
+        SqliteNonceStore(garbage, lab_codec())
+
+
+async def test_a_healthy_store_says_so(store: NonceStore) -> None:
+    health = await store.health()
+    assert health.ok and health.detail
+
+
+# --- etcd faults -----------------------------------------------------------------------------------------
+
+
+async def test_etcd_leader_killed_mid_run_reservations_stall_briefly_and_never_overlap(
+        etcd_cluster: EtcdCluster, namespace: str) -> None:
+    backend = {"kind": "etcd", "etcd": tuple(etcd_cluster.endpoints)}
+    clients = [open_client(backend, lab_codec(namespace)) for _ in range(2)]
+    counters: tuple[list[int], list[int]] = ([], [])
+    gaps: list[float] = []
+    leader = etcd_cluster.leader()
+
+    async def replica(keeper: LeaseKeeper, into: list[int]) -> None:
+        last = time.monotonic()
+        while len(into) < 1200:
+            into.append(await keeper.next_counter())
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            await trio.sleep(0)
+
+    async def kill_leader_when_running() -> None:
+        while len(counters[0]) + len(counters[1]) < 400:
+            await trio.sleep(0.01)
+        await trio.to_thread.run_sync(etcd_cluster.kill, leader)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            keepers = [LeaseKeeper(CounterLease.fresh("leader", block_size=8, low_water=2), c) for c in clients]
+            for keeper in keepers:
+                await nursery.start(keeper.run)
+            async with trio.open_nursery() as users:
+                for keeper, into in zip(keepers, counters):
+                    users.start_soon(replica, keeper, into)
+                users.start_soon(kill_leader_when_running)
+            nursery.cancel_scope.cancel()
+        assert not leader.running
+        assert etcd_cluster.leader() is not leader  # a new leader was elected
+    finally:
+        for client in clients:
+            await client.aclose()
+        await trio.to_thread.run_sync(etcd_cluster.restart, leader)
+    assert_disjoint(*counters)
+    assert max(gaps) < 8.0, f"stalled {max(gaps):.1f} s"
+
+
+async def test_etcd_minority_partition_reservations_wait_then_continue(etcd_cluster: EtcdCluster,
+                                                                       namespace: str) -> None:
+    """Two members frozen: the one left cannot commit, so nothing is granted; after, all goes on."""
+    backend = {"kind": "etcd", "etcd": tuple(etcd_cluster.endpoints)}
+    client = open_client(backend, lab_codec(namespace), deadline=3.0)
+    frozen = etcd_cluster.members[:2]
+    try:
+        assert await client.reserve("minority", None, 64) == Granted()
+        for member in frozen:
+            etcd_cluster.freeze(member)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="no endpoint answered"):
+            await client.reserve("minority", 64, 128)
+        assert time.monotonic() - started < 6
+        assert not (await client.health()).ok or "1/3" in (await client.health()).detail
+    finally:
+        for member in frozen:
+            etcd_cluster.thaw(member)
+    # the unanswered request may or may not have committed: only the stored mark says
+    lease = await takeover_lease(client, "minority", block_size=64)
+    keeper = LeaseKeeper(lease, client)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keeper.run)
+        with trio.fail_after(15):
+            assert await keeper.next_counter() >= 64
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    await trio.to_thread.run_sync(etcd_cluster.wait_healthy)
+
+
+async def test_etcd_health_counts_the_members_that_answer(etcd_cluster: EtcdCluster, namespace: str) -> None:
+    client = open_client({"kind": "etcd", "etcd": tuple(etcd_cluster.endpoints)}, lab_codec(namespace))
+    try:
+        assert (await client.health()).detail.startswith("3/3")
+        unreachable = open_client({"kind": "etcd", "etcd": ("http://127.0.0.1:9",)}, lab_codec(namespace),
+                                  deadline=1.0)
+        health = await unreachable.health()
+        assert not health.ok and health.detail.startswith("0/1")
+        with pytest.raises(StoreUnavailableError):
+            await unreachable.read_mark("k")
+        await unreachable.aclose()
+    finally:
+        await client.aclose()
