@@ -336,6 +336,7 @@ class _Report:
     denials: dict[str, int] = field(default_factory=dict)
     handshakes_failed: int = 0
     lost_events: int = 0
+    nodes: list[str] = field(default_factory=list)
 
 
 _STREAM_COUNTS = {"stream_allowed": "allowed", "stream_denied": "denied", "stream_closed": "closed"}
@@ -377,6 +378,8 @@ def _take(state: _Report, record: Mapping[str, Any]) -> None:
         state.handshakes_failed += 1
     elif event == GAP:
         state.lost_events += _int(record.get("lost"))
+    elif event == OPENED and isinstance(record.get("node"), str) and record["node"] not in state.nodes:
+        state.nodes.append(record["node"])
     if record.get("decision") == "deny":
         rule = str(record.get("rule") or "unknown")
         state.denials[rule] = state.denials.get(rule, 0) + 1
@@ -396,6 +399,7 @@ def _summarise(state: _Report) -> dict[str, Any]:
     total_bytes = sum(s.bytes for s in sessions)
     pq_bytes = sum(s.bytes for s in pq)
     return {
+        "nodes": state.nodes,
         "lines": state.lines,
         "first": state.first,
         "last": state.last,
