@@ -103,6 +103,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  sessions: {status['sessions']}, static peers: {status['static_peers']}")
     print(f"  suites: {', '.join(status['suites'])}; AEADs: {', '.join(status['aeads'])}")
     print(f"  crypto backend: {status['crypto_backend']}; liboqs: {status['liboqs']}")
+    ha = status.get("ha") or {}
+    if ha:
+        state = {True: "healthy", False: "UNREACHABLE", None: "not checked"}[ha["healthy"]]
+        print(f"  nonce store: {ha['store']} ({state}: {ha['detail']}), replica {ha['replica']}")
     return 0
 
 
@@ -228,6 +232,70 @@ def cmd_ca_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- audit: reads the files, so it works with the daemon stopped -------------------------------------
+
+
+def _audit_path(args: argparse.Namespace) -> Path:
+    """``--file``, else the node's ``[audit] path`` (default HOME/audit.jsonl)."""
+    if args.file:
+        return Path(args.file).expanduser()
+    return load_config(_home(args), Path(args.config) if args.config else None).audit_path
+
+
+def _audit_records(args: argparse.Namespace) -> list[Any]:
+    from . import audit
+
+    since = audit.parse_since(args.since) if args.since else None
+    records = audit.since_filter(audit.read_records(audit.read_chain(_audit_path(args))), since)
+    for record in records:
+        if isinstance(record, audit.Unreadable):
+            print(f"{PROG}: warning: {record.where}: {record.reason} (pqtunnel audit verify)", file=sys.stderr)
+    return [r for r in records if not isinstance(r, audit.Unreadable)]
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from . import audit
+
+    records = _audit_records(args)
+    if args.json:
+        _print_json(records)
+    for record in records if not args.json else ():
+        print(audit.render_record(record))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from pqtunnel.audit import verify
+
+    from . import audit
+
+    path = _audit_path(args)
+    result = verify(audit.read_chain(path))
+    files = audit.chain_files(path)
+    if args.json:
+        _print_json({**result.as_dict(), "files": [str(f) for f in files]})
+    elif result.ok:
+        print(audit.render_verification(result, files))
+    else:
+        print(f"{PROG}: audit chain broken: {result.problem}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def cmd_audit_report(args: argparse.Namespace) -> int:
+    from pqtunnel.audit import build_report, verify
+
+    from . import audit
+
+    result = verify(audit.read_chain(_audit_path(args)))
+    report = build_report(_audit_records(args))
+    if args.json:
+        _print_json({**report, "chain": result.as_dict()})
+    else:
+        verdict = "chain intact" if result.ok else f"CHAIN BROKEN: {result.problem}"
+        print("\n".join(audit.render_report(report, verdict)))
+    return 0 if result.ok else 1
+
+
 # --- parser ------------------------------------------------------------------------------------------
 
 
@@ -244,6 +312,31 @@ def _add_up_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
     parser.add_argument("--mdns-interface", action="append", metavar="IP",
                         help="advertise and browse only on the interface with this address (repeatable)")
+
+
+def _add_audit_options(parser: argparse.ArgumentParser, *, since: bool) -> None:
+    _add_home(parser)
+    parser.add_argument("--config", help="configuration file naming [audit] path (default: HOME/config.toml)")
+    parser.add_argument("--file", help="read this audit file and its rotated FILE.1, FILE.2, ... instead")
+    parser.add_argument("--json", action="store_true")
+    if since:
+        parser.add_argument("--since", metavar="TIME",
+                            help="only records from TIME on: ISO 8601 (UTC unless it says) or a duration (30m, 2h, 7d)")
+
+
+def _add_audit_commands(audit: argparse.ArgumentParser) -> None:
+    _add_audit_options(audit, since=True)
+    sub = audit.add_subparsers(dest="audit_command", metavar="[verify|report]")
+    p = sub.add_parser("verify", help="check the hash chain across rotated files: exit 0 if intact, else name "
+                       "the first changed, inserted, removed, reordered or truncated line",
+                       description="Check the audit hash chain. --json also prints the last hash: keep it "
+                       "off this host to detect a rewritten file later.")
+    _add_audit_options(p, since=False)
+    p.set_defaults(handler=cmd_audit_verify)
+    p = sub.add_parser("report", help="compliance summary: sessions and bytes per KEM, signature and AEAD, "
+                       "post-quantum share, legacy sessions, denials by rule, peers never seen with PQ")
+    _add_audit_options(p, since=True)
+    p.set_defaults(handler=cmd_audit_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ca_sub.add_parser("show", help="print a certificate's contents")
     p.add_argument("certificate")
     p.set_defaults(handler=cmd_ca_show)
+    _add_audit_commands(command("audit", cmd_audit, "show the audit file (hash-chained JSON lines); "
+                                "works with the daemon stopped"))
     p = command("connect", cmd_connect, "splice stdin/stdout to a peer's service (PEER/SERVICE) or port (PEER:PORT)")
     p.add_argument("target", metavar="PEER/SERVICE|PEER:PORT")
     _add_home(p)
