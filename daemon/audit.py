@@ -181,6 +181,8 @@ def render_report(report: dict[str, Any], verdict: str) -> list[str]:
     streams = report["streams"]
     lines.append(f"streams: {streams['allowed']} allowed, {streams['denied']} denied, {streams['closed']} closed; "
                  f"handshakes failed: {report['handshakes_failed']}; events lost (audit gaps): {report['lost_events']}")
+    reloads = report["reloads"]
+    lines.append(f"reloads: {reloads['applied']} applied, {reloads['refused']} refused (previous policy kept)")
     return lines
 
 

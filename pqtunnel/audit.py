@@ -337,6 +337,7 @@ class _Report:
     handshakes_failed: int = 0
     lost_events: int = 0
     nodes: list[str] = field(default_factory=list)
+    reloads: dict[str, int] = field(default_factory=lambda: {"applied": 0, "refused": 0})
 
 
 _STREAM_COUNTS = {"stream_allowed": "allowed", "stream_denied": "denied", "stream_closed": "closed"}
@@ -380,6 +381,8 @@ def _take(state: _Report, record: Mapping[str, Any]) -> None:
         state.lost_events += _int(record.get("lost"))
     elif event == OPENED and isinstance(record.get("node"), str) and record["node"] not in state.nodes:
         state.nodes.append(record["node"])
+    elif event == "config_reloaded":  # a policy loaded (ok) or refused, the previous one staying
+        state.reloads["applied" if record.get("ok") is True else "refused"] += 1
     if record.get("decision") == "deny":
         rule = str(record.get("rule") or "unknown")
         state.denials[rule] = state.denials.get(rule, 0) + 1
@@ -417,6 +420,7 @@ def _summarise(state: _Report) -> dict[str, Any]:
         "denials": {"total": sum(state.denials.values()), "by_rule": dict(sorted(state.denials.items()))},
         "streams": dict(state.streams),
         "handshakes_failed": state.handshakes_failed,
+        "reloads": dict(state.reloads),
         "peers_never_post_quantum": _peers_never_pq(sessions),
         "lost_events": state.lost_events,
     }

@@ -370,6 +370,13 @@ def test_a_session_still_up_counts_with_the_algorithms_of_its_start() -> None:
     assert report["post_quantum"]["share_of_bytes"] is None  # no bytes yet: no share to speak of
 
 
+def test_the_report_counts_policies_loaded_and_refused_by_reloads() -> None:
+    recs = [{"event": "config_reloaded", "ok": True, "policy": "2 grants"},
+            {"event": "config_reloaded", "ok": False, "reason": "policy test 1 failed"},
+            {"event": "config_reloaded", "ok": True, "policy": "3 grants"}]
+    assert build_report(recs)["reloads"] == {"applied": 2, "refused": 1}
+
+
 def test_the_report_sums_lost_events_from_gap_records_and_spans_the_period() -> None:
     recs = [{"event": "audit_opened", "ts": "2026-12-01T10:00:00.000Z"},
             {"event": "audit_gap", "ts": "2026-12-01T10:05:00.000Z", "lost": 3},
