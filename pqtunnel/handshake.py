@@ -532,7 +532,7 @@ class ResponderHandshake:
         if suite is None:
             raise MalformedHandshakeError(f"HELLO proposes unknown suite id {body[1]}")
         state = NoiseState(suite.noise_name, initiator=False, static_private=self.identity.x25519_static,
-                           ephemeral_private=self.entropy.x25519_private(), prologue=_prologue(suite),
+                           ephemeral_private=b"", prologue=_prologue(suite),  # drawn only if we answer
                            kem=_kem_hooks(self.backend, self.entropy, suite))
         reader = Reader(body[2:], "HELLO")
         state.read_e(reader.take(DHLEN))
@@ -611,6 +611,7 @@ class ResponderHandshake:
         raise NoCommonSuiteError("no AEAD in common")
 
     def _response(self, state: NoiseState, suite: Suite) -> bytes:
+        state.e = self.entropy.x25519_private()
         out = state.write_e()
         state.ee()
         if suite.kem is not None:

@@ -3,14 +3,30 @@ own XXhfs vectors (docs/PROTOCOL.md) reproduced byte for byte."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
+import msgpack
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from noise.functions.hash import hkdf
+
+from pqtunnel.crypto.backend import CryptographyBackend, x25519_dh, x25519_public
+from pqtunnel.crypto.suites import Aead
+from pqtunnel.records import ContentType, RecordLayer
 
 from pqtunnel.crypto.suites import SUITES
 from pqtunnel.noisestate import NoiseState
-from tests.vectors.handshake_vectors import replay, vector_path
+from tests.vectors.handshake_vectors import (
+    REKEY_VECTOR,
+    RETRY_VECTOR,
+    kem_public_key_hash,
+    replay,
+    replay_rekey,
+    replay_retry,
+    vector_path,
+)
 
 # Noise_XX_25519_ChaChaPoly_BLAKE2s from the cacophony test-vector suite (as shipped by snow
 # and noiseprotocol): prologue "John Galt", fixed static and ephemeral keys.
@@ -125,3 +141,120 @@ def test_record_vector_from_docs(aead_label: str) -> None:
     assert frame.hex() == RECORD_VECTORS[aead_label]
     receiver = RecordLayer(aead, RECORD_KEY, RECORD_KEY, RECORD_SESSION)
     assert receiver.open(frame[5:]) == (ContentType.DATA, b"hello")
+
+
+# --- RETRY and cookie (docs/PROTOCOL.md 4.2) ----------------------------------------------------------
+
+
+def _frames(vector: dict) -> list[bytes]:
+    return [bytes.fromhex(m) for m in vector["messages"]]
+
+
+def _hello_parts(frame: bytes) -> tuple[bytes, bytes, dict]:
+    """(e, e1, payload) of a hybrid HELLO frame, cut as section 4.1 says."""
+    body = frame[5:]
+    return body[2:34], body[34:34 + 1184], msgpack.unpackb(body[34 + 1184:], raw=False)
+
+
+def test_the_retry_vector_reproduces_byte_for_byte() -> None:
+    vector = json.loads(RETRY_VECTOR.read_text())
+    reproduced = replay_retry(vector)
+    for key, value in reproduced.items():
+        assert value == vector[key], key
+    assert [m[4] for m in _frames(vector)] == [0x01, 0x04, 0x01, 0x02, 0x03]  # HELLO RETRY HELLO RESPONSE FINISH
+
+
+def test_the_retry_cookie_is_the_documented_mac_over_the_answered_hellos_ephemeral_key() -> None:
+    """Recomputed from section 4.2 alone: issued_ms || HMAC-SHA256(secret, label || issued_ms ||
+    suite id || e || client IP)[0:16]; the retried HELLO carries the same e and echoes it."""
+    vector = json.loads(RETRY_VECTOR.read_text())
+    hello, retry, retried = _frames(vector)[:3]
+    e, _, _ = _hello_parts(hello)
+    issued = vector["timestamp_ms"].to_bytes(8, "big")
+    mac = hmac.new(bytes.fromhex(vector["cookie_secret"]),
+                   b"pqtunnel/1 cookie\x00" + issued + bytes([2]) + e + vector["peer_address"].encode(),
+                   hashlib.sha256).digest()[:16]
+    cookie = issued + mac
+    assert retry[5:] == msgpack.packb({"suite": 2, "cookie": cookie}, use_bin_type=True)
+    retried_e, _, payload = _hello_parts(retried)
+    assert retried_e == e
+    assert payload == {"v": [1], "suites": [2], "aeads": [1, 2], "ts": vector["retry_ms"], "retry": {"cookie": cookie}}
+
+
+def test_the_64_byte_ml_kem_seed_is_d_then_z() -> None:
+    """FIPS 203 KeyGen_internal(d, z): the encapsulation key depends on d only, the implicit
+    rejection secret on z only. The vector's seeds have d != z, so both halves are pinned:
+    each HELLO's e1 is the key from d || z (not z || d), and decapsulating an invalid
+    ciphertext yields J(z || c) = SHAKE256(z || c)[0:32]."""
+    vector = json.loads(RETRY_VECTOR.read_text())
+    hello, _, retried = _frames(vector)[:3]
+    for frame, seed_hex in zip((hello, retried), vector["kem_seeds"]):
+        seed = bytes.fromhex(seed_hex)
+        d, z = seed[:32], seed[32:]
+        assert d != z
+        _, e1, _ = _hello_parts(frame)
+        assert hashlib.sha256(e1).hexdigest() == kem_public_key_hash(d + z) != kem_public_key_hash(z + d)
+        invalid = bytes(1088)
+        rejected = CryptographyBackend().kem_keypair("ML-KEM-768", seed).decapsulate(invalid)
+        assert rejected == hashlib.shake_256(z + invalid).digest(32)
+    seed = bytes.fromhex(MLKEM_SEED_VECTOR["seed"])
+    key = CryptographyBackend().kem_keypair("ML-KEM-768", seed)
+    assert hashlib.sha256(key.public_bytes()).hexdigest() == MLKEM_SEED_VECTOR["ek_sha256"]
+    assert key.decapsulate(bytes(1088)).hex() == MLKEM_SEED_VECTOR["rejection_secret_for_zero_ciphertext"]
+
+
+MLKEM_SEED_VECTOR = {  # docs/PROTOCOL.md 4.8
+    "seed": "42" * 32 + "43" * 32,  # d = 0x42 x 32, z = 0x43 x 32
+    "ek_sha256": "8cde1b49992415b527e361f52465634978fcc488d6f541c4a1fec97fd14b4661",
+    "rejection_secret_for_zero_ciphertext": "098c4ee6514b50aa2709790ea3f537f52f8e16b5459b5b9daf49ff8b991bf5f7",
+}
+
+
+# --- rekey (docs/PROTOCOL.md 4.6 and 5.1) ---------------------------------------------------------------
+
+
+def test_the_rekey_vector_reproduces_byte_for_byte() -> None:
+    vector = json.loads(REKEY_VECTOR.read_text())
+    reproduced = replay_rekey(vector)
+    for key, value in reproduced.items():
+        assert value == vector[key], key
+    hybrid = json.loads(vector_path("hybrid").read_text())
+    assert vector["rekey_chain"] == hybrid["rekey_chain"]
+
+
+def _open(key: bytes, session_id: bytes, frame: bytes) -> tuple[ContentType, bytes]:
+    """Open one RECORD frame with ``key`` (a fresh record layer: counters do not matter here)."""
+    content_type, data = RecordLayer(Aead.CHACHA20_POLY1305, key, key, session_id).open(frame[5:])
+    return content_type, bytes(data)
+
+
+def test_the_rekey_keys_follow_the_documented_derivation() -> None:
+    """Recomputed from section 5.1 alone: chain', k_i2r', k_r2i' = HKDF(chain, label || eA ||
+    eB || X25519(a, eB) || ss, 3) with Noise's HMAC-BLAKE2s HKDF; REKEY_RESP and DONE travel
+    under the old keys, the DATA records after them under the new ones."""
+    vector = json.loads(REKEY_VECTOR.read_text())
+    hybrid = json.loads(vector_path("hybrid").read_text())
+    session_id = bytes.fromhex(hybrid["session_id"])
+    i2r, r2i = bytes.fromhex(hybrid["initiator_to_responder_key"]), bytes.fromhex(hybrid["responder_to_initiator_key"])
+    frames = [bytes.fromhex(data) for _, data in vector["records"]]
+    assert [sender for sender, _ in vector["records"]] == ["R", "I", "I", "R", "I", "I", "R"]
+    assert [_open(key, session_id, frame)[0] for key, frame in zip((r2i, i2r, i2r, r2i, i2r), frames)] == [
+        ContentType.PING, ContentType.PONG, ContentType.REKEY_INIT, ContentType.REKEY_RESP, ContentType.REKEY_DONE]
+
+    a = bytes.fromhex(vector["initiator_rekey_x25519"])
+    _, init = _open(i2r, session_id, frames[2])
+    assert init[:32] == x25519_public(a) and len(init) == 32 + 1184
+    _, resp = _open(r2i, session_id, frames[3])
+    e_b, ciphertext = resp[:32], resp[32:]
+    assert e_b == x25519_public(bytes.fromhex(vector["responder_rekey_x25519"]))
+    ss, recorded_ciphertext = (bytes.fromhex(x) for x in vector["encapsulations"][1])
+    assert ciphertext == recorded_ciphertext
+    kem_key = CryptographyBackend().kem_keypair("ML-KEM-768", bytes.fromhex(vector["initiator_rekey_kem_seed"]))
+    assert kem_key.public_bytes() == init[32:] and kem_key.decapsulate(ciphertext) == ss
+
+    material = b"pqtunnel/1 rekey\x00" + x25519_public(a) + e_b + x25519_dh(a, e_b) + ss
+    chain, new_i2r, new_r2i = hkdf(bytes.fromhex(vector["rekey_chain"]), material, 3,
+                                   lambda key, data: hmac.new(key, data, hashlib.blake2s).digest())
+    assert chain.hex() == vector["new_rekey_chain"]
+    assert _open(new_i2r, session_id, frames[5]) == (ContentType.DATA, b"hello")
+    assert _open(new_r2i, session_id, frames[6]) == (ContentType.DATA, b"hi")
