@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import trio
 
-from pqtunnel.errors import ConfigError, StoreDataError, StoreError, StoreUnavailableError
+from pqtunnel.errors import StoreDataError, StoreError, StoreUnavailableError
 
 REQUEST_TIMEOUT = 1.0
 """One endpoint's chance to answer; a frozen or partitioned member must not hold us longer."""
@@ -53,15 +53,6 @@ def number(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).lstrip("-").isdigit():
         raise StoreDataError(f"etcd answered a {what} that is not a number: {str(value)[:40]!r}")
     return int(value)
-
-
-def check_endpoints(urls: list[str], what: str) -> tuple[str, ...]:
-    """``http(s)://host:port`` URLs, without a trailing slash."""
-    for url in urls:
-        parsed = httpx.URL(url) if isinstance(url, str) else None
-        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host or parsed.path not in ("", "/"):
-            raise ConfigError(f"{what}: {url!r} is not an etcd client URL like http://127.0.0.1:2379")
-    return tuple(url.rstrip("/") for url in urls)
 
 
 @dataclass(frozen=True)
@@ -102,11 +93,16 @@ class EtcdGateway:
     def __init__(self, endpoints: tuple[str, ...], *, request_timeout: float = REQUEST_TIMEOUT,
                  deadline: float = DEADLINE) -> None:
         if not endpoints:
-            raise ConfigError("etcd needs at least one endpoint")
+            raise StoreError("etcd needs at least one endpoint")
         self.endpoints = endpoints
         self.deadline = deadline
         self._preferred = 0
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout), trust_env=False)
+
+    @property
+    def preferred(self) -> str:
+        """The endpoint asked first: the one that answered last."""
+        return self.endpoints[self._preferred]
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -8,11 +8,13 @@ the cluster before they end, so the tests after them find three healthy members.
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from pqlab.etcd import EtcdCluster
+from pqlab.etcd import EtcdCluster, free_port
 from pqlab.leaseworker import lab_codec
 from pqtunnel.errors import LeaseStoppedError, StoreDataError, StoreOpenError, StoreUnavailableError
 from pqtunnel.events import Event, StoreDataRefused
@@ -376,3 +378,48 @@ async def test_etcd_health_counts_the_members_that_answer(etcd_cluster: EtcdClus
         await unreachable.aclose()
     finally:
         await client.aclose()
+
+
+class ElectionStub:
+    """An HTTP endpoint that answers every request as a follower does mid-election: 503."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = b'{"error":"etcdserver: leader changed","code":14,"message":"etcdserver: leader changed"}'
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_etcd_requests_fail_over_past_dead_and_electing_endpoints(etcd_cluster: EtcdCluster,
+                                                                        namespace: str) -> None:
+    stub = ElectionStub()
+    endpoints = (f"http://127.0.0.1:{free_port()}", stub.url, etcd_cluster.endpoints[0])
+    gateway = EtcdGateway(endpoints)
+    client = EtcdNonceStore(gateway, lab_codec(namespace))
+    try:
+        assert await client.reserve("failover", None, 64) == Granted()
+        assert gateway.preferred == etcd_cluster.endpoints[0]  # asked first next time
+        assert await client.read_mark("failover") == 64
+        alone = EtcdNonceStore(EtcdGateway((stub.url,), deadline=1.0), lab_codec(namespace))
+        with pytest.raises(StoreUnavailableError, match="503 etcdserver: leader changed"):
+            await alone.read_mark("failover")
+        await alone.aclose()
+    finally:
+        await client.aclose()
+        stub.close()
