@@ -10,6 +10,8 @@ These are rules a test must be able to drive without sockets or clocks:
   one dialled by the smaller fingerprint; otherwise the newer replaces the older.
 * ``HandshakeGate``: past a threshold of concurrent inbound handshakes, strangers must echo
   a cookie before the responder signs anything (WireGuard's cookie idea).
+* ``ConnectionGate``: caps connections that have not authenticated yet, overall and per
+  source address, so strangers cannot hold every descriptor of the daemon.
 * ``SessionTable``: one session per peer name, applying ``duplicate_loser``.
 
 Times are monotonic milliseconds passed in by the caller.
@@ -17,14 +19,21 @@ Times are monotonic milliseconds passed in by the caller.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, Hashable, TypeVar
+
+from .limits import SlotLimit
 
 BACKOFF_START_MS = 500
 BACKOFF_MAX_MS = 30_000
 COOKIE_THRESHOLD = 32
 """Concurrent inbound handshakes before strangers must echo a cookie."""
+MAX_UNAUTHENTICATED = 128
+"""Inbound connections that have not finished the handshake, node-wide."""
+MAX_UNAUTHENTICATED_PER_ADDRESS = 8
+"""The same, per source address (IPv4 address, IPv6 /64)."""
 MAX_CANDIDATES = 4
 """Addresses dialled for one name: anyone on the LAN can advertise more (tarpits)."""
 RACE_STAGGER_MS = 250
@@ -149,6 +158,46 @@ class HandshakeGate:
     def end(self) -> None:
         """The handshake finished (either way)."""
         self.pending = max(0, self.pending - 1)
+
+
+def source_key(host: str) -> str:
+    """The unit one source is counted in: an IPv4 address, or an IPv6 /64 (one host
+    usually owns a whole /64, so counting single IPv6 addresses would cap nothing)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class ConnectionGate:
+    """Caps inbound connections that have not authenticated yet: node-wide and per source.
+
+    Each such connection holds a descriptor until its handshake ends (at most the handshake
+    timeout), and a stranger can open them for free; past either cap a new connection is
+    closed at once, so strangers can neither exhaust descriptors nor crowd out each other's
+    sources. A connection leaves the gate when its handshake ends, either way.
+    """
+
+    def __init__(self, total: int = MAX_UNAUTHENTICATED, per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS) -> None:
+        self._slots: SlotLimit[str] = SlotLimit(total, per_address, what="unauthenticated connections",
+                                                per="source address")
+
+    @property
+    def pending(self) -> int:
+        return self._slots.in_use
+
+    def admit(self, host: str) -> str | None:
+        """A connection from ``host`` arrived: None to serve it, else why it is closed at once."""
+        return self._slots.acquire(source_key(host))
+
+    def release(self, host: str) -> None:
+        """The handshake of a connection from ``host`` ended (established or failed)."""
+        self._slots.release(source_key(host))
 
 
 class SessionTable(Generic[S]):
