@@ -9,6 +9,7 @@ file                class             format
 HOME/identity.key   IdentityFile      JSON seeds, 0600 (group/world-readable is refused)
 HOME/identity.pub   IdentityFile      JSON public keys and fingerprint (a CA's too)
 HOME/known_peers    KnownPeersFile    ``NAME FINGERPRINT`` per line, ``#`` comments, 0600
+                                      (group/world-writable is refused)
 ``[ca]`` files      CaFiles           CA public key, own certificate, revocation list
 CA directory        CaDirectory       a CA's identity files and the ``revoked`` list
 ==================  ================  ===================================================
@@ -47,6 +48,20 @@ PUB_FILE = "identity.pub"
 TRUST_FILE = "known_peers"
 REVOKED_FILE = "revoked"
 KEY_FILE_VERSION = 1
+
+
+def refuse_writable_by_others(path: Path, what: str, error: type[UserError]) -> None:
+    """Refuse a file that group or others may write: whoever can edit it decides whom we
+    trust (``known_peers``) or which commands we run (``config.toml``). A missing file passes."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise error(f"{what} {path} is writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                    f"run: chmod go-w {path}")
 
 
 def ensure_home(home: Path) -> Path:
@@ -155,6 +170,8 @@ class IdentityFile:
             data = json.loads(self.key_path.read_text())
         except (OSError, ValueError) as exc:
             raise IdentityError(f"cannot read identity key {self.key_path}: {exc}") from None
+        except RecursionError:
+            raise IdentityError(f"identity key file {self.key_path} has an unknown format (nested too deeply)") from None
         return identity_from_json(data, self.key_path)
 
     def _check_mode(self) -> None:
@@ -210,10 +227,13 @@ class KnownPeersFile:
     def pins(self) -> list[TrustedPeer]:
         if not self.path.exists():
             return []
+        refuse_writable_by_others(self.path, "pinned-peer file", TrustStoreError)
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8")
         except OSError as exc:
             raise TrustStoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise TrustStoreError(f"{self.path} is not UTF-8 text (byte {exc.start})") from None
         return parse_known_peers(text, self.path)
 
     def table(self) -> TrustStore:
@@ -253,6 +273,8 @@ def read_certificate_file(path: Path) -> Certificate:
         text = path.read_text()
     except OSError as exc:
         raise CaError(f"cannot read certificate {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CaError(f"certificate {path} is not text") from None
     try:
         return decode_certificate(dearmor(text))
     except CertificateError as exc:
@@ -273,6 +295,8 @@ def load_ca_public(path: Path) -> PublicIdentity:
         public = public_from_summary(data)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CaError(f"cannot read CA public key {path}: {exc}") from None
+    except RecursionError:
+        raise CaError(f"cannot read CA public key {path}: nested too deeply") from None
     if public.fingerprint != data.get("fingerprint"):
         raise CaError(f"CA public key {path} does not match its stated fingerprint")
     return public
@@ -292,6 +316,8 @@ def load_revocations(path: Path | None) -> frozenset[str]:
         return parse_revocations(path.read_text())
     except OSError as exc:
         raise CaError(f"cannot read revocation list {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CaError(f"revocation list {path} is not UTF-8 text") from None
 
 
 def _file_version(path: Path) -> tuple[int, int, int] | None:
