@@ -364,8 +364,11 @@ class AuditLog:
         """fsync a duplicate of the descriptor in a thread: a rotation may close the original
         meanwhile, and its number must never be synced as some other file."""
         assert self._fd is not None
+        try:
+            fd = os.dup(self._fd)
+        except OSError:  # no descriptor free this moment (EMFILE): sync at the next wake-up
+            return
         self._unsynced = False
-        fd = os.dup(self._fd)
         try:
             await trio.to_thread.run_sync(os.fsync, fd)
         except OSError as exc:
