@@ -36,7 +36,8 @@ BLOCK = 1 << 16
 LAB_NOTES = (200, 400)
 
 
-async def reserver(store: NonceStore, key: str, until: float, latencies: list[float], lost: list[int]) -> None:
+async def reserver(store: NonceStore, key: str, until: float, latencies: list[float], lost: list[int],
+                   blocks: list[tuple[str, int]]) -> None:
     """Reserve blocks back to back until ``until`` (monotonic), retrying lost races from the stored mark."""
     mark = await store.read_mark(key)
     while time.monotonic() < until:
@@ -44,6 +45,7 @@ async def reserver(store: NonceStore, key: str, until: float, latencies: list[fl
         result = await store.reserve(key, mark, (mark or 0) + BLOCK)
         latencies.append((time.perf_counter() - start) * 1000)
         if isinstance(result, Granted):
+            blocks.append((key, mark or 0))
             mark = (mark or 0) + BLOCK
         elif isinstance(result, MarkMoved):
             mark = result.current
@@ -57,19 +59,22 @@ async def measure(name: str, clients: list[NonceStore], seconds: float, *, same_
     key = f"bench-{time.monotonic_ns()}"
     latencies: list[float] = []
     lost: list[int] = []
+    blocks: list[tuple[str, int]] = []
     until = time.monotonic() + seconds
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         for index, client in enumerate(clients):
-            nursery.start_soon(reserver, client, key if same_key else f"{key}-{index}", until, latencies, lost)
+            nursery.start_soon(reserver, client, key if same_key else f"{key}-{index}", until, latencies, lost, blocks)
     elapsed = time.monotonic() - started
     granted = len(latencies) - len(lost)
+    if len(set(blocks)) != len(blocks):
+        raise RuntimeError(f"{name}: a block was granted twice")  # never: this is what the store is for
     for client in clients:
         await client.aclose()
     latencies.sort()
     return Row(name, {"granted/s": granted / elapsed, "p50 ms": statistics.median(latencies),
                       "p99 ms": latencies[int(len(latencies) * 0.99) - 1]},
-               note=f"{granted} granted, {len(lost)} lost races retried, {elapsed:.1f} s")
+               note=f"{granted} granted, {len(lost)} lost races retried, no block granted twice, {elapsed:.1f} s")
 
 
 async def run(seconds: float, directory: Path, endpoints: list[str]) -> list[Row]:

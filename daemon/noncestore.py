@@ -34,7 +34,6 @@ from pqtunnel.stores import StoreCodec, StoreHealth, check_store_id
 from .etcd import EtcdGateway, b64
 
 Emit = Callable[[Event], None]
-DEFAULT_FILE = "nonces.sqlite"
 APPLICATION_ID = 0x70714E53  # "pqNS": PRAGMA application_id of a pqtunnel nonce store
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
