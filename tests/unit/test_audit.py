@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -384,3 +386,29 @@ def test_the_report_sums_lost_events_from_gap_records_and_spans_the_period() -> 
     report = build_report(recs)
     assert report["lost_events"] == 5
     assert (report["first"], report["last"]) == ("2026-12-01T10:00:00.000Z", "2026-12-01T10:09:00.000Z")
+
+
+# --- the documentation's worked example is a real, intact chain ------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
+
+
+def test_the_worked_example_in_the_docs_verifies_and_its_numbers_match() -> None:
+    text = DOC.read_text()
+    example = text[text.index("## Worked example"):]
+    stored = re.search(r"```\n(.*?)\n```", example, re.S).group(1).encode() + b"\n"
+    result = verify(split_lines("audit.jsonl", stored))
+    assert result.ok and f"chain intact: {result.lines} line(s)" in example
+    assert f"last hash {result.last_hash}" in example and f'"last_hash": "{result.last_hash}"' in example
+    records = [decode_line(line).fields for line in stored.splitlines()]
+    report = build_report(records)
+    assert f"post-quantum: 1 of 2 session(s) ({report['post_quantum']['share_of_sessions']:g} %)" in example
+    assert f"sessions: {report['sessions']}, {report['bytes']} B" in example
+
+
+def test_the_format_example_in_the_docs_hashes_as_stated() -> None:
+    text = DOC.read_text()
+    body, line = re.search(r"has this body.*?```\n(.*?)\n```.*?stored line is\s*```\n(.*?)\n```", text, re.S).groups()
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    assert f"`{digest}`" in text and f"{len(body.encode())} bytes" in text
+    assert line.encode() == body.encode()[:-1] + b',"hash":"' + digest.encode() + b'"}'
