@@ -21,7 +21,11 @@ source has to receive our packets before it can spend our budget. A HELLO is jud
 3. otherwise one token is taken from both buckets: ``ADMIT`` (the responder signs).
 
 ``may_start`` applies rule 1 when a connection is accepted, before a byte is read, so a
-source that is out of budget costs the node an accept and a close, nothing more.
+source that is out of budget costs the node an accept and a close, nothing more. And even
+that is rationed: ``accept_delay_ms`` paces how fast the node takes new connections from
+the kernel at all (``accepts_per_s``); the rest wait in the listen queue, where they cost
+nothing. So whatever a flood sends, the work it can cause per second is bounded, and
+established sessions, which are never paced, keep the rest of the CPU.
 Pure state: times are monotonic milliseconds passed in by the caller.
 """
 
@@ -62,9 +66,13 @@ class AdmissionLimits:
     """Strangers need a cookie while the node's budget is below this share of its burst."""
     max_sources: int = 4096
     """Per-source buckets kept (least recently used are forgotten, i.e. refilled)."""
+    accepts_per_s: float = 200.0
+    accept_burst: int = 200
+    """New inbound connections taken from the kernel per second (every source together)."""
 
     def __post_init__(self) -> None:
-        if min(self.source_per_s, self.node_per_s) <= 0 or min(self.source_burst, self.node_burst, self.max_sources) < 1:
+        rates = (self.source_per_s, self.node_per_s, self.accepts_per_s)
+        if min(rates) <= 0 or min(self.source_burst, self.node_burst, self.max_sources, self.accept_burst) < 1:
             raise ValueError("admission rates, bursts and the source table size must be positive")
         if not 0.0 <= self.cookie_below <= 1.0:
             raise ValueError("cookie_below is a share of the burst, between 0 and 1")
@@ -94,7 +102,7 @@ def source_key(address: str) -> str:
 
 
 @dataclass
-class Admission:
+class HandshakeAdmission:
     """The node's budgets for expensive handshake work, and its in-progress count."""
 
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)
@@ -104,6 +112,7 @@ class Admission:
     def __post_init__(self) -> None:
         self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self._node: TokenBucket | None = None
+        self._accepts: TokenBucket | None = None
 
     # --- handshakes in progress -----------------------------------------------------------------
 
@@ -116,6 +125,16 @@ class Admission:
         self.gate.end()
 
     # --- decisions ---------------------------------------------------------------------------------
+
+    def accept_delay_ms(self, now_ms: int) -> int:
+        """0: take the next connection from the kernel now (a token is taken); else how many
+        milliseconds to leave it queued before asking again."""
+        if self._accepts is None:
+            self._accepts = TokenBucket.full(self.limits.accept_burst, now_ms)
+        interval = 1000.0 / self.limits.accepts_per_s
+        if self._accepts.take(now_ms, self.limits.accept_burst, interval):
+            return 0
+        return max(1, int(self._accepts.ready_at(interval) - now_ms + 0.999))
 
     def may_start(self, source: str, now_ms: int) -> bool:
         """Whether to read a new connection's HELLO at all (rule 1, taking nothing)."""

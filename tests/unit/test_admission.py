@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import pytest
 
-from pqtunnel.admission import Admission, AdmissionLimits, Verdict, source_key
+from pqtunnel.admission import AdmissionLimits, HandshakeAdmission, Verdict, source_key
 from pqtunnel.peers import HandshakeGate
 from pqtunnel.ratelimit import LogLimiter, TokenBucket
 
 LIMITS = AdmissionLimits(source_per_s=2.0, source_burst=4, node_per_s=10.0, node_burst=10, cookie_below=0.5)
 
 
-def admission(**changes: object) -> Admission:
+def admission(**changes: object) -> HandshakeAdmission:
     limits = AdmissionLimits(**{**LIMITS.__dict__, **changes})
-    return Admission(limits)
+    return HandshakeAdmission(limits)
 
 
-def verdicts(gate: Admission, source: str, count: int, *, proven: bool = False, now_ms: int = 0) -> list[Verdict]:
+def verdicts(gate: HandshakeAdmission, source: str, count: int, *, proven: bool = False, now_ms: int = 0) -> list[Verdict]:
     return [gate.decide(source, proven=proven, now_ms=now_ms) for _ in range(count)]
 
 
@@ -81,7 +81,7 @@ def test_strangers_need_a_cookie_once_the_budget_runs_low_and_a_cookie_costs_no_
 
 
 def test_strangers_need_a_cookie_when_too_many_handshakes_are_pending() -> None:
-    gate = Admission(LIMITS, HandshakeGate(threshold=2))
+    gate = HandshakeAdmission(LIMITS, HandshakeGate(threshold=2))
     for _ in range(3):
         gate.begin()
     assert gate.under_load(0)
@@ -101,6 +101,15 @@ def test_may_start_refuses_a_spent_source_at_accept_time_without_taking_a_token(
     assert gate.stats.refused_at_accept == 1
 
 
+def test_new_connections_are_taken_from_the_kernel_no_faster_than_the_accept_rate() -> None:
+    gate = admission(accepts_per_s=100.0, accept_burst=3)
+    assert [gate.accept_delay_ms(0) for _ in range(3)] == [0, 0, 0]
+    assert gate.accept_delay_ms(0) == 10, "one connection per 10 ms: wait 10 ms"
+    assert gate.accept_delay_ms(4) == 6
+    assert gate.accept_delay_ms(10) == 0
+    assert gate.accept_delay_ms(10) == 10
+
+
 def test_the_stats_count_every_verdict() -> None:
     gate = admission()
     assert verdicts(gate, "192.0.2.1", 5) == [Verdict.ADMIT] * 4 + [Verdict.BUSY]
@@ -115,7 +124,8 @@ def test_a_clock_that_goes_back_earns_no_tokens() -> None:
     assert gate.decide("192.0.2.1", proven=True, now_ms=0) is Verdict.BUSY
 
 
-@pytest.mark.parametrize("changes", [{"source_per_s": 0}, {"node_burst": 0}, {"max_sources": 0}, {"cookie_below": 1.5}],
+@pytest.mark.parametrize("changes", [{"source_per_s": 0}, {"node_burst": 0}, {"max_sources": 0}, {"cookie_below": 1.5},
+                                     {"accepts_per_s": 0}],
                          ids=lambda c: next(iter(c)))
 def test_nonsense_limits_are_refused(changes: dict) -> None:
     with pytest.raises(ValueError):
