@@ -332,6 +332,17 @@ class PolicyTest:
 
 
 @dataclass(frozen=True)
+class PolicyTestFailure:
+    """One ``[[policy.test]]`` expectation that does not hold, as one line."""
+
+    test: PolicyTest
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
 class AccessRules:
     """The ``[policy]`` section: present means deny by default, grants add access."""
 
@@ -339,6 +350,8 @@ class AccessRules:
     triggers: tuple[Trigger, ...] = ()
     legacy: LegacyRules = field(default_factory=LegacyRules)
     tests: tuple[PolicyTest, ...] = ()
+    source: str = ""
+    """Where the rules were read from (the config file), for messages."""
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -713,18 +726,18 @@ class Policy:
                                 fingerprint=subject.fingerprint, groups=subject.groups, address=address, suite=suite)
         return Check(subject, target, address, suite, floor, self.decide(request))
 
-    def failed_tests(self, preferred_suite: str = HYBRID.name) -> list[str]:
-        """One line per ``[[policy.test]]`` expectation the policy does not meet (empty: all pass)."""
-        failures = []
+    def failed_tests(self, preferred_suite: str = HYBRID.name) -> list[PolicyTestFailure]:
+        """Every ``[[policy.test]]`` expectation the policy does not meet (empty: all pass)."""
+        failures: list[PolicyTestFailure] = []
         for test in self.access.tests if self.access is not None else ():
             for dst, expected in [*((d, True) for d in test.accept), *((d, False) for d in test.deny)]:
                 result = self.check(test.src, dst, address=test.address, suite=test.suite,
                                     preferred_suite=preferred_suite)
                 if result.decision.allowed != expected:
                     verdict = "allowed by" if result.decision.allowed else "denied by"
-                    failures.append(f"{test.label}: {test.src} -> {dst} should be "
-                                    f"{'accepted' if expected else 'denied'}, but is {verdict} "
-                                    f"{result.decision.rule}: {result.decision.reason}")
+                    failures.append(PolicyTestFailure(test, f"{test.label}: {test.src} -> {dst} should be "
+                                                f"{'accepted' if expected else 'denied'}, but is {verdict} "
+                                                f"{result.decision.rule}: {result.decision.reason}"))
         return failures
 
     # --- SOCKS accounts ------------------------------------------------------------------------

@@ -588,10 +588,11 @@ def test_policy_tests_report_every_expectation_the_policy_misses() -> None:
              PolicyTest("carol", accept=("db",), index=2))
     policy = Policy("bob", services=SERVICE_TABLE, access=AccessRules(grants=(grant(["alice"], ["web"]),), tests=tests))
     (failure,) = policy.failed_tests()
-    assert failure.startswith("policy test #2 (src 'carol'): carol -> db should be accepted, but is denied by default-deny")
+    assert failure.test is tests[1]
+    assert str(failure).startswith("policy test #2 (src 'carol'): carol -> db should be accepted, but is denied by default-deny")
     wrong = Policy("bob", services=SERVICE_TABLE, access=AccessRules(grants=(grant(["*"], ["*"]),), tests=tests[:1]))
     (failure,) = wrong.failed_tests()
-    assert failure == ("policy test #1 (src 'alice'): alice -> db should be denied, but is allowed by grant:1: "
+    assert str(failure) == ("policy test #1 (src 'alice'): alice -> db should be denied, but is allowed by grant:1: "
                        "grant:1 allows service db")
 
 
