@@ -33,6 +33,10 @@ RETRY_PAUSE = (0.05, 0.5)
 """Pause between rounds over all endpoints, growing from the first to the second value."""
 
 
+class EtcdRequestRefused(StoreError):
+    """etcd answered, and refused the request itself (4xx): retrying it elsewhere cannot help."""
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -139,7 +143,7 @@ class EtcdGateway:
         if response.status_code in (429, 500, 502, 503, 504):  # election, overload, no leader: elsewhere
             return None, f"{endpoint} answered {response.status_code} {_gateway_error(response)}"
         if response.status_code != 200:
-            raise StoreError(f"etcd refused {path}: {response.status_code} {_gateway_error(response)}")
+            raise EtcdRequestRefused(f"etcd refused {path}: {response.status_code} {_gateway_error(response)}")
         try:
             answer = response.json()
         except ValueError:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import trio
 
-from pqtunnel.errors import StoreDataError, StoreOpenError, StoreUnavailableError
+from pqtunnel.errors import StoreDataError, StoreKeyError, StoreOpenError, StoreUnavailableError
 from pqtunnel.events import Event, StoreDataRefused
 from pqtunnel.leases import Granted, KeyMissing, MarkMoved, ReserveResult
 from pqtunnel.stores import StoreCodec, StoreHealth, check_store_id
 
-from .etcd import EtcdGateway, b64
+from .etcd import EtcdGateway, EtcdRequestRefused, TxnResult, b64
 
 Emit = Callable[[Event], None]
 APPLICATION_ID = 0x70714E53  # "pqNS": PRAGMA application_id of a pqtunnel nonce store
@@ -39,6 +39,8 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 PURGE_EVERY = 256
 """Single-use records: expired ones are purged every this many ``use_once`` calls."""
+MAX_TTL_S = 30 * 86400
+"""Longest a single-use record is kept (a resumption ticket's lifetime is far shorter)."""
 ETCD_PREFIX = "/pqtunnel/v1"
 LEASE_SLACK_S = 60
 """An etcd lease for single-use records is reused while it lives at least the record's TTL;
@@ -47,6 +49,11 @@ each is granted for the TTL plus this slack, so records may outlive their TTL, n
 
 def _ignore(event: Event) -> None:
     """The default ``emit``: tests and tools that need no log."""
+
+
+def _check_ttl(ttl_s: float) -> None:
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise StoreKeyError(f"a single-use record's TTL must be 0 < ttl <= {MAX_TTL_S} s, not {ttl_s}")
 
 
 class _Refusals:
@@ -69,6 +76,31 @@ class _Refusals:
 # --- local: SQLite ---------------------------------------------------------------------------------
 
 
+def _claim(db: sqlite3.Connection, path: Path) -> None:
+    """Check and create the schema in one write transaction, so processes opening a new file
+    at once never see each other's half-made store."""
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if application_id != APPLICATION_ID and (application_id != 0 or tables != 0):
+            raise StoreOpenError(f"nonce store {path} is not a pqtunnel nonce store (refusing to use it)")
+        if version > SCHEMA_VERSION:
+            raise StoreOpenError(f"nonce store {path} has format {version}, newer than this pqtunnel's {SCHEMA_VERSION}")
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("CREATE TABLE IF NOT EXISTS marks (namespace TEXT NOT NULL, key_id TEXT NOT NULL, "
+                   "value BLOB NOT NULL, PRIMARY KEY (namespace, key_id)) WITHOUT ROWID")
+        db.execute("CREATE TABLE IF NOT EXISTS used_once (namespace TEXT NOT NULL, kind TEXT NOT NULL, "
+                   "id TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (namespace, kind, id)) WITHOUT ROWID")
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+
+
 class SqliteNonceStore(_Refusals):
     """NonceStore on one SQLite file, safe for several processes on one host."""
 
@@ -83,28 +115,17 @@ class SqliteNonceStore(_Refusals):
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
+        """Open (or create) the file; a file that is not a nonce store of ours is refused untouched."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-            application_id = db.execute("PRAGMA application_id").fetchone()[0]
-            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if application_id != APPLICATION_ID and (application_id != 0 or tables != 0):
+            try:
+                _claim(db, path)
+            except BaseException:
                 db.close()
-                raise StoreOpenError(f"nonce store {path} is not a pqtunnel nonce store (refusing to use it)")
-            db.execute("PRAGMA journal_mode=WAL")
+                raise
+            db.execute("PRAGMA journal_mode=WAL")  # persistent: after the first open, a no-op
             db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            db.executescript(f"""
-                BEGIN IMMEDIATE;
-                PRAGMA application_id={APPLICATION_ID};
-                PRAGMA user_version={SCHEMA_VERSION};
-                CREATE TABLE IF NOT EXISTS marks (namespace TEXT NOT NULL, key_id TEXT NOT NULL, value BLOB NOT NULL,
-                                                  PRIMARY KEY (namespace, key_id)) WITHOUT ROWID;
-                CREATE TABLE IF NOT EXISTS used_once (namespace TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL,
-                                                      expires REAL NOT NULL,
-                                                      PRIMARY KEY (namespace, kind, id)) WITHOUT ROWID;
-                COMMIT;
-            """)
             return db
         except sqlite3.Error as exc:
             raise StoreOpenError(f"cannot open nonce store {path}: {exc}") from None
@@ -171,6 +192,7 @@ class SqliteNonceStore(_Refusals):
                                               (self.codec.namespace, key_id)))
 
     async def use_once(self, kind: str, record_id: str, ttl_s: float) -> bool:
+        _check_ttl(ttl_s)
         check_store_id(kind, "record kind")
         check_store_id(record_id, "record id")
         self._uses += 1
@@ -252,17 +274,24 @@ class EtcdNonceStore(_Refusals):
 
     async def use_once(self, kind: str, record_id: str, ttl_s: float) -> bool:
         """Create the record if absent; a retried create that finds its own token was the first use."""
+        _check_ttl(ttl_s)
         key = b64(self.once_key(kind, record_id))
         token = f"pqtunnel-once/1 {secrets.token_hex(16)}".encode()
-        lease_id = await self._lease_for(ttl_s)
-        result = await self.gateway.txn(
-            [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-            [{"request_put": {"key": key, "value": b64(token), "lease": str(lease_id)}}],
-            [{"request_range": {"key": key}}])
+        try:
+            result = await self._create_once(key, token, await self._lease_for(ttl_s))
+        except EtcdRequestRefused:  # e.g. our cached lease is gone (cluster restored): a new one, once
+            self._lease = None
+            result = await self._create_once(key, token, await self._lease_for(ttl_s))
         if result.succeeded:
             return True
         found = result.range(0)
         return bool(found) and found[0].value == token  # our own write, answered late
+
+    async def _create_once(self, key: str, token: bytes, lease_id: int) -> TxnResult:
+        return await self.gateway.txn(
+            [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+            [{"request_put": {"key": key, "value": b64(token), "lease": str(lease_id)}}],
+            [{"request_range": {"key": key}}])
 
     async def _lease_for(self, ttl_s: float) -> int:
         now = time.monotonic()

@@ -79,12 +79,8 @@ class Member:
         except (OSError, ValueError):
             return False
 
-    def member_id(self) -> str | None:
-        """This member's id and whether it is the leader, from ``/v3/maintenance/status``."""
-        status = self.status()
-        return status.get("header", {}).get("member_id") if status else None
-
     def status(self) -> dict[str, Any] | None:
+        """``/v3/maintenance/status``: this member's id (``header.member_id``) and the leader's."""
         try:
             return _get_json(f"{self.client_url}/v3/maintenance/status", {})
         except (OSError, ValueError):
@@ -131,6 +127,7 @@ class EtcdCluster:
             "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
             "--initial-cluster", self._initial_cluster(), "--initial-cluster-state", state,
             "--initial-cluster-token", f"pqlab-{os.getpid()}-{id(self)}",
+            "--pre-vote",  # a member cut off (or frozen) does not force a new election when it returns
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
         ]
         with member.log_path.open("ab") as log:
