@@ -92,6 +92,11 @@ class HandshakeFailed(Event):
     direction: str
     reason: str
     fault: Fault
+    fingerprint: str = ""
+    """The peer's fingerprint, when it authenticated before it was refused."""
+    suite: str = ""
+    rule: str = ""
+    """The policy rule that refused the peer (empty: not refused by a rule, e.g. a network error)."""
 
     def message(self) -> str:
         return f"handshake with {self.peer} at {self.addr} failed: {self.reason}"

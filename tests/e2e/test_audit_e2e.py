@@ -183,6 +183,26 @@ def test_a_restart_starts_a_new_file_that_continues_the_chain(audited_run: dict)
     assert broken.returncode != 0 and "audit.jsonl line 1: removed" in broken.stderr
 
 
+def test_a_refused_handshake_is_a_denial_with_its_rule_and_the_peers_fingerprint(tmp_path: Path) -> None:
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    pq("trust", "bob", fp_bob, home=alice_home)  # bob does not pin alice
+    bob = Daemon(bob_home).start()
+    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    try:
+        assert pq("ping", "bob", "--timeout", "5", home=alice_home).returncode != 0
+        bob.wait_for_log("failed")
+    finally:
+        alice.kill()
+        bob.stop()
+    refused = [r for r in audit_json(bob_home) if r["event"] == "handshake_failed"]
+    assert refused, audit_json(bob_home)
+    assert all((r["decision"], r["rule"], r["fingerprint"]) == ("deny", "default-deny", fp_alice) for r in refused)
+    assert all(r["suite"] == "hybrid" and "not pinned" in r["reason"] for r in refused)
+    report = json.loads(pq("audit", "report", "--json", home=bob_home).stdout)
+    assert report["denials"]["by_rule"] == {"default-deny": len(refused)} and report["sessions"] == 0
+
+
 def test_audit_path_moves_the_file(tmp_path: Path) -> None:
     alice_home, bob_home = pair(tmp_path, '[audit]\npath = "records/bob-audit.jsonl"\n')
     bob = Daemon(bob_home).start()

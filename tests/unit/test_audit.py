@@ -290,6 +290,14 @@ def test_a_handshake_refused_by_a_rule_is_a_deny_and_a_network_failure_is_not() 
     assert record is not None and "decision" not in record and record["fault"] == "network"
 
 
+def test_a_handshake_refused_by_a_rule_names_the_rule_and_the_fingerprint() -> None:
+    refusal = HandshakeFailed("unknown peer", "10.0.0.9:4000", "inbound", "peer pq1:m is not pinned", Fault.PEER,
+                              fingerprint="pq1:m", suite="hybrid", rule="default-deny")
+    record = audit.record_for(refusal, "t")
+    assert record is not None and (record["decision"], record["rule"], record["fingerprint"]) == \
+        ("deny", "default-deny", "pq1:m")
+
+
 def test_dial_failures_are_not_audited() -> None:
     assert audit.record_for(PeerUnreachable("bob", "10.0.0.2:7330", "refused"), "t") is None
 
