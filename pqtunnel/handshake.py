@@ -524,21 +524,8 @@ class ResponderHandshake:
         return self._on_finish(frame.body)
 
     def _on_hello(self, body: bytes, now_ms: int, retried: bool) -> bytes:
-        if len(body) < 2:
-            raise MalformedHandshakeError("HELLO is truncated")
-        if body[0] != PROTOCOL_VERSION:
-            raise UnsupportedVersionError(f"peer speaks protocol version {body[0]}, this node speaks {PROTOCOL_VERSION}")
-        suite = SUITES_BY_WIRE_ID.get(body[1])
-        if suite is None:
-            raise MalformedHandshakeError(f"HELLO proposes unknown suite id {body[1]}")
-        state = NoiseState(suite.noise_name, initiator=False, static_private=self.identity.x25519_static,
-                           ephemeral_private=b"", prologue=_prologue(suite),  # drawn only if we answer
-                           kem=_kem_hooks(self.backend, self.entropy, suite))
-        reader = Reader(body[2:], "HELLO")
-        state.read_e(reader.take(DHLEN))
-        if suite.kem is not None:
-            state.read_e1(reader.take(prim.KEM_SIZES[suite.kem].public_key))
-        payload = decode_payload(state.decrypt_and_hash(reader.rest()), "HELLO")
+        """Cheap checks, then RETRY, ALERT busy or RESPONSE; only a RESPONSE costs a signature."""
+        suite, state, payload = self._read_hello(body)
         offered, aeads = self._check_hello(payload, suite, now_ms)
         self.replay_cache.check_and_add(prim.sha256(body), now_ms)
         chosen = self._choose_suite(suite, offered)
@@ -557,6 +544,24 @@ class ResponderHandshake:
         self._suite, self._noise = suite, state
         self.state = ResponderState.AWAITING_FINISH
         return encode_frame(Kind.RESPONSE, self._response(state, suite))
+
+    def _read_hello(self, body: bytes) -> tuple[Suite, NoiseState, dict[str, Any]]:
+        """Header, ``e``, ``e1`` and the clear payload into a fresh Noise state (no DH yet)."""
+        if len(body) < 2:
+            raise MalformedHandshakeError("HELLO is truncated")
+        if body[0] != PROTOCOL_VERSION:
+            raise UnsupportedVersionError(f"peer speaks protocol version {body[0]}, this node speaks {PROTOCOL_VERSION}")
+        suite = SUITES_BY_WIRE_ID.get(body[1])
+        if suite is None:
+            raise MalformedHandshakeError(f"HELLO proposes unknown suite id {body[1]}")
+        state = NoiseState(suite.noise_name, initiator=False, static_private=self.identity.x25519_static,
+                           ephemeral_private=b"", prologue=_prologue(suite),  # drawn only if we answer
+                           kem=_kem_hooks(self.backend, self.entropy, suite))
+        reader = Reader(body[2:], "HELLO")
+        state.read_e(reader.take(DHLEN))
+        if suite.kem is not None:
+            state.read_e1(reader.take(prim.KEM_SIZES[suite.kem].public_key))
+        return suite, state, decode_payload(state.decrypt_and_hash(reader.rest()), "HELLO")
 
     def _redeem_cookie(self, retry: Any, now_ms: int, suite: Suite, ephemeral: bytes) -> bool:
         """Whether the HELLO carries a valid, unused cookie; a bad one is refused outright."""
