@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from pqtunnel.errors import PqtunnelError
 
 from . import control
-from .config import default_home, load_config
+from .config import NodeConfig, default_home, load_config
 from .stores import (
     PUB_FILE,
     CaDirectory,
@@ -25,6 +25,7 @@ from .stores import (
 )
 
 PROG = "pqtunnel"
+EXIT_INTERRUPTED = 130
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -63,7 +64,17 @@ def cmd_trust(args: argparse.Namespace) -> int:
         print(f"pinned {args.name.lower()} {store.table().fingerprint_for(args.name.lower())}")
     else:
         print(f"{args.name.lower()} was already pinned to that fingerprint")
+    _pin_in_running_daemon(home, args.name, args.fingerprint)
     return 0
+
+
+def _pin_in_running_daemon(home: Path, name: str, fingerprint: str) -> None:
+    """A running node uses a new pin for its next handshake at once (no reload needed)."""
+    try:
+        control.call(home, {"cmd": "trust", "name": name, "fingerprint": fingerprint}, timeout=10)
+    except control.DaemonNotRunningError:
+        return
+    print("the running daemon uses it now")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -75,17 +86,37 @@ def cmd_up(args: argparse.Namespace) -> int:
     home = _home(args)
     identity = load_identity(home)
     trust = load_trust(home)
-    config = load_config(home, Path(args.config) if args.config else None, listen=args.listen, socks=args.socks,
-                         peers=args.peer, mdns=False if args.no_mdns else None,
-                         mdns_interfaces=args.mdns_interface)
+    def read_config() -> NodeConfig:  # at start, and again at every reload (same flags)
+        return load_config(home, Path(args.config) if args.config else None, listen=args.listen, socks=args.socks,
+                           peers=args.peer, mdns=False if args.no_mdns else None,
+                           mdns_interfaces=args.mdns_interface)
+
+    config = read_config()
+    control.refuse_if_running(config.home)
     setup_logging(identity.name, config.log_level)
     node = Node(config, identity, trust)
+    node.load_config = read_config
     try:
         trio.run(node.run)
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:  # trio's nursery wraps e.g. "cannot listen on ...: in use"
+        raise _user_error_in(group) from None
     LOG.info("stopped")
     return 0
+
+
+def _user_error_in(group: BaseExceptionGroup) -> BaseException:
+    """The first UserError inside a (nested) exception group, so it prints as one line;
+    the group itself if it holds none (a bug keeps its traceback)."""
+    for error in group.exceptions:
+        if isinstance(error, PqtunnelError):
+            return error
+        if isinstance(error, BaseExceptionGroup):
+            found = _user_error_in(error)
+            if found is not error:
+                return found
+    return group
 
 
 def _ask(args: argparse.Namespace, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -99,10 +130,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(status)
         return 0
     print(f"{status['name']} {status['fingerprint']}")
+    print(f"  pqtunnel {status.get('version')} (protocol {status.get('protocol')})")
     print(f"  listening on {status['listen']}, pid {status['pid']}, up {status['uptime_s']} s")
+    print(f"  SOCKS: {status.get('socks') or 'off'}; mDNS: {(status.get('mdns') or {}).get('state', '?')}")
+    services = ", ".join(f"{service['name']} ({service['kind']})" for service in status.get("services") or [])
+    print(f"  services: {services or 'none'}")
     print(f"  sessions: {status['sessions']}, static peers: {status['static_peers']}")
     print(f"  suites: {', '.join(status['suites'])}; AEADs: {', '.join(status['aeads'])}")
     print(f"  crypto backend: {status['crypto_backend']}; liboqs: {status['liboqs']}")
+    shakes = status.get("handshakes")
+    if shakes:
+        print(f"  inbound handshakes: {shakes['admitted']} answered, {shakes['retried_for_cookie']} asked for a cookie, "
+              f"{shakes['busy'] + shakes['refused_at_accept']} refused as busy; signing budget {shakes['budget']}")
     ha = status.get("ha") or {}
     if ha:
         state = {True: "healthy", False: "UNREACHABLE", None: "not checked"}[ha["healthy"]]
@@ -121,7 +160,19 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print(f"{s['peer']:<16} {s['fingerprint']}  {s['direction']:<8} {s['remote']}")
         print(f"  {s['kem']} | {s['signature']} | {s['aead']} | sent {s['bytes_sent']} B, "
               f"received {s['bytes_received']} B | age {s['age_s']:.0f} s | rekeys {s['rekeys']}")
+        print(f"  latest handshake: {_ago(s.get('latest_handshake'))}; "
+              f"last received: {_ago(s.get('last_received'))}")
     return 0
+
+
+def _ago(stamp: str | None) -> str:
+    """``12 s ago (2026-12-01T10:15:02.123Z)``, as ``wg show`` puts it."""
+    from datetime import datetime
+
+    if not stamp:
+        return "never"
+    seconds = time.time() - datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return f"{max(seconds, 0):.0f} s ago ({stamp})"
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -138,62 +189,94 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ping(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"cmd": "ping", "peer": args.peer.lower(), "timeout": args.timeout}, args.timeout + 5)
-    print(f"{reply['peer']} ({reply['fingerprint']}): {reply['rtt_ms']:.2f} ms over "
-          f"{reply['kem']}, {reply['signature']}, {reply['aead']}")
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"cmd": "reload"})
+    print(f"reloaded; policy: {reply['policy']}")
+    print(f"closed {reply['closed_sessions']} session(s) and {reply['closed_streams']} stream(s) "
+          "that the policy no longer allows")
+    if reply["restart_needed"]:
+        print(f"changed, applied at the next start: {', '.join(reply['restart_needed'])}")
     return 0
 
 
-def parse_connect_target(text: str) -> tuple[str, dict[str, Any]]:
-    """``PEER/SERVICE`` or ``PEER:PORT`` (the peer may carry a ``.pq`` suffix)."""
-    from pqtunnel.errors import ConfigError
-    from pqtunnel.names import validate_name
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from .policycheck import EXIT_ALLOWED, EXIT_DENIED, check_from_config, describe
 
-    if "/" in text:
-        peer, _, service = text.partition("/")
-        return validate_name(peer.removesuffix(".pq"), "peer name"), {"service": validate_name(service, "service name")}
-    peer, sep, port = text.rpartition(":")
-    if sep and port.isdigit() and 0 < int(port) < 65536:
-        return validate_name(peer.removesuffix(".pq"), "peer name"), {"port": int(port)}
-    raise ConfigError(f"connect target {text!r}: expected PEER/SERVICE or PEER:PORT")
+    check = check_from_config(_home(args), Path(args.config) if args.config else None, args.src, args.dst,
+                              address=args.source_address, suite=args.suite)
+    if args.json:
+        _print_json(check.fields())
+    else:
+        print("\n".join(describe(check)))
+    return EXIT_ALLOWED if check.allowed else EXIT_DENIED
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    """``--count N`` round trips, ``--interval`` apart (like ping); any lost one is an error."""
+    from pqtunnel.errors import ConfigError
+
+    if args.count < 1 or args.interval < 0:
+        raise ConfigError("ping: --count must be at least 1 and --interval at least 0")
+    rtts: list[float] = []
+    reply: dict[str, Any] = {}
+    for seq in range(1, args.count + 1):
+        if seq > 1:
+            time.sleep(args.interval)
+        reply = _ask(args, {"cmd": "ping", "peer": args.peer.lower(), "timeout": args.timeout}, args.timeout + 5)
+        rtts.append(reply["rtt_ms"])
+        if not args.json:
+            _print_ping(reply, seq, args.count)
+    summary = {"min_ms": min(rtts), "avg_ms": round(sum(rtts) / len(rtts), 3), "max_ms": max(rtts)}
+    if args.json:
+        _print_json({key: reply[key] for key in ("peer", "fingerprint", "kem", "signature", "aead")}
+                    | {"count": len(rtts), "rtt_ms": rtts, **summary})
+    elif args.count > 1:
+        print(f"{len(rtts)} round trips: min/avg/max {summary['min_ms']:.2f}/{summary['avg_ms']:.2f}/"
+              f"{summary['max_ms']:.2f} ms")
+    return 0
+
+
+def _print_ping(reply: dict[str, Any], seq: int, count: int) -> None:
+    over = f"over {reply['kem']}, {reply['signature']}, {reply['aead']}"
+    if count == 1:
+        print(f"{reply['peer']} ({reply['fingerprint']}): {reply['rtt_ms']:.2f} ms {over}")
+    elif seq == 1:
+        print(f"{reply['peer']} ({reply['fingerprint']}) {over}")
+    if count > 1:
+        print(f"  seq {seq}: {reply['rtt_ms']:.2f} ms", flush=True)
+
+
+def _connect_target(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """``PEER/SERVICE``, ``PEER:PORT``, or the two-argument ``HOST PORT`` of ProxyCommand styles."""
+    from .targets import parse_host_port, parse_target
+
+    return parse_target(args.target) if args.port is None else parse_host_port(args.target, args.port)
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    """stdin/stdout <-> a remote service; works as ssh ProxyCommand and as an MCP stdio transport."""
-    import os
-    import socket
-    import threading
+    """stdin/stdout <-> a remote service; works as ssh ProxyCommand and as an MCP stdio transport.
+    Exits 0 only if the stream ended cleanly; a reset or a lost session is a one-line error."""
+    from .pipe import RemoteStreamError, relay_stdio
+    from .targets import describe
 
-    peer, target = parse_connect_target(args.target)
+    peer, target = _connect_target(args)
     sock, early = control.open_pipe(_home(args), peer, target)
-    out = sys.stdout.buffer
-
-    def upload() -> None:
-        try:
-            while True:
-                chunk = os.read(0, 65536)
-                if not chunk:
-                    break
-                sock.sendall(chunk)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    threading.Thread(target=upload, daemon=True).start()
     try:
-        if early:
-            out.write(early)
-            out.flush()
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            out.write(chunk)
-            out.flush()
+        relay_stdio(sock, early)
+    except RemoteStreamError as exc:
+        raise RemoteStreamError(f"{describe(peer, target)}: {exc}") from None
     finally:
         sock.close()
     return 0
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    """``ssh -L``: 127.0.0.1:LOCAL_PORT -> a peer's service, one stream per connection."""
+    from .forward import run_forward
+    from .targets import parse_target
+
+    peer, target = parse_target(args.target)
+    return run_forward(_home(args), args.local_port, peer, target)
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
@@ -340,7 +423,11 @@ def _add_audit_commands(audit: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .version import version_line
+
     parser = argparse.ArgumentParser(prog=PROG, description="Post-quantum peer-to-peer tunnels for agents.")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the package and protocol version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -386,16 +473,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = ca_sub.add_parser("show", help="print a certificate's contents")
     p.add_argument("certificate")
     p.set_defaults(handler=cmd_ca_show)
-    _add_audit_commands(command("audit", cmd_audit, "show the audit file (hash-chained JSON lines); "
-                                "works with the daemon stopped"))
-    p = command("connect", cmd_connect, "splice stdin/stdout to a peer's service (PEER/SERVICE) or port (PEER:PORT)")
+    _add_audit_commands(command("audit", cmd_audit, "show the audit file (hash-chained JSON lines), verify its "
+                                "chain or report on it; reads the files, so works with the daemon stopped"))
+    p = command("connect", cmd_connect, "splice stdin/stdout to a peer's service (PEER/SERVICE) or port "
+                "(PEER:PORT); also HOST PORT for ProxyCommand styles (GIT_PROXY_COMMAND, ssh's ProxyCommand). "
+                "Exits 0 when the stream ended cleanly, 1 with the reason after a reset or a lost session")
+    p.add_argument("target", metavar="PEER/SERVICE|PEER:PORT|HOST",
+                   help="bob/web, bob:8080, or with PORT: web.bob.pq (service web), bob.pq or bob (port PORT)")
+    p.add_argument("port", nargs="?", metavar="PORT", help="with HOST: the port (ignored for SERVICE.PEER.pq)")
+    _add_home(p)
+    p = command("forward", cmd_forward, "like ssh -L: listen on 127.0.0.1:LOCAL_PORT and forward each connection "
+                "through a new stream to PEER/SERVICE or PEER:PORT, until Ctrl-C")
+    p.add_argument("local_port", type=int, metavar="LOCAL_PORT", help="local port (0: any free port, printed)")
     p.add_argument("target", metavar="PEER/SERVICE|PEER:PORT")
     _add_home(p)
-    p = command("ping", cmd_ping, "handshake if needed, then time a round trip through the tunnel")
+    p = command("ping", cmd_ping, "handshake if needed, then time round trips through the tunnel")
     p.add_argument("peer")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
+    p.add_argument("--count", type=int, default=1, metavar="N", help="round trips (default 1)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="pause between round trips (default 1)")
+    p.add_argument("--json", action="store_true", help="print every round-trip time and min/avg/max as JSON")
     _add_home(p)
+    p = command("reload", cmd_reload, "re-read config, [policy], pins, CA material and services in the running "
+                "daemon (also on SIGHUP); a broken policy or a failing policy test is refused and the old one stays")
+    _add_home(p)
+    _add_policy_commands(sub)
     return parser
+
+
+def _add_policy_commands(sub: Any) -> None:
+    policy = sub.add_parser("policy", help="check the [policy] section of config.toml",
+                            description="Questions about the [policy] section (docs/policy.md).")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="POLICY_COMMAND")
+    text = ("would SRC reach DST on this node, and by which grant or trigger (or why not)? Answers from the "
+            "config file and pins, without a running daemon. Exit status: 0 allowed, 3 denied, 1 error.")
+    p = policy_sub.add_parser("check", help=text, description=text)
+    p.add_argument("src", metavar="SRC", help="the peer: NAME, pq1:FINGERPRINT, group:GROUP, or several joined by "
+                   "commas (carol,group:ops); a pinned name brings its fingerprint")
+    p.add_argument("dst", metavar="DST", help="a service name or port:N")
+    p.add_argument("--from", dest="source_address", metavar="IP",
+                   help="the peer's source address (for from = [...] grants and triggers; default: unknown)")
+    p.add_argument("--suite", help="the session's suite: classical, hybrid, pq-strong (default: this node's "
+                   "first suite, raised to what the triggers demand)")
+    p.add_argument("--json", action="store_true", help="print the decision, its rule and the session as JSON")
+    p.add_argument("--config", help="configuration file (default: HOME/config.toml)")
+    _add_home(p)
+    p.set_defaults(handler=cmd_policy_check)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -408,6 +532,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during connect, ping, ...: like a shell, 128 + SIGINT
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def main() -> None:

@@ -7,20 +7,29 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pqtunnel.crypto.suites import DEFAULT_AEADS, DEFAULT_ALLOWED_SUITES, Aead, Suite, suite_by_name
 from pqtunnel.errors import ConfigError
 from pqtunnel.names import validate_name
+from pqtunnel.policy import AccessRules
 from pqtunnel.session import SessionTimers
+
+from .policyconfig import parse_policy
+from .stores import refuse_writable_by_others
 
 DEFAULT_PORT = 7330
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 DEFAULT_SOCKS = "127.0.0.1:1080"
 CONFIG_FILE = "config.toml"
 CONTROL_SOCKET = "control.sock"
+AUDIT_FILE = "audit.jsonl"
+NONCE_STORE_FILE = "nonces.sqlite"
+HA_STORES = ("local", "etcd")
+DEFAULT_REPLICA = "r1"
+DEFAULT_AUDIT_MAX_BYTES = 64 * 1024 * 1024
 BACKEND_ENV = "PQTUNNEL_CRYPTO_BACKEND"
 DEFAULT_BACKEND = "cryptography"
 
@@ -71,7 +80,47 @@ def crypto_backend_from_environment() -> str:
 
 @dataclass(frozen=True)
 class ExecService:
+    """A stdio service: ``argv`` runs once per stream, with only ``env`` added to a minimal
+    environment (``services.exec_environment``), never the daemon's own."""
+
     argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """``[limits]``: what peers and strangers may make this node hold at once (docs/security.md)."""
+
+    streams_per_session: int = 256
+    exec_processes: int = 64
+    exec_processes_per_peer: int = 16
+    buffered_bytes: int = 256 * 1024 * 1024
+    buffered_bytes_per_session: int = 64 * 1024 * 1024
+    handshakes: int = 128
+    handshakes_per_address: int = 8
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: where the hash-chained audit file lives, whether the node may run without
+    it (``required``: refuse new sessions and streams while it cannot be written), and the
+    size at which the file is rotated (``max_bytes``)."""
+
+    path: Path | None = None
+    required: bool = False
+    max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """``[ha]``: the nonce store this node's replicas share (docs/ha.md): ``local`` (a SQLite
+    file, ``path``, default HOME/nonces.sqlite; one file can serve processes on one host) or
+    ``etcd`` (the cluster's client URLs in ``etcd``); ``replica`` names this replica."""
+
+    store: str = "local"
+    etcd: tuple[str, ...] = ()
+    replica: str = DEFAULT_REPLICA
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -90,14 +139,31 @@ class NodeConfig:
     mdns_interfaces: list[str] | None = None
     log_level: str = "info"
     socks_users: dict[str, str] = field(default_factory=dict)
+    socks_allow_users: tuple[str, ...] = ()
+    """Local users (names or uids) besides the daemon's own user and root who may use SOCKS; "*" = anyone."""
     ca_public: Path | None = None
     certificate: Path | None = None
     revocation_list: Path | None = None
     crypto_backend: str = DEFAULT_BACKEND
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    audit: AuditSettings = field(default_factory=lambda: AuditSettings())
+    ha: HaSettings = field(default_factory=HaSettings)
+    policy: AccessRules | None = None
+    """``[policy]`` (None: every admitted peer reaches every service and allowed port)."""
 
     @property
     def control_socket(self) -> Path:
         return self.home / CONTROL_SOCKET
+
+    @property
+    def nonce_store_path(self) -> Path:
+        """The ``local`` nonce store's file: ``[ha] path`` (relative to the home), else HOME/nonces.sqlite."""
+        return self.ha.path if self.ha.path is not None else self.home / NONCE_STORE_FILE
+
+    @property
+    def audit_path(self) -> Path:
+        """The current audit file: ``[audit] path`` (relative to the home), else HOME/audit.jsonl."""
+        return self.audit.path if self.audit.path is not None else self.home / AUDIT_FILE
 
 
 def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
@@ -126,10 +192,36 @@ def _services(table: dict[str, Any], source: str) -> dict[str, Address | ExecSer
             services[key] = parse_address(value, f"{source}: services.{name}")
         elif isinstance(value, dict) and isinstance(value.get("exec"), list) and value["exec"] \
                 and all(isinstance(a, str) for a in value["exec"]):
-            services[key] = ExecService(tuple(value["exec"]))
+            services[key] = ExecService(tuple(value["exec"]), _exec_env(value, f"{source}: services.{name}"))
         else:
             raise ConfigError(f"{source}: services.{name} must be \"HOST:PORT\" or {{ exec = [\"cmd\", ...] }}")
     return services
+
+
+def _exec_env(service: dict[str, Any], what: str) -> tuple[tuple[str, str], ...]:
+    """An exec service's ``env = { KEY = "value" }``: added to the minimal environment."""
+    unknown = set(service) - {"exec", "env"}
+    if unknown:
+        raise ConfigError(f"{what}: unknown setting(s) {', '.join(sorted(unknown))} (expected exec and env)")
+    env = service.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{what}.env must be a table of strings, e.g. {{ LANG = \"C.UTF-8\" }}")
+    for key in env:
+        if not key or "=" in key or "\0" in key or "\0" in env[key]:
+            raise ConfigError(f"{what}.env: {key!r} is not a valid environment variable name")
+    return tuple(sorted(env.items()))
+
+
+def _limits(table: dict[str, Any], source: str) -> ResourceLimits:
+    """``[limits]``: positive integers; unknown keys are mistakes."""
+    known = {f.name for f in fields(ResourceLimits)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [limits]: {', '.join(sorted(unknown))}")
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source}: limits.{key} must be a positive integer")
+    return ResourceLimits(**table)
 
 
 def _socks_users(table: dict[str, Any], source: str) -> dict[str, str]:
@@ -198,14 +290,83 @@ def _timers(table: dict[str, Any], source: str) -> SessionTimers:
     return SessionTimers(**values)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def _audit_settings(table: dict[str, Any], source: str, home: Path) -> AuditSettings:
+    """``[audit] path = "..."`` (relative to the home), ``required = true|false``, ``max_bytes = N``."""
+    unknown = set(table) - {"path", "required", "max_bytes"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [audit]: {', '.join(sorted(unknown))}")
+    path = table.get("path")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ConfigError(f"{source}: audit.path must be a file path")
+    required = table.get("required", False)
+    if not isinstance(required, bool):
+        raise ConfigError(f"{source}: audit.required must be true or false")
+    max_bytes = table.get("max_bytes", DEFAULT_AUDIT_MAX_BYTES)
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 4096:
+        raise ConfigError(f"{source}: audit.max_bytes must be a number of bytes, at least 4096")
+    return AuditSettings(home / Path(path).expanduser() if path else None, required, max_bytes)
+
+
+def _ha_settings(table: dict[str, Any], source: str, home: Path) -> HaSettings:
+    """``[ha] store = "local"|"etcd"``, ``etcd = [URLs]``, ``replica = "r1"``, ``path = "..."``.
+
+    ``etcd`` without ``store = "etcd"`` is refused: a node meant to share state through etcd
+    must never quietly fall back to a store only it can see.
+    """
+    unknown = set(table) - {"store", "etcd", "replica", "path"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [ha]: {', '.join(sorted(unknown))}")
+    store = table.get("store", "local")
+    if store not in HA_STORES:
+        raise ConfigError(f"{source}: ha.store must be \"local\" or \"etcd\", not {store!r}")
+    etcd = _etcd_urls(table["etcd"], source) if "etcd" in table else ()
+    if store == "etcd" and not etcd:
+        raise ConfigError(f"{source}: ha.store = \"etcd\" needs ha.etcd = [\"http://HOST:PORT\", ...]")
+    if etcd and store != "etcd":
+        raise ConfigError(f"{source}: ha.etcd is set but ha.store is \"{store}\" (add store = \"etcd\")")
+    replica = table.get("replica", DEFAULT_REPLICA)
+    if not isinstance(replica, str):
+        raise ConfigError(f"{source}: ha.replica must be a name like \"r1\"")
     try:
+        replica = validate_name(replica, "replica name")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: ha.replica: {exc}") from None
+    path = table.get("path")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ConfigError(f"{source}: ha.path must be a file path")
+    return HaSettings(store, etcd, replica, home / Path(path).expanduser() if path else None)
+
+
+def _etcd_urls(value: Any, source: str) -> tuple[str, ...]:
+    """etcd client URLs: ``http(s)://HOST:PORT`` each, no path."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: ha.etcd must be a non-empty list of URLs like \"http://127.0.0.1:2379\"")
+    for url in value:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None \
+                or parts.path not in ("", "/") or parts.query or parts.username:
+            raise ConfigError(f"{source}: ha.etcd: {url!r} is not an etcd client URL like \"http://127.0.0.1:2379\"")
+    return tuple(url.rstrip("/") for url in value)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The parsed file; refused when group or others may write it (it names commands to run)."""
+    try:
+        refuse_writable_by_others(path, "config file", ConfigError)
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply") from None
     except UnicodeDecodeError as exc:  # tomllib decodes lazily and raises this for non-UTF-8 bytes
         raise ConfigError(f"config file {path} is not valid UTF-8 (byte {exc.start})") from None
     except OSError as exc:
@@ -220,7 +381,8 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
     data = read_config_file(path) if (config_path is not None or path.exists()) else {}
     source = str(path)
     node = _table(data, "node", source)
-    known = {"listen", "socks", "suites", "aeads", "allowed_ports", "mdns", "mdns_interfaces", "log_level"}
+    known = {"listen", "socks", "suites", "aeads", "allowed_ports", "mdns", "mdns_interfaces", "log_level",
+             "socks_allow_users"}
     unknown = set(node) - known
     if unknown:
         raise ConfigError(f"{source}: unknown setting(s) in [node]: {', '.join(sorted(unknown))}")
@@ -252,5 +414,11 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         socks_users=_socks_users(_table(data, "socks_users", source), source),
         **_ca_settings(_table(data, "ca", source), source, home),
         log_level=str(node.get("log_level", "info")),
+        socks_allow_users=(tuple(_string_list(node["socks_allow_users"], "node.socks_allow_users", source))
+                           if "socks_allow_users" in node else ()),
         crypto_backend=crypto_backend_from_environment(),
+        limits=_limits(_table(data, "limits", source), source),
+        audit=_audit_settings(_table(data, "audit", source), source, home),
+        ha=_ha_settings(_table(data, "ha", source), source, home),
+        policy=parse_policy(data, source, path if path.exists() else None, suites),
     )

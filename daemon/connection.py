@@ -11,6 +11,7 @@ moves bytes, time and events.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -19,10 +20,13 @@ from pqtunnel import events
 from pqtunnel import tunnel as core
 from pqtunnel.errors import LocalProtocolError, PqtunnelError, ProtocolError
 from pqtunnel.handshake import HandshakeResult
+from pqtunnel.bandwidth import ByteBucket
+from pqtunnel.limits import SessionBuffers, unlimited
 
 from .logs import LOG
 from .netio import monotonic_ms, os_reason, send_buffers, set_nodelay, wall_ms, write_now
 from .streams import StreamError, StreamRefusedError, TunnelStream, code_name
+from .trustpolicy import Admission
 
 TICK_SECONDS = 1.0
 CLOSE_FLUSH_SECONDS = 1.0
@@ -50,12 +54,24 @@ class Connection:
         self.finished = trio.Event()
         self.close_reason = ""
         self.established_at = 0.0
+        self.handshake_wall = 0.0
+        """Wall-clock time of the latest full handshake or rekey (``sessions``, like ``wg show``)."""
+        self.received_wall = 0.0
+        """Wall-clock time the latest bytes of the session arrived."""
         self.streams: dict[int, TunnelStream] = {}
         self.inbound: InboundHandler | None = None
         self.on_established: Callable[[Connection], None] = lambda conn: None
         self.on_finished: Callable[[Connection], None] = lambda conn: None
         self.on_rekeyed: Callable[[Connection], None] = lambda conn: None
         self.emit: Callable[[events.Event], None] = lambda event: None
+        self.buffers: SessionBuffers = unlimited()
+        self._charged: dict[int, int] = {}  # per stream: bytes delivered, charged to buffers, not yet read
+        self.admission: Admission | None = None
+        """What the policy decided about the peer in the handshake (groups, legacy rate limit)."""
+        self.throttle: ByteBucket | None = None
+        """A legacy session's byte budget, both directions together (None: full speed)."""
+        self.handshake_note = ""
+        """Added to the reason of a failed handshake (e.g. the trigger that narrowed the suites)."""
         self.fault = events.Fault.PEER
         self._nursery: trio.Nursery | None = None
         self._opening: dict[int, trio.Event] = {}
@@ -125,15 +141,19 @@ class Connection:
             self.tunnel.start(monotonic_ms(), wall_ms())
             self.kick()
         while True:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            await self._wait_for_budget()
+            data = await self.stream.receive_some(self._chunk(RECEIVE_SIZE))
+            self._spend(len(data))
             if not data:
                 self.tunnel.receive_eof()
                 if not self.close_reason:
                     self.close_reason = "peer closed the connection" if self.established.is_set() else \
                         "peer closed the connection during the handshake"
                 return
-            for event in self.tunnel.receive_data(data, monotonic_ms(), wall_ms()):
+            now_wall = wall_ms()
+            for event in self.tunnel.receive_data(data, monotonic_ms(), now_wall):
                 self._handle(event)
+            self.received_wall = now_wall / 1000
             self.kick()
             if self.tunnel.closed:
                 await self.drain(CLOSE_FLUSH_SECONDS)
@@ -167,7 +187,7 @@ class Connection:
         if isinstance(event, core.DataReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream.deliver(event.data)
+                self._deliver(stream, event.data)
         elif isinstance(event, core.CreditAvailable):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -183,13 +203,14 @@ class Connection:
         elif isinstance(event, core.StreamReset):
             self._on_reset(event)
         elif isinstance(event, core.StreamClosed):
-            self.streams.pop(event.stream_id, None)
+            self._drop(event.stream_id)
         else:
             self._handle_session_event(event)
 
     def _handle_session_event(self, event: core.Event) -> None:
         if isinstance(event, core.Established):
             self.established_at = time.monotonic()
+            self.handshake_wall = time.time()
             self.established.set()
             self.on_established(self)
         elif isinstance(event, core.PongReceived):
@@ -197,6 +218,7 @@ class Connection:
             if waiter is not None:
                 waiter.set()
         elif isinstance(event, core.Rekeyed) and self.result is not None:
+            self.handshake_wall = time.time()
             self.emit(events.Rekeyed(self.peer, self.result.peer.fingerprint, self.result.session_id.hex(), event.epoch))
             self.on_rekeyed(self)
         elif isinstance(event, core.PeerClosed):
@@ -206,9 +228,13 @@ class Connection:
 
     def _on_open_requested(self, event: core.StreamOpenRequested) -> None:
         stream = TunnelStream(self, event.stream_id, event.target)
+        stream.inbound = True
         self.streams[event.stream_id] = stream
         if self.inbound is None or self._nursery is None:
             self.refuse(event.stream_id, core.ErrorCode.REFUSED, "this node serves no streams")
+            return
+        if self.buffers.crowded:  # readers are behind: no new stream may add a window to fill
+            self.refuse(event.stream_id, core.ErrorCode.REFUSED, "receive buffers full: try again later")
             return
         self._nursery.start_soon(self._serve_guarded, self.inbound, stream)
 
@@ -217,10 +243,39 @@ class Connection:
         if waiter is not None:  # reset instead of answered: report the peer's reason now
             self._refusals[event.stream_id] = StreamRefusedError(event.code, event.reason)
             waiter.set()
-        stream = self.streams.pop(event.stream_id, None)
+        stream = self._drop(event.stream_id)
         if stream is not None:
             who = self.peer if event.by_peer else "us"
-            stream.fail(StreamError(f"stream reset by {who}: {event.reason or code_name(event.code)}"))
+            stream.discard(StreamError(f"stream reset by {who}: {event.reason or code_name(event.code)}"))  # RST aborts both ways
+
+    def _deliver(self, stream: TunnelStream, data: bytes) -> None:
+        """Hand received bytes to their stream if the buffer budget has room; a stream whose
+        bytes do not fit is reset (its sender filled windows faster than anything reads)."""
+        refusal = self.buffers.charge(len(data))
+        if refusal is not None:
+            self.reset(stream.stream_id, core.ErrorCode.CANCELLED, refusal)
+            stream.discard(StreamError(f"stream reset by us: {refusal}"))
+            return
+        self._charged[stream.stream_id] = self._charged.get(stream.stream_id, 0) + len(data)
+        stream.deliver(data)
+
+    def _refund(self, stream_id: int, n: int) -> None:
+        """``n`` bytes of a stream were read: they no longer count against the budget."""
+        charged = self._charged.get(stream_id)
+        if charged is None:
+            return
+        n = min(n, charged)
+        self.buffers.refund(n)
+        if charged > n:
+            self._charged[stream_id] = charged - n
+        else:
+            del self._charged[stream_id]
+
+    def _drop(self, stream_id: int) -> TunnelStream | None:
+        """Forget a stream that ended: what it still holds unread stops counting (it can
+        receive nothing more, and its reader is released by the end or reset)."""
+        self._refund(stream_id, self._charged.get(stream_id, 0))
+        return self.streams.pop(stream_id, None)
 
     async def _serve_guarded(self, handler: InboundHandler, stream: TunnelStream) -> None:
         """A bug or a peer's surprise in one stream's handler must never end the session."""
@@ -259,7 +314,7 @@ class Connection:
             raise StreamError(f"{self.peer} did not answer the stream open within {timeout:.0f} s")
         refusal = self._refusals.pop(stream_id, None)
         if refusal is not None:
-            self.streams.pop(stream_id, None)
+            self._drop(stream_id)
             raise refusal
         if stream.error is not None:
             raise stream.error
@@ -271,20 +326,52 @@ class Connection:
         return self.tunnel.credit(stream_id)
 
     async def send_data(self, stream_id: int, data: memoryview) -> int:
-        """Seal stream data once the socket queue is below high water (bounds memory)."""
+        """Seal stream data once the socket queue is below high water (bounds memory) and a
+        legacy session's byte budget allows it."""
+        await self._wait_for_budget()
         while not self.tunnel.writable and not self.finished.is_set():
             await self._progress.wait()
         if self.finished.is_set() or self.tunnel.closed:
             raise ConnectionClosed(f"session with {self.peer_label} is closed")
-        accepted = self.tunnel.send_data(stream_id, data)
+        accepted = self.tunnel.send_data(stream_id, data[: self._chunk(len(data))])
+        self._spend(accepted)
         self.kick()
         return accepted
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The groups of the peer's CA certificate, as the handshake's admission found them."""
+        return self.admission.groups if self.admission is not None else ()
+
+    @property
+    def peer_host(self) -> str | None:
+        """The peer's IP address as the socket saw it (what ``from`` networks and triggers judge)."""
+        return self.admission.address if self.admission is not None else None
+
+    # --- the legacy byte budget ([policy.legacy] rate, burst) ------------------------------------------
+
+    async def _wait_for_budget(self) -> None:
+        """Sleep while a throttled session is in debt; the pure bucket says how long."""
+        while self.throttle is not None:
+            delay = self.throttle.delay_ms(monotonic_ms())
+            if delay <= 0:
+                return
+            await trio.sleep(delay / 1000)
+
+    def _spend(self, size: int) -> None:
+        if self.throttle is not None and size:
+            self.throttle.consume(size, monotonic_ms())
+
+    def _chunk(self, size: int) -> int:
+        """A throttled session moves at most one burst at a time, so it never overdraws by more."""
+        return size if self.throttle is None else max(1, min(size, self.throttle.burst))
 
     def send_fin(self, stream_id: int) -> None:
         self.tunnel.send_fin(stream_id)
         self.kick()
 
     def consumed(self, stream_id: int, n: int) -> None:
+        self._refund(stream_id, n)
         self.tunnel.consumed(stream_id, n)
         self.kick()
 
@@ -293,12 +380,12 @@ class Connection:
         self.kick()
 
     def refuse(self, stream_id: int, code: int, reason: str) -> None:
-        self.streams.pop(stream_id, None)
+        self._drop(stream_id)
         self.tunnel.refuse_stream(stream_id, code, reason)
         self.kick()
 
     def reset(self, stream_id: int, code: int, reason: str) -> None:
-        self.streams.pop(stream_id, None)
+        self._drop(stream_id)
         self.tunnel.reset_stream(stream_id, code, reason)
         self.kick()
 
@@ -379,7 +466,8 @@ class Connection:
         error = StreamError(f"session with {self.peer} ended: {reason}")
         for stream in list(self.streams.values()):
             stream.fail(error)
-        self.streams.clear()
+        for stream_id in list(self.streams):
+            self._drop(stream_id)
         for stream_id, waiter in list(self._opening.items()):
             self._refusals[stream_id] = error  # not a refusal by the peer: the peer is gone
             waiter.set()
@@ -403,11 +491,24 @@ class Connection:
             peer=result.peer_name, fingerprint=result.peer.fingerprint, addr=self.remote,
             session_id=result.session_id.hex(), reason=self.close_reason or "closed",
             bytes_in=session.bytes_received, bytes_out=session.bytes_sent,
-            duration=round(time.monotonic() - self.established_at, 3))
+            duration=round(time.monotonic() - self.established_at, 3), direction=self.direction,
+            suite=result.suite.name, kem=result.suite.kem_label, signature=result.suite.signature_label,
+            aead=result.aead.label)
+
+    def _failure_reason(self) -> str:
+        """Why the handshake failed; a suite mismatch also names the trigger that narrowed the suites."""
+        reason = self.close_reason or "cancelled"
+        return reason + self.handshake_note if "suite" in reason else reason
 
     def failed_event(self) -> events.HandshakeFailed:
+        admission = self.admission
+        decision = admission.decision if admission is not None else None
+        refused = decision is not None and not decision.allowed
         return events.HandshakeFailed(peer=self.dialled or "unknown peer", addr=self.remote, direction=self.direction,
-                                      reason=self.close_reason or "cancelled", fault=self.fault)
+                                      reason=self._failure_reason(), fault=self.fault,
+                                      fingerprint=admission.peer.fingerprint if admission and admission.peer else "",
+                                      suite=(admission.suite or "") if admission is not None else "",
+                                      rule=decision.rule if refused and decision is not None else "")
 
     def info(self) -> dict[str, Any]:
         result = self.result
@@ -428,4 +529,14 @@ class Connection:
             "age_s": round(time.monotonic() - self.established_at, 3),
             "rekeys": session.epoch,
             "streams": len(self.streams),
+            "latest_handshake": iso_time(self.handshake_wall),
+            "last_received": iso_time(self.received_wall),
         }
+
+
+def iso_time(seconds: float) -> str | None:
+    """Wall-clock seconds as ISO 8601 UTC (``2026-12-01T10:15:02.123Z``), None if never."""
+    if not seconds:
+        return None
+    stamp = datetime.fromtimestamp(seconds, timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,14 +13,22 @@ import trio
 
 from pqtunnel.errors import PqtunnelError, UserError
 
+from .accept import DescriptorReserve, serve_listeners
+from .config import CONTROL_SOCKET
 from .logs import LOG
 from .streams import TunnelStream
 
 MAX_REQUEST = 64 * 1024
+SOCKET_CHECK_INTERVAL = 2.0
+"""Seconds between checks that the control socket file is still ours."""
 
 
 class DaemonNotRunningError(UserError):
     """No daemon answers on the control socket."""
+
+
+class DaemonAlreadyRunningError(UserError):
+    """A daemon already serves this home: two would share its keys, audit file and socket."""
 
 
 class ControlApi(Protocol):
@@ -35,25 +44,54 @@ class ControlApi(Protocol):
 
     async def open_stream(self, peer: str, target: dict[str, Any]) -> TunnelStream: ...
 
+    async def reload(self) -> dict[str, Any]: ...
+
+    def pin(self, name: str, fingerprint: str) -> bool: ...
+
+    async def stop(self, reason: str) -> None: ...
+
 
 async def serve_control(node: ControlApi, path: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the owner's commands; a few descriptors are kept in reserve for them, so
+    ``pqtunnel status`` still answers when strangers or peers hold every other descriptor."""
     listener = await _bind_owner_only(path)
+    ours = _file_identity(path)
+    reserve = DescriptorReserve()
     task_status.started()
     try:
         async with trio.open_nursery() as nursery:
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(_serve_client, node, stream)
+            nursery.start_soon(_stop_when_socket_removed, node, path, ours)
+            await serve_listeners(partial(_serve_client, node), [listener], name="control socket", reserve=reserve)
     finally:
+        reserve.close()
         with trio.CancelScope(shield=True):
             await listener.aclose()
-        path.unlink(missing_ok=True)
+        if _file_identity(path) == ours:  # never remove a socket a newer daemon bound there
+            path.unlink(missing_ok=True)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+async def _stop_when_socket_removed(node: ControlApi, path: Path, ours: tuple[int, int] | None) -> None:
+    """A daemon whose control socket is gone (its home deleted, the file removed) can no
+    longer be asked anything, not even to stop: rather than run on as an orphan, it stops."""
+    while _file_identity(path) == ours:
+        await trio.sleep(SOCKET_CHECK_INTERVAL)
+    LOG.warning("control socket %s was removed (home deleted?): no command can reach this daemon, "
+                "so it stops", path)
+    await node.stop("control socket removed")
 
 
 async def _bind_owner_only(path: Path) -> trio.SocketListener:
     if path.exists():
         if _socket_alive(path):
-            raise UserError(f"another daemon is already running on {path}")
+            raise DaemonAlreadyRunningError(f"another daemon is already running on {path}")
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
@@ -99,8 +137,9 @@ async def _serve_client(node: ControlApi, stream: trio.SocketStream) -> None:
 
 
 async def _serve_connect(node: ControlApi, stream: trio.SocketStream, request: dict[str, Any], early: bytes) -> None:
-    """``pqtunnel connect``: answer one JSON line, then this socket *is* the remote stream."""
-    from .splice import EXPECTED_ERRORS, bridge, wait_for_hangup
+    """``pqtunnel connect`` and ``forward``: answer one JSON line, then run the connect
+    channel (daemon/pipe.py): raw bytes in, frames out, ending with how the stream ended."""
+    from .pipe import serve_pipe
 
     peer, target = request.get("peer"), request.get("target")
     if not isinstance(peer, str) or not isinstance(target, dict):
@@ -108,20 +147,7 @@ async def _serve_connect(node: ControlApi, stream: trio.SocketStream, request: d
     tunnel = await node.open_stream(peer, target)
     try:
         await stream.send_all(json.dumps({"ok": True}).encode() + b"\n")
-        async with trio.open_nursery() as nursery:
-            async def reset_on_hangup() -> None:
-                await wait_for_hangup(stream.socket)
-                LOG.info("connect to %s %s: the local client went away", peer, target)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(reset_on_hangup)
-            try:
-                if early:
-                    await tunnel.send_all(early)
-                await bridge(stream, tunnel)
-            except EXPECTED_ERRORS as exc:
-                LOG.info("connect to %s %s ended: %s", peer, target, exc)
-            nursery.cancel_scope.cancel()
+        await serve_pipe(stream, tunnel, early, f"{peer} {target}")
     finally:
         await tunnel.aclose()
 
@@ -163,18 +189,41 @@ async def _dispatch(node: ControlApi, request: dict[str, Any]) -> dict[str, Any]
             raise UserError("ping timeout must be a number of seconds between 0 and 3600")
         LOG.debug("control: ping %s", peer)
         return {"ok": True, **await node.ping(peer, float(timeout))}
+    if command == "reload":
+        return {"ok": True, **await node.reload()}
+    if command == "trust":
+        name, fingerprint = request.get("name"), request.get("fingerprint")
+        if not isinstance(name, str) or not isinstance(fingerprint, str):
+            raise UserError("trust needs a name and a fingerprint")
+        return {"ok": True, "added": node.pin(name, fingerprint)}
     raise UserError(f"unknown control command {command!r}")
 
 
+def socket_path(home: Path) -> Path:
+    return home / CONTROL_SOCKET
+
+
+def not_running(home: Path) -> DaemonNotRunningError:
+    return DaemonNotRunningError(f"no daemon is running for {home} (start one with: pqtunnel up --home {home})")
+
+
+def refuse_if_running(home: Path) -> None:
+    """``pqtunnel up`` on a home whose daemon runs: refused before anything is touched
+    (the audit file rotated, the nonce store opened)."""
+    path = socket_path(home)
+    if path.exists() and _socket_alive(path):
+        raise DaemonAlreadyRunningError(f"another daemon is already running for {home} ({path} answers)")
+
+
 def _connect_socket(home: Path, timeout: float | None) -> socket.socket:
-    path = home / "control.sock"
+    path = socket_path(home)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
         sock.close()
-        raise DaemonNotRunningError(f"no daemon is running for {home} (start one with: pqtunnel up --home {home})") from None
+        raise not_running(home) from None
     except PermissionError:
         sock.close()
         raise UserError(f"permission denied on {path}: the control socket belongs to another user") from None
@@ -182,28 +231,27 @@ def _connect_socket(home: Path, timeout: float | None) -> socket.socket:
 
 
 def open_pipe(home: Path, peer: str, target: dict[str, Any], timeout: float = 30.0) -> tuple[socket.socket, bytes]:
-    """Ask the daemon for a stream; returns the socket now spliced to it and any early bytes."""
+    """Ask the daemon for a stream; returns the socket, now the connect channel
+    (daemon/pipe.py), and the bytes of it that arrived with the answer."""
+    from .pipe import check_reply
+
     sock = _connect_socket(home, timeout)
-    sock.sendall(json.dumps({"cmd": "connect", "peer": peer, "target": target}).encode() + b"\n")
-    buffer = bytearray()
     try:
+        sock.sendall(json.dumps({"cmd": "connect", "peer": peer, "target": target}).encode() + b"\n")
+        buffer = bytearray()
         while b"\n" not in buffer:
             chunk = sock.recv(65536)
             if not chunk:
                 break
             buffer += chunk
+        line, _, rest = bytes(buffer).partition(b"\n")
+        check_reply(line)
     except socket.timeout:
         sock.close()
         raise UserError(f"the daemon did not answer within {timeout:.0f} s") from None
-    line, _, rest = bytes(buffer).partition(b"\n")
-    try:
-        response = json.loads(line)
-    except ValueError:
+    except BaseException:
         sock.close()
-        raise UserError("the daemon closed the connection without answering") from None
-    if not response.get("ok"):
-        sock.close()
-        raise UserError(response.get("error", "the daemon refused the request"))
+        raise
     sock.settimeout(None)
     return sock, rest
 

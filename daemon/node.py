@@ -5,31 +5,45 @@ from __future__ import annotations
 import os
 import signal
 import time
+from functools import partial
 from typing import Any, Callable
 
 import trio
 
 from pqtunnel.errors import UntrustedPeerError, UserError
-from pqtunnel.handshake import CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache, ResponderHandshake
-from pqtunnel.identity import Identity, WireIdentity
+from pqtunnel.admission import HandshakeAdmission
+from pqtunnel.errors import HandshakeBusyError
+from pqtunnel.handshake import (PROTOCOL_VERSION, Admit, CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache,
+                                ResponderHandshake, alert_frame)
+from pqtunnel.identity import Identity
 from pqtunnel import events
-from pqtunnel.peers import RACE_STAGGER_MS, Direction, HandshakeGate, SessionFacts, SessionTable
+from pqtunnel.audit import audit_required_rule
+from pqtunnel.peers import RACE_STAGGER_MS, Direction, SessionFacts, SessionTable
+from pqtunnel.bandwidth import ByteBucket
 from pqtunnel.tunnel import Tunnel
 from pqtunnel.trust import TrustStore
 
+from .accept import serve_listeners
+from .audit import AuditLog
 from .backends import liboqs_status, open_backend
-from .config import Address, NodeConfig
+from .config import Address, NodeConfig, load_config
 from .decisions import build_policy
-from .trustpolicy import admit_peer, load_ca_setup
+from .trustpolicy import Admission, admit_peer, handshake_config_for, load_ca_setup
 from .connection import Connection, ConnectionClosed
 from .control import serve_control
 from .discovered import DiscoveryWiring
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
-from .eventlog import EventBus, log_event
-from .services import serve_stream
+from .eventlog import EventBus, EventLogger
+from .ha import HaWiring
+from .services import serve_stream, service_summary
 from .socks_server import open_socks_listener, serve_socks_client
-from .netio import monotonic_ms, os_reason, remote_of
+from .netio import monotonic_ms, os_reason, remote_of, write_now
+from .pacing import PacedListener
+from .pinwatch import KnownPeersWatch
+from .resources import NodeResources, descriptor_limit
+from .reloading import describe_policy, reload_node
 from .streams import TunnelStream
+from .version import package_version
 
 DIAL_TIMEOUT = 5.0
 
@@ -42,31 +56,49 @@ class Node:
         self.backend = open_backend(config.crypto_backend)
         self.handshake_config = HandshakeConfig(allowed_suites=config.suites, aeads=config.aeads)
         self.ca, self.certificate = load_ca_setup(config, identity, self.backend)
-        self.policy = build_policy(config, identity.name, trust, self.ca)
+        self.audit = AuditLog.for_node(config, identity.name, identity.fingerprint)
+        self.policy_gate = audit_required_rule(self.audit.refusal)  # a reloaded Policy gets the same gate
+        self.policy = build_policy(config, identity.name, trust, self.ca, gate=self.policy_gate)
+        self.load_config: Callable[[], NodeConfig] = partial(load_config, config.home)
+        """How ``reload`` reads the configuration again (``pqtunnel up`` passes its own flags)."""
         self.replay_cache = ReplayCache(self.handshake_config.replay_window_ms)
         self.cookies = CookieJar()
         self.sessions: SessionTable[Connection] = SessionTable(identity.fingerprint)
         self.links = {name: PeerLink(name, *addresses) for name, addresses in config.peers.items()}
-        self.handshake_gate = HandshakeGate()
+        self.admission = HandshakeAdmission()
+        self.resources = NodeResources(config.limits, descriptor_limit())
+        self.liboqs = liboqs_status()  # once: probing forks ldconfig, and status must answer without spare descriptors
         self.events = EventBus()
-        self.events.subscribe(log_event)
+        self.events.subscribe(EventLogger())
+        self.events.subscribe(self.audit.record)
         self.emit = self.events.emit
+        self.ha = HaWiring(config, identity, self.emit)  # the nonce store replicas share (docs/ha.md)
         self.started = time.monotonic()
         self.listen_address: Address | None = None
         self._nursery: trio.Nursery | None = None
         self.discovery = DiscoveryWiring(self)
+        self.pin_watch = KnownPeersWatch(config.home)
 
     # --- top level -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self.audit.open()  # before anything happens that the audit must record
+        try:
+            await self._serve()
+        finally:
+            self.audit.close()  # after the last session's and stream's events
+
+    async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.audit.run)
             await nursery.start(self._watch_signals, nursery.cancel_scope)  # before anything can be asked to stop
+            await nursery.start(self.ha.run)
             listeners = await self._open_listeners()
-            nursery.start_soon(trio.serve_listeners, self._serve_inbound, listeners)
+            nursery.start_soon(partial(serve_listeners, self._serve_inbound, listeners, name="tunnel listener"))
             if self.config.socks is not None:
                 socks_listeners = await open_socks_listener(self.config.socks)
-                nursery.start_soon(trio.serve_listeners, self._serve_socks, socks_listeners)
+                nursery.start_soon(partial(serve_listeners, self._serve_socks, socks_listeners, name="SOCKS listener"))
             await nursery.start(serve_control, self, self.config.control_socket)
             for link in list(self.links.values()):
                 self.start_link(link)
@@ -86,7 +118,8 @@ class Node:
         conn = await self.session_for(peer)
         return await conn.open(target)
 
-    async def _open_listeners(self) -> list[trio.SocketListener]:
+    async def _open_listeners(self) -> list[PacedListener]:
+        """The tunnel port, taking new connections no faster than admission allows."""
         address = self.config.listen
         try:
             listeners = await trio.open_tcp_listeners(address.port, host=address.host)
@@ -94,25 +127,37 @@ class Node:
             raise UserError(f"cannot listen on {address}: {exc.strerror or exc}") from None
         bound = listeners[0].socket.getsockname()
         self.listen_address = Address(address.host, bound[1])
-        return listeners
+        return [PacedListener(listener, lambda: self.admission.accept_delay_ms(monotonic_ms())) for listener in listeners]
 
     async def _watch_signals(self, scope: trio.CancelScope, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
-                self.emit(events.NodeStopping(signal.Signals(signum).name, len(self.sessions)))
-                with trio.CancelScope(shield=True):
-                    for conn in list(self.sessions.values()):
-                        await conn.close("peer is shutting down")
-                scope.cancel()
+                if signum == signal.SIGHUP:  # reload, like sshd; a refused reload is logged and changes nothing
+                    self._reload_on_signal()
+                    continue
+                await self.stop(signal.Signals(signum).name)
                 return
+
+    async def stop(self, reason: str) -> None:
+        """Close every session with a CLOSE telling the peer why, then end ``run``: on SIGTERM
+        or SIGINT, and when the control socket vanished (control.py)."""
+        self.emit(events.NodeStopping(reason, len(self.sessions)))
+        with trio.CancelScope(shield=True):
+            for conn in list(self.sessions.values()):
+                await conn.close("peer is shutting down")
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     # --- trust ----------------------------------------------------------------------------------------
 
-    def _authorizer(self, dialled: str | None):
-        def authorize(peer: WireIdentity) -> str:
-            return admit_peer(self.policy, peer, dialled, int(time.time()))
-        return authorize
+    def _peer_admission(self, dialled: str | None, host: str) -> tuple[Admission, HandshakeConfig, str]:
+        """The authorize callback of one connection to or from ``host`` (an IP), and the suites it
+        may use: a trigger covering ``host`` removes the weaker ones (the responder then RETRYs
+        with a stronger suite; the initiator proposes one). The note names the trigger."""
+        admission = Admission(lambda: self.policy, dialled=dialled, address=host)
+        config, note = handshake_config_for(self.policy, self.handshake_config, host)
+        return admission, config, note
 
     def trust_source(self, name: str, fingerprint: str) -> str:
         return "pinned" if self.trust.fingerprint_for(name) == fingerprint else "ca"
@@ -121,49 +166,120 @@ class Node:
 
     async def _serve_inbound(self, stream: trio.SocketStream) -> None:
         remote = remote_of(stream)
-        require_cookie = self.handshake_gate.begin()
+        host = remote.rpartition(":")[0]
+        if not self.admission.may_start(host, monotonic_ms()):
+            await self._refuse_busy(stream, remote)
+            return
+        if not await self.resources.admit_inbound(stream, remote):
+            return
+        self.admission.begin()
+        self.refresh_pins()
+        authorize, config, note = self._peer_admission(None, host)
         handshake = ResponderHandshake(
-            self.identity, self._authorizer(None), peer_address=remote.rpartition(":")[0],
-            config=self.handshake_config, backend=self.backend, replay_cache=self.replay_cache,
-            cookies=self.cookies, require_cookie=require_cookie,
-            certificate=self.certificate,
+            self.identity, authorize, peer_address=host,
+            config=config, backend=self.backend, replay_cache=self.replay_cache,
+            cookies=self.cookies, admit=self._admit(host), certificate=self.certificate,
         )
-        conn = Connection(stream, Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers), remote)
+        authorize.handshake = handshake
+        conn = Connection(stream, Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers,
+                                         limits=self.resources.tunnel_limits), remote)
+        conn.admission, conn.handshake_note = authorize, note
         try:
             await self._run_connection(conn)
         finally:
             if not conn.established.is_set():
-                self.handshake_gate.end()
+                self.admission.end()
+                self.resources.handshake_ended(remote)
+
+    def _admit(self, host: str) -> Admit:
+        """The responder's admission hook for one connection, on the monotonic clock."""
+        return lambda proven: self.admission.decide(host, proven=proven, now_ms=monotonic_ms())
+
+    async def _refuse_busy(self, stream: trio.SocketStream, remote: str) -> None:
+        """A source (or the node) out of handshake budget: ALERT busy and close, before reading
+        a byte. The ALERT fits any send buffer, so it is written without waiting."""
+        busy = HandshakeBusyError("too many handshakes from this address; try again later")
+        write_now(stream.socket.fileno(), [alert_frame(busy)])
+        await trio.aclose_forcefully(stream)
+        self.emit(events.HandshakeFailed(peer="unknown peer", addr=remote, direction="inbound",
+                                         reason=f"refused before reading: {busy}", fault=events.Fault.PEER))
 
     async def _run_connection(self, conn: Connection, on_up: Callable[[Connection], None] | None = None) -> None:
         def established(c: Connection) -> None:
             if on_up is not None:
                 on_up(c)
             if c.direction == "inbound":
-                self.handshake_gate.end()
+                self.admission.end()
+                self.resources.handshake_ended(c.remote)
+            self._apply_rate_limit(c)
             self._register(c)
 
         conn.inbound = self._serve_stream
+        conn.buffers = self.resources.buffers.session()
         conn.emit = self.emit
         conn.on_established = established
         conn.on_finished = self._unregister
         conn.on_rekeyed = self.readmit
         await conn.run()
 
-    def readmit(self, conn: Connection) -> bool:
+    def readmit(self, conn: Connection, why: str = "peer no longer trusted") -> bool:
         """Ask the policy again whether a live session's peer is still trusted (at every rekey,
-        and whenever trust material changes): a certificate revoked or expired since the
-        handshake closes the session with that reason. Returns whether the peer passed."""
+        and whenever trust material or the policy changes), with the facts of the handshake
+        (address, suite): a certificate revoked or expired since the handshake, or a trigger
+        the session's suite no longer satisfies, closes the session with that reason.
+        Returns whether the peer passed; its groups and legacy rate limit are updated."""
         result = conn.result
         if result is None:
             return True
+        record = conn.admission.readmitted if conn.admission is not None else None
         try:
-            admit_peer(self.policy, result.peer, conn.dialled, int(time.time()))
+            name = admit_peer(self.policy, result.peer, conn.dialled, int(time.time()), address=conn.peer_host,
+                              suite=result.suite.name, record=record)
+            if name != result.peer_name:
+                raise UntrustedPeerError(f"the policy now names {result.peer.fingerprint} {name}, not {result.peer_name}")
         except UntrustedPeerError as exc:
             if self._nursery is not None:
-                self._nursery.start_soon(conn.close, f"peer no longer trusted: {exc}")
+                self._nursery.start_soon(conn.close, f"{why}: {exc}")
             return False
+        self._apply_rate_limit(conn)
         return True
+
+    def _apply_rate_limit(self, conn: Connection) -> None:
+        """A legacy session gets its byte budget ([policy.legacy] rate, burst); others run free."""
+        limit = conn.admission.rate_limit if conn.admission is not None else None
+        if limit is None:
+            conn.throttle = None
+        elif conn.throttle is None:
+            conn.throttle = ByteBucket(limit.rate, limit.burst, monotonic_ms())
+        else:
+            conn.throttle.reconfigure(limit.rate, limit.burst, monotonic_ms())
+
+    # --- reload ([policy], pins, CA material, services) ---------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """``pqtunnel reload``: see daemon/reloading.py (ReloadRefusedError keeps the old state)."""
+        return reload_node(self)
+
+    def _reload_on_signal(self) -> None:
+        try:
+            reload_node(self)
+        except UserError:
+            pass  # already logged as a refused ConfigReloaded event; the old state stays
+
+    def live_connections(self) -> list[Connection]:
+        return list(self.sessions.values())
+
+    def pin(self, name: str, fingerprint: str) -> bool:
+        """``pqtunnel trust`` on a running node: the pin counts for the next handshake at once."""
+        added = self.trust.pin(name, fingerprint)
+        if added:
+            self.discovery.resync()  # a name advertised before it was pinned is dialled now
+        return added
+
+    def refresh_pins(self) -> None:
+        """Before a handshake: pins appended to known_peers since we last looked count now."""
+        if self.pin_watch.new_pins(self.trust):
+            self.discovery.resync()
 
     # --- session table --------------------------------------------------------------------------------
 
@@ -280,16 +396,22 @@ class Node:
                 self.emit(events.PeerUnreachable(link.name, str(address), reason))
             race.lost(f"{address}: {reason}" if len(link.candidates) > 1 else reason, handshake=False)
             return None
-        handshake = InitiatorHandshake(self.identity, self._authorizer(link.name), config=self.handshake_config,
+        self.refresh_pins()
+        authorize, config, note = self._peer_admission(link.name, remote_of(stream).rpartition(":")[0])
+        handshake = InitiatorHandshake(self.identity, authorize, config=config,
                                        backend=self.backend, certificate=self.certificate)
+        authorize.handshake = handshake
         tunnel = Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers)
-        return Connection(stream, tunnel, str(address), dialled=link.name)
+        conn = Connection(stream, tunnel, str(address), dialled=link.name)
+        conn.admission, conn.handshake_note = authorize, note
+        return conn
 
     async def session_for(self, peer: str, timeout: float = 10.0) -> Connection:
         """The live session with ``peer``, waiting for a handshake if one is needed."""
         conn = self.sessions.get(peer)
         if conn is not None:
             return conn
+        self.refresh_pins()  # e.g. a pin written to known_peers for an advertised name
         link = self.links.get(peer)
         if link is None:
             raise self.discovery.why_unknown(peer) if self.config.mdns else UnknownPeerError(
@@ -315,7 +437,13 @@ class Node:
         return {
             "name": self.identity.name,
             "fingerprint": self.identity.fingerprint,
+            "version": package_version(),
+            "protocol": PROTOCOL_VERSION,
             "listen": str(self.listen_address),
+            "socks": str(self.config.socks) if self.config.socks is not None else None,
+            "mdns": self.discovery.status() if self.config.mdns else {"state": "off"},
+            "services": service_summary(self.config.services),
+            "allowed_ports": sorted(self.config.allowed_ports),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "sessions": len(self.sessions),
@@ -323,10 +451,20 @@ class Node:
             "suites": [s.name for s in self.config.suites],
             "aeads": [a.label for a in self.config.aeads],
             "crypto_backend": self.backend.name,
+            "policy": describe_policy(self.config.policy),
             "ca": self.ca.ca.fingerprint if self.ca else None,
             "certificate": self._certificate_summary(),
-            "liboqs": liboqs_status(),
+            "liboqs": self.liboqs,
+            "handshakes": self._admission_summary(),
+            "ha": self.ha.status(),
         }
+
+    def _admission_summary(self) -> dict[str, Any]:
+        """How inbound handshakes were rationed since start (pqtunnel/admission.py)."""
+        stats = self.admission.stats
+        return {"admitted": stats.admitted, "retried_for_cookie": stats.cookies, "busy": stats.busy,
+                "refused_at_accept": stats.refused_at_accept, "pending": self.admission.gate.pending,
+                "budget": round(self.admission.budget(monotonic_ms()), 1)}
 
     def _certificate_summary(self) -> dict[str, Any] | None:
         if self.certificate is None:

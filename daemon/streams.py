@@ -48,6 +48,12 @@ class StreamPort(Protocol):
     @property
     def result(self) -> HandshakeResult | None: ...
 
+    @property
+    def groups(self) -> tuple[str, ...]: ...
+
+    @property
+    def peer_host(self) -> str | None: ...
+
     remote: str
 
     def credit(self, stream_id: int) -> int: ...
@@ -72,6 +78,8 @@ class TunnelStream:
         self.port = port
         self.stream_id = stream_id
         self.target = target
+        self.inbound = False
+        """Opened by the peer (served here, so this node's policy judges it), not by us."""
         self._chunks: deque[bytes] = deque()
         self._readable = trio.Event()
         self._writable = trio.Event()
@@ -109,6 +117,11 @@ class TunnelStream:
         callbacks, self._abort_callbacks = self._abort_callbacks, []
         for callback in callbacks:
             callback(self._error)
+
+    def discard(self, error: StreamError) -> None:
+        """Fail and drop whatever is buffered unread: the stream was reset to free that memory."""
+        self._chunks.clear()
+        self.fail(error)
 
     def credit_available(self) -> None:
         self._writable.set()

@@ -290,7 +290,7 @@ def test_sighup_reloads_instead_of_killing_the_daemon(lab: dict) -> None:
     assert bob.process is not None
     bob.process.send_signal(signal.SIGHUP)
     bob.wait_for_log("configuration reloaded")
-    assert bob.process.poll() is None and bob.status()["name"] == "bob"
+    assert bob.process.poll() is None and bob.status()["policy"] == "1 grant(s), 0 trigger(s), 0 test(s)"
     assert connect(lab["home"]["alice"], "bob/tools").returncode != 0
     lab["configure"]("bob", "[policy\n")
     bob.process.send_signal(signal.SIGHUP)
