@@ -8,11 +8,12 @@ import trio
 
 from pqtunnel import mux, socks
 from pqtunnel.errors import PqtunnelError, UserError
-from pqtunnel.policy import Policy, SocksAccountRequest
+from pqtunnel.policy import Policy, SocksAccountRequest, SocksClientRequest
 
 from .config import Address
 from .links import PeerAuthenticationError, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
+from .peercred import local_peer_uid
 from .splice import bridge
 from .streams import StreamError, StreamRefusedError, TunnelStream
 
@@ -79,12 +80,18 @@ async def serve_socks_client(node: SocksHost, client: trio.SocketStream) -> None
 
 async def _serve(node: SocksHost, client: trio.SocketStream) -> None:
     async with client:
+        who = node.policy.decide(SocksClientRequest(local_peer_uid(client.socket)))
         try:
             with trio.fail_after(NEGOTIATION_TIMEOUT):
                 server, request = await _negotiate(node.policy, client)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         if request is None:
+            return
+        if not who.allowed:  # answered at CONNECT, so the client shows "not allowed by ruleset"
+            LOG.info("SOCKS: refused %s:%d: %s", request.host, request.port, who.reason)
+            server.reply(socks.ReplyCode.NOT_ALLOWED)
+            await _send(client, server)
             return
         await _connect(node, client, server, request)
 

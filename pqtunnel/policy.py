@@ -69,6 +69,8 @@ from .trust import TrustStore
 # --- rule names ------------------------------------------------------------------------------
 
 RULE_CA = "ca"
+RULE_SOCKS_ANYONE = "socks-anyone"
+RULE_SOCKS_LOGIN = "socks-login"
 """Decided by the network CA (a verified certificate, or why it failed)."""
 RULE_DEFAULT_DENY = "default-deny"
 """No rule allowed the request."""
@@ -93,6 +95,10 @@ def service_rule(name: str) -> str:
 
 def port_rule(port: int) -> str:
     return f"port:{port}"
+
+
+def socks_user_rule(uid: int) -> str:
+    return f"socks-user:{uid}"
 
 
 def socks_account_rule(username: str) -> str:
@@ -395,6 +401,15 @@ class SocksAccountRequest:
 
 
 @dataclass(frozen=True)
+class SocksClientRequest:
+    """A client connects to the local SOCKS endpoint. ``uid`` is the local user that owns the
+    client's socket (from the kernel's socket table), None when it is not on this host or
+    cannot be identified."""
+
+    uid: int | None
+
+
+@dataclass(frozen=True)
 class AdvertisementRequest:
     """An mDNS advertisement claims ``name`` for ``fingerprint``: may we dial it for that name?"""
 
@@ -412,7 +427,8 @@ class SuiteRequest:
     address: str | None
 
 
-Request = Union[PeerRequest, StreamRequest, SocksAccountRequest, AdvertisementRequest, SuiteRequest]
+Request = Union[PeerRequest, StreamRequest, SocksAccountRequest, SocksClientRequest, AdvertisementRequest,
+                SuiteRequest]
 
 
 # --- the answer ------------------------------------------------------------------------------
@@ -511,6 +527,7 @@ class Policy:
                  services: Mapping[str, Any] | None = None,
                  allowed_ports: Iterable[int] = (),
                  socks_accounts: Mapping[str, str] | None = None,
+                 socks_allowed_uids: Iterable[int] | None = None,
                  access: AccessRules | None = None,
                  extra_rules: Mapping[type, Sequence[Rule]] | None = None) -> None:
         self.node_name = node_name
@@ -519,12 +536,14 @@ class Policy:
         self.services: Mapping[str, Any] = services if services is not None else {}
         self.allowed_ports = frozenset(allowed_ports)
         self.socks_accounts: Mapping[str, str] = socks_accounts if socks_accounts is not None else {}
+        self.socks_allowed_uids = frozenset(socks_allowed_uids) if socks_allowed_uids is not None else None
         self.access = access
         stream_access: list[Rule] = [self._stream_access] if access is not None else []
         defaults: dict[type, list[Rule]] = {
             PeerRequest: [self._peer_pins, self._peer_certificate, self._peer_default],
             StreamRequest: [*stream_access, self._stream_service, self._stream_port, self._stream_default],
             SocksAccountRequest: [self._socks_account],
+            SocksClientRequest: [self._socks_client],
             AdvertisementRequest: [self._advert_pin, self._advert_own_name, self._advert_ca,
                                    self._advert_default],
             SuiteRequest: [self._suite_floor],
@@ -750,6 +769,25 @@ class Policy:
         if expected is not None and same:
             return Decision(True, socks_account_rule(request.username), f"user {request.username!r} logged in")
         return Decision(False, RULE_DEFAULT_DENY, f"wrong credentials for user {request.username!r}")
+
+    def _socks_client(self, request: SocksClientRequest) -> Decision:
+        """Who may use the node's identity through SOCKS: by default only its own user and root.
+
+        ``socks_allowed_uids`` None means anyone who can connect. A client that is not on this
+        host (or whose owner cannot be found) is let in only to log in with an RFC 1929 account.
+        """
+        allowed = self.socks_allowed_uids
+        if allowed is None:
+            return Decision(True, RULE_SOCKS_ANYONE, "SOCKS is open to every local user (socks_allow_users = [\"*\"])")
+        if request.uid is not None and request.uid in allowed:
+            return Decision(True, socks_user_rule(request.uid), f"local user uid {request.uid} may use SOCKS")
+        if request.uid is None and self.socks_accounts:
+            return Decision(True, RULE_SOCKS_LOGIN, "client not identified on this host: it must log in")
+        if request.uid is None:
+            return Decision(False, RULE_DEFAULT_DENY,
+                            "SOCKS client is not a local user of this host and no SOCKS accounts are configured")
+        return Decision(False, RULE_DEFAULT_DENY,
+                        f"local user uid {request.uid} may not use this node's SOCKS endpoint (see socks_allow_users)")
 
     # --- mDNS advertisements: hints, used only if the handshake can prove them ----------------
 

@@ -26,6 +26,7 @@ from pqtunnel.policy import (
     LocalPort,
     PeerRequest,
     Policy,
+    SocksClientRequest,
     SocksAccountRequest,
     StreamRequest,
 )
@@ -685,3 +686,23 @@ def test_triggers_never_change_what_a_session_may_reach(grants: list, legacy: Le
                                                         triggers: list) -> None:
     """Triggers decide whether the session exists, not which streams it may open."""
     assert _decide(grants, legacy, question).allowed == _decide(grants, legacy, question, tuple(triggers)).allowed
+
+
+# --- who may use the SOCKS endpoint (hardening: local users) ------------------------------------
+
+def test_only_the_allowed_local_users_may_use_socks() -> None:
+    policy = Policy("alice", socks_allowed_uids={1000, 0})
+    assert policy.decide(SocksClientRequest(1000)).allowed
+    assert policy.decide(SocksClientRequest(0)).allowed
+    denied = policy.decide(SocksClientRequest(65534))
+    assert not denied.allowed and "uid 65534" in denied.reason
+
+
+def test_a_client_not_on_this_host_must_log_in() -> None:
+    assert not Policy(socks_allowed_uids={0}).decide(SocksClientRequest(None)).allowed
+    with_accounts = Policy(socks_allowed_uids={0}, socks_accounts={"agent": "pw"})
+    assert with_accounts.decide(SocksClientRequest(None)).allowed  # then RFC 1929 decides
+
+
+def test_socks_open_to_anyone_only_when_asked() -> None:
+    assert Policy(socks_allowed_uids=None).decide(SocksClientRequest(65534)).allowed

@@ -1,0 +1,98 @@
+"""Only the node's own user (and root) may use its identity through SOCKS (hardening issue,
+finding 3): the local user behind a loopback SOCKS connection is read from the kernel's
+socket table, and other users are refused with "not allowed by ruleset" unless
+`socks_allow_users` names them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pqtunneld.peercred import local_peer_uid
+from tests.http_fixture import HttpServer
+from tests.nodes import Daemon, init_node, pq
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_pair(tmp_path: Path, http: HttpServer, alice_config: str = "") -> tuple[Daemon, Daemon, int]:
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    pq("trust", "bob", fp_bob, home=alice_home)
+    pq("trust", "alice", fp_alice, home=bob_home)
+    (bob_home / "config.toml").write_text(f'[services]\nweb = "127.0.0.1:{http.port}"\n')
+    (alice_home / "config.toml").write_text(alice_config)
+    bob = Daemon(bob_home).start()
+    socks_port = free_port()
+    alice = Daemon(alice_home, ["--socks", f"127.0.0.1:{socks_port}", "--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    return alice, bob, socks_port
+
+
+def curl(socks_port: int, *prefix: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, "curl", "-sS", "--max-time", "20", "--socks5-hostname",
+                           f"127.0.0.1:{socks_port}", "http://web.bob.pq/"], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def http() -> Iterator[HttpServer]:
+    with HttpServer() as server:
+        yield server
+
+
+def test_the_kernel_names_the_local_user_behind_a_tcp_connection() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(20)
+        port = server.getsockname()[1]
+        child = subprocess.Popen([*AS_NOBODY, "/usr/bin/python3", "-c",
+                                  f"import socket,time; s=socket.create_connection(('127.0.0.1',{port})); time.sleep(5)"])
+        try:
+            conn, _ = server.accept()
+            with conn:
+                assert local_peer_uid(conn) == NOBODY
+        finally:
+            child.kill()
+            child.wait()
+
+
+def test_another_local_user_cannot_use_the_nodes_identity(tmp_path: Path, http: HttpServer) -> None:
+    alice, bob, socks_port = start_pair(tmp_path, http)
+    try:
+        assert curl(socks_port).returncode == 0, "the daemon's own user (root here) is served"
+        refused = curl(socks_port, *AS_NOBODY)
+        assert refused.returncode != 0
+        assert "(2)" in refused.stderr, refused.stderr  # SOCKS reply 0x02: connection not allowed by ruleset
+        alice.wait_for_log(f"local user uid {NOBODY} may not use this node's SOCKS endpoint")
+    finally:
+        alice.kill()
+        bob.kill()
+
+
+def test_socks_allow_users_widens_it(tmp_path: Path, http: HttpServer) -> None:
+    alice, bob, socks_port = start_pair(tmp_path, http, '[node]\nsocks_allow_users = ["nobody"]\n')
+    try:
+        served = curl(socks_port, *AS_NOBODY)
+        assert served.returncode == 0, served.stderr
+    finally:
+        alice.kill()
+        bob.kill()
+
+
+def test_an_unknown_user_in_socks_allow_users_is_a_one_line_error(tmp_path: Path) -> None:
+    home, _ = init_node(tmp_path, "alice")
+    (home / "config.toml").write_text('[node]\nsocks_allow_users = ["no-such-user-here"]\n')
+    result = pq("up", "--no-mdns", "--listen", "127.0.0.1:0", home=home, timeout=20)
+    assert result.returncode != 0
+    assert "no local user named 'no-such-user-here'" in result.stderr and "Traceback" not in result.stderr
