@@ -281,6 +281,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256, help="size of each download (256 MiB)")
     parser.add_argument("--runs", type=int, default=5, help="downloads per phase (5)")
     parser.add_argument("--compare", metavar="REV", help="also measure git revision REV first (e.g. the commit before a fix)")
+    parser.add_argument("--code", metavar="DIR", type=Path,
+                        help="measure the library and daemon in DIR (holding pqtunnel/ and pqtunneld/) instead of this checkout")
     args = parser.parse_args()
     size = args.size_mib << 20
     report_idle_cpu()
@@ -291,8 +293,17 @@ def main() -> None:
                                           capture_output=True, text=True), "git rev-parse").strip()
             with code_from(export_revision(rev, Path(code))):
                 results.append(measure(f"{rev} (--compare)", server.port, size, args.runs, args.workers))
-        results.append(measure("this checkout", server.port, size, args.runs, args.workers))
+            print_progress(results[-1])
+        with code_from(args.code):
+            name = f"{args.code} (--code)" if args.code else "this checkout"
+            results.append(measure(name, server.port, size, args.runs, args.workers))
     print_report(results, args.workers, size)
+
+
+def print_progress(result: Result) -> None:
+    """One line as soon as a row is measured, so a later failure does not lose it."""
+    print(f"{result.name}: MB/s without flood {_runs(result.baseline)}, under flood {_runs(result.flooded)}, "
+          f"ratio {result.ratio:.2f}; flood answers {dict(result.tally.answers)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ class AdmissionLimits:
     """Strangers need a cookie while the node's budget is below this share of its burst."""
     max_sources: int = 4096
     """Per-source buckets kept (least recently used are forgotten, i.e. refilled)."""
-    accepts_per_s: float = 200.0
-    accept_burst: int = 200
+    accepts_per_s: float = 100.0
+    accept_burst: int = 100
     """New inbound connections taken from the kernel per second (every source together)."""
 
     def __post_init__(self) -> None:
