@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -42,14 +43,25 @@ class Daemon:
     extra: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    nofile: int | None = None
+    """Run the daemon with this descriptor limit (``RLIMIT_NOFILE``, soft and hard), as
+    ``LimitNOFILE=`` or ``prlimit --nofile`` would; None keeps ours."""
+    env: dict[str, str] | None = None
+    """The daemon's environment (None: ours)."""
 
     def start(self) -> Daemon:
         self.log_path = self.home / "daemon.log"
         argv = [*CLI, "up", "--home", str(self.home), "--no-mdns", "--socks", "off", *self._listen_default(), *self.extra]
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            preexec_fn=self._limit_descriptors if self.nofile else None)
         self.wait_ready()
         return self
+
+    def _limit_descriptors(self) -> None:
+        """In the child before exec: lower the descriptor limit."""
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _listen_default(self) -> list[str]:
         return [] if "--listen" in self.extra else ["--listen", "127.0.0.1:0"]
