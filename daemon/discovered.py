@@ -49,6 +49,8 @@ class DiscoveryWiring:
         self.mdns: MdnsDiscovery | None = None
         self.peers: dict[str, Peer] = {}
         self.last_seen: dict[str, float] = {}
+        self.state = "starting"
+        """For ``pqtunnel status``: starting, running, or "failed: REASON"."""
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         node = self.node
@@ -63,8 +65,10 @@ class DiscoveryWiring:
                 await nursery.start(self.mdns.run, send)
             except DiscoveryError as exc:
                 LOG.warning("mDNS disabled: %s", exc)  # static peers and inbound sessions still work
+                self.state = f"failed: {exc}"
                 task_status.started()
                 return
+            self.state = "running"
             task_status.started()
             async for event in receive:
                 self.apply(event)
@@ -122,7 +126,19 @@ class DiscoveryWiring:
             link.set_candidates(addresses)
             link.wake.set()  # e.g. it came back at a new address: dial now, not after the backoff
 
+    def resync(self) -> None:
+        """Pins or the policy changed: judge every advertisement seen again (a name pinned
+        just now is dialled at once, one unpinned is dropped)."""
+        for name in {peer.name for peer in self.peers.values()}:
+            self._sync(name)
+
     # --- queries -----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """mDNS for ``pqtunnel status``: state, the name we advertise, the interfaces, what we see."""
+        mdns = self.mdns
+        return {"state": self.state, "advertised_as": mdns.instance_name if mdns is not None else None,
+                "interfaces": self.node.config.mdns_interfaces or "all", "advertisements_seen": len(self.peers)}
 
     def why_unknown(self, name: str) -> Exception:
 

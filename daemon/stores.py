@@ -66,8 +66,13 @@ def refuse_writable_by_others(path: Path, what: str, error: type[UserError]) -> 
 
 def ensure_home(home: Path) -> Path:
     """Create the node home owner-only (0700); it holds keys and the control socket."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(home, 0o700)
+    if home.exists() and not home.is_dir():
+        raise IdentityError(f"node home {home} is not a directory; pick another --home")
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(home, 0o700)
+    except OSError as exc:
+        raise IdentityError(f"cannot create node home {home}: {exc.strerror or exc}") from None
     return home
 
 
@@ -176,6 +181,8 @@ class IdentityFile:
 
     def _check_mode(self) -> None:
         home, key_path = self.home, self.key_path
+        if home.exists() and not home.is_dir():
+            raise IdentityError(f"node home {home} is not a directory")
         if not home.is_dir():
             raise IdentityError(
                 f"node home {home} does not exist; create an identity with: pqtunnel init --name NAME --home {home}"
@@ -411,6 +418,12 @@ class CaDirectory:
     @classmethod
     def load(cls, directory: Path, backend: CryptographyBackend | None = None,
              entropy: Entropy = SYSTEM_ENTROPY) -> CaDirectory:
+        create = f"create one with: pqtunnel ca init --name NAME --ca-dir {directory}"
+        if not directory.is_dir():
+            what = "is not a directory" if directory.exists() else "does not exist"
+            raise CaError(f"CA directory {directory} {what}; {create}")
+        if not (directory / KEY_FILE).exists():
+            raise CaError(f"no CA key in {directory}; {create}")
         try:
             identity = load_identity(directory)
         except IdentityError as exc:

@@ -288,9 +288,13 @@ def test_a_ca_directory_has_an_empty_revocation_list_and_loads_back(ca: CaDirect
     assert CaDirectory.load(ca.directory).identity == ca.identity
 
 
-def test_a_directory_without_a_ca_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CaError, match="not a usable CA directory"):
+def test_a_directory_without_a_ca_is_a_clear_error_suggesting_ca_init(tmp_path: Path) -> None:
+    with pytest.raises(CaError, match=f"no CA key in {tmp_path}; create one with: pqtunnel ca init --name NAME "
+                                      f"--ca-dir {tmp_path}$"):
         CaDirectory.load(tmp_path)
+    with pytest.raises(CaError, match=f"CA directory {tmp_path / 'missing'} does not exist; create one with: "
+                                      "pqtunnel ca init"):
+        CaDirectory.load(tmp_path / "missing")
 
 
 def test_the_ca_public_key_file_round_trips_and_must_match_its_fingerprint(ca: CaDirectory, tmp_path: Path) -> None:
