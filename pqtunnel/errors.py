@@ -150,6 +150,14 @@ class CaError(UserError):
     """The CA directory or a CA command's input is unusable."""
 
 
+class TransitionError(UntrustedPeerError):
+    """A peer's transition record is malformed, forged, expired or binds another identity."""
+
+
+class MigrationError(UserError):
+    """A classical key, known_hosts file or migration input is unusable (named with file:line)."""
+
+
 # --- counter leases and shared stores (docs/ha.md) ------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from .errors import (
 )
 from .entropy import SYSTEM_ENTROPY, Entropy
 from .identity import Identity, WireIdentity
+from .transition import MAX_TRANSITION
 from .noisestate import DHLEN, TAGLEN, KemHooks, NoiseState, Reader
 from .wire import Frame, Kind, encode_frame
 
@@ -59,7 +60,7 @@ COOKIE_LIFETIME_MS = 120_000
 """A cookie is good this long either side of the moment it was issued (wall clock)."""
 COOKIE_SIZE = 24
 MAX_SPENT_COOKIES = 65_536
-MAX_PAYLOAD = 16 * 1024
+MAX_PAYLOAD = 24 * 1024
 MAX_CERTIFICATE = 8 * 1024
 
 Authorizer = Callable[[WireIdentity], str]
@@ -359,6 +360,11 @@ def _verify_peer(state: NoiseState, backend: prim.CryptographyBackend, suite: Su
         if not isinstance(certificate, bytes) or len(certificate) > MAX_CERTIFICATE:
             raise MalformedHandshakeError("certificate field is malformed or too large")
         peer = dataclasses.replace(peer, certificate=certificate)
+    transition = payload.get("transition")
+    if transition is not None:
+        if not isinstance(transition, bytes) or len(transition) > MAX_TRANSITION:
+            raise MalformedHandshakeError("transition field is malformed or too large")
+        peer = dataclasses.replace(peer, transition=transition)
     if not peer.verify(backend, suite, _signature_message(role, signed_hash), payload.get("sig")):
         raise BadSignatureError(f"{peer.claimed_name!r} ({peer.fingerprint}): hybrid signature over the transcript did not verify")
     return peer
@@ -372,9 +378,10 @@ class InitiatorHandshake:
 
     def __init__(self, identity: Identity, authorize: Authorizer, *, config: HandshakeConfig | None = None,
                  backend: prim.CryptographyBackend | None = None, entropy: Entropy | None = None,
-                 certificate: bytes | None = None) -> None:
+                 certificate: bytes | None = None, transition: bytes | None = None) -> None:
         self.identity = identity
         self.certificate = certificate
+        self.transition = transition
         self.authorize = authorize
         self.config = config or HandshakeConfig()
         self.backend = backend or prim.CryptographyBackend()
@@ -466,6 +473,8 @@ class InitiatorHandshake:
         finish: dict[str, Any] = {"id": self.identity.public.to_wire(suite), "sig": signature}
         if self.certificate is not None:
             finish["cert"] = self.certificate
+        if self.transition is not None:
+            finish["transition"] = self.transition
         out += state.encrypt_and_hash(encode_payload(finish))
         self.state = InitiatorState.DONE
         result = _finish(state, initiator=True, suite=suite, aead=Aead(aead_id), peer=peer, peer_name=peer_name)
@@ -487,9 +496,11 @@ class ResponderHandshake:
                  config: HandshakeConfig | None = None, backend: prim.CryptographyBackend | None = None,
                  entropy: Entropy | None = None, replay_cache: ReplayCache | None = None,
                  cookies: CookieJar | None = None, require_cookie: bool = False,
-                 admit: Admit | None = None, certificate: bytes | None = None) -> None:
+                 admit: Admit | None = None, certificate: bytes | None = None,
+                 transition: bytes | None = None) -> None:
         self.identity = identity
         self.certificate = certificate
+        self.transition = transition
         self.authorize = authorize
         self.peer_address = peer_address
         self.config = config or HandshakeConfig()
@@ -628,6 +639,8 @@ class ResponderHandshake:
         payload: dict[str, Any] = {"aead": int(self._aead), "id": self.identity.public.to_wire(suite), "sig": signature}
         if self.certificate is not None:
             payload["cert"] = self.certificate
+        if self.transition is not None:
+            payload["transition"] = self.transition
         return out + state.encrypt_and_hash(encode_payload(payload))
 
     def _on_finish(self, body: bytes) -> HandshakeStep:

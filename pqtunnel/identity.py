@@ -79,6 +79,7 @@ class WireIdentity:
     pq_key_hashes: dict[str, bytes] = field(hash=False)
     pq_key: bytes | None
     certificate: bytes | None = field(default=None, hash=False, compare=False, repr=False)
+    transition: bytes | None = field(default=None, hash=False, compare=False, repr=False)
 
     @property
     def fingerprint(self) -> str:

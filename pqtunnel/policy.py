@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
 from .crypto.suites import HYBRID, SUITES
-from .errors import CertificateError, ConfigError, IdentityError
+from .errors import CertificateError, ConfigError, IdentityError, UntrustedPeerError
 from .identity import normalise_fingerprint
 from .mux import ErrorCode
 from .names import validate_name
@@ -72,6 +72,8 @@ RULE_CA = "ca"
 RULE_SOCKS_ANYONE = "socks-anyone"
 RULE_SOCKS_LOGIN = "socks-login"
 """Decided by the network CA (a verified certificate, or why it failed)."""
+RULE_MIGRATED_SSH = "migrated:ssh"
+"""Decided by a transition record and a known_hosts anchor (docs/migration.md)."""
 RULE_DEFAULT_DENY = "default-deny"
 """No rule allowed the request."""
 RULE_OWN_NAME = "own-name"
@@ -83,6 +85,7 @@ RULE_BAD_TARGET = "bad-target"
 
 # Advertisement / admission trust labels (``pqtunnel peers`` shows them).
 PINNED, CA, UNTRUSTED = "pinned", "ca", "untrusted"
+MIGRATED_SSH = "migrated:ssh"
 
 
 def pin_rule(name: str) -> str:
@@ -378,6 +381,7 @@ class PeerRequest:
     dialled: str | None = None
     address: str | None = None
     suite: str | None = None
+    transition: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -502,6 +506,18 @@ class Certified(Protocol):
 CertificateVerifier = Callable[[Union[bytes, None], str, int], Certified]
 """``verify(certificate, presented_fingerprint, now)``: the certificate, or CertificateError."""
 
+
+class Migrated(Protocol):
+    """What a verified transition record tells the policy (``TransitionRecord`` has it)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+TransitionVerifier = Callable[[Union[bytes, None], str, int], Migrated]
+"""``verify(record, presented_fingerprint, now)``: the record if a legacy anchor vouches for it,
+or UntrustedPeerError (``pqtunnel.knownhosts.LegacyVerifier``)."""
+
 Rule = Callable[[Any], Union[Decision, None]]
 """A rule gets a request and returns a Decision, or None to let the next rule decide."""
 
@@ -524,6 +540,7 @@ class Policy:
     def __init__(self, node_name: str = "", *,
                  pins: TrustStore | Mapping[str, str] | None = None,
                  verify_certificate: CertificateVerifier | None = None,
+                 verify_transition: TransitionVerifier | None = None,
                  services: Mapping[str, Any] | None = None,
                  allowed_ports: Iterable[int] = (),
                  socks_accounts: Mapping[str, str] | None = None,
@@ -533,6 +550,7 @@ class Policy:
         self.node_name = node_name
         self.pins = pins if isinstance(pins, TrustStore) else TrustStore(dict(pins or {}))
         self.verify_certificate = verify_certificate
+        self.verify_transition = verify_transition
         self.services: Mapping[str, Any] = services if services is not None else {}
         self.allowed_ports = frozenset(allowed_ports)
         self.socks_accounts: Mapping[str, str] = socks_accounts if socks_accounts is not None else {}
@@ -540,7 +558,7 @@ class Policy:
         self.access = access
         stream_access: list[Rule] = [self._stream_access] if access is not None else []
         defaults: dict[type, list[Rule]] = {
-            PeerRequest: [self._peer_pins, self._peer_certificate, self._peer_default],
+            PeerRequest: [self._peer_pins, self._peer_migrated, self._peer_certificate, self._peer_default],
             StreamRequest: [*stream_access, self._stream_service, self._stream_port, self._stream_default],
             SocksAccountRequest: [self._socks_account],
             SocksClientRequest: [self._socks_client],
@@ -592,6 +610,33 @@ class Policy:
         if name is not None:
             return Decision(True, pin_rule(name), f"{fingerprint} is pinned as {name}", name=name, trust=PINNED)
         return None
+
+    def _peer_migrated(self, request: PeerRequest) -> Decision | None:
+        """A transition record vouched for by a known_hosts anchor, for a name nobody pinned.
+
+        No opinion without anchors or without a record (the CA may still decide). A record
+        that fails (forged, expired, another host's key, the window closed) is refused: a
+        peer claiming classical trust it cannot prove is not handed to the CA silently.
+        """
+        if self.verify_transition is None or request.transition is None:
+            return None
+        fingerprint, dialled = request.fingerprint, request.dialled
+        try:
+            record = self.verify_transition(request.transition, fingerprint, request.now)
+        except UntrustedPeerError as exc:
+            return Decision(False, RULE_MIGRATED_SSH, str(exc), name=dialled, trust=UNTRUSTED)
+        if dialled is not None and record.name != dialled:
+            return Decision(False, RULE_MIGRATED_SSH, f"transition record is for {record.name}, not {dialled}",
+                            name=dialled, trust=UNTRUSTED)
+        pinned = self.pins.fingerprint_for(record.name)
+        if pinned is not None and pinned != fingerprint:  # a hybrid pin always wins over a legacy anchor
+            return Decision(False, RULE_MIGRATED_SSH, f"transition record claims {record.name}, which is pinned "
+                            "to another key", name=record.name, trust=UNTRUSTED)
+        if record.name == self.node_name:
+            return Decision(False, RULE_MIGRATED_SSH, f"transition record claims our own name {record.name}",
+                            name=record.name, trust=UNTRUSTED)
+        return Decision(True, RULE_MIGRATED_SSH, f"known_hosts vouches for {record.name}'s transition record",
+                        name=record.name, trust=MIGRATED_SSH)
 
     def _peer_certificate(self, request: PeerRequest) -> Decision | None:
         if self.verify_certificate is None:
