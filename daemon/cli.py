@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pqtunnel.errors import PqtunnelError
+from pqtunnel.errors import PqtunnelError, TrustStoreError
 
 from . import control
 from .config import NodeConfig, default_home, load_config
+from .migratecli import add_migrate_commands, cmd_trust_known_hosts
 from .stores import (
     PUB_FILE,
     CaDirectory,
@@ -57,6 +58,12 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
+    if args.ssh_known_hosts:
+        if args.name or args.fingerprint:
+            raise TrustStoreError("pqtunnel trust: give NAME FINGERPRINT or --ssh-known-hosts FILE, not both")
+        return cmd_trust_known_hosts(args)
+    if not (args.name and args.fingerprint):
+        raise TrustStoreError("pqtunnel trust: give NAME FINGERPRINT (or --ssh-known-hosts FILE)")
     home = _home(args)
     load_identity(home)  # the home must be a node home
     store = KnownPeersFile(home)
@@ -441,9 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("id", cmd_id, "print this node's name and fingerprint")
     p.add_argument("--json", action="store_true")
     _add_home(p)
-    p = command("trust", cmd_trust, "pin a peer's fingerprint")
-    p.add_argument("name")
-    p.add_argument("fingerprint")
+    p = command("trust", cmd_trust, "pin a peer's fingerprint, or import SSH known_hosts as legacy anchors")
+    p.add_argument("name", nargs="?")
+    p.add_argument("fingerprint", nargs="?")
+    p.add_argument("--ssh-known-hosts", metavar="FILE", help="import this known_hosts file's host keys: a peer "
+                   "whose transition record is signed by a key listed for its name is pinned (docs/migration.md)")
     _add_home(p)
     _add_up_options(command("up", cmd_up, "run the daemon in the foreground"))
     for name, handler, text in (("status", cmd_status, "show the running daemon's status"),
@@ -499,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "daemon (also on SIGHUP); a broken policy or a failing policy test is refused and the old one stays")
     _add_home(p)
     _add_policy_commands(sub)
+    add_migrate_commands(sub, _add_home)
     return parser
 
 

@@ -18,6 +18,7 @@ from pqtunnel.policy import AccessRules
 from pqtunnel.session import SessionTimers
 
 from .policyconfig import parse_policy
+from .migration import parse_deadline
 from .stores import refuse_writable_by_others
 
 DEFAULT_PORT = 7330
@@ -150,6 +151,8 @@ class NodeConfig:
     ha: HaSettings = field(default_factory=HaSettings)
     policy: AccessRules | None = None
     """``[policy]`` (None: every admitted peer reaches every service and allowed port)."""
+    migration_accept_until: int | None = None
+    """``[migration] accept_until`` as unix seconds: from then on transition records prove nothing."""
 
     @property
     def control_socket(self) -> Path:
@@ -421,4 +424,13 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         audit=_audit_settings(_table(data, "audit", source), source, home),
         ha=_ha_settings(_table(data, "ha", source), source, home),
         policy=parse_policy(data, source, path if path.exists() else None, suites),
+        migration_accept_until=_migration_deadline(_table(data, "migration", source), source),
     )
+
+
+def _migration_deadline(table: dict, source: str) -> int | None:
+    """``[migration] accept_until = "2027-06-30"``: the last day legacy anchors count (UTC)."""
+    unknown = set(table) - {"accept_until"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [migration]: {', '.join(sorted(unknown))}")
+    return parse_deadline(table["accept_until"], source) if "accept_until" in table else None

@@ -19,6 +19,7 @@ from pqtunnel.policy import PeerRequest, Policy, Rule, StreamRequest
 from pqtunnel.trust import TrustStore
 
 from .config import NodeConfig
+from .migration import legacy_verifier
 from .policyconfig import header_line
 
 
@@ -46,18 +47,22 @@ class PolicyTestFailedError(ConfigError):
 def build_policy(config: NodeConfig, node_name: str, trust: TrustStore | None, ca: CaVerifier | None, *,
                  gate: Rule | None = None) -> Policy:
     """The pins (kept by reference: pins added while running count), the CA verifier, the
-    service table, the allowed ports and the SOCKS accounts, as one Policy.
+    legacy anchors (HOME/legacy_known_hosts, read again on every build, so a reload picks up
+    new imports), the service table, the allowed ports and the SOCKS accounts, as one Policy.
 
     ``gate`` is asked before every other rule about sessions and streams (the node's
     ``audit-required`` rule: nothing new while a required audit cannot be written); a
     rebuilt Policy (reload) must be given the same gate. ``[policy]`` comes from
     ``config.policy``; PolicyTestFailedError names the first failing ``[[policy.test]]``.
     """
+    legacy = legacy_verifier(config.home, config.migration_accept_until)
+
     def build(extra_rules: dict | None = None) -> Policy:
         return Policy(
             node_name,
             pins=trust,
             verify_certificate=ca.verify if ca is not None else None,
+            verify_transition=legacy.verify if legacy is not None else None,
             services=config.services,
             allowed_ports=config.allowed_ports,
             socks_accounts=config.socks_users,

@@ -39,6 +39,7 @@ from .services import serve_stream, service_summary
 from .socks_server import open_socks_listener, serve_socks_client
 from .netio import monotonic_ms, os_reason, remote_of, write_now
 from .pacing import PacedListener
+from .migration import own_transition, pin_migrated, trust_label
 from .pinwatch import KnownPeersWatch
 from .resources import NodeResources, descriptor_limit
 from .reloading import describe_policy, reload_node
@@ -56,6 +57,7 @@ class Node:
         self.backend = open_backend(config.crypto_backend)
         self.handshake_config = HandshakeConfig(allowed_suites=config.suites, aeads=config.aeads)
         self.ca, self.certificate = load_ca_setup(config, identity, self.backend)
+        self.transition = own_transition(config.home, identity)  # presented like the certificate
         self.audit = AuditLog.for_node(config, identity.name, identity.fingerprint)
         self.policy_gate = audit_required_rule(self.audit.refusal)  # a reloaded Policy gets the same gate
         self.policy = build_policy(config, identity.name, trust, self.ca, gate=self.policy_gate)
@@ -160,7 +162,9 @@ class Node:
         return admission, config, note
 
     def trust_source(self, name: str, fingerprint: str) -> str:
-        return "pinned" if self.trust.fingerprint_for(name) == fingerprint else "ca"
+        if self.trust.fingerprint_for(name) == fingerprint:
+            return trust_label(self.config.home, name, fingerprint)  # pinned, or migrated:ssh
+        return "ca"
 
     # --- inbound -------------------------------------------------------------------------------------
 
@@ -178,7 +182,7 @@ class Node:
         handshake = ResponderHandshake(
             self.identity, authorize, peer_address=host,
             config=config, backend=self.backend, replay_cache=self.replay_cache,
-            cookies=self.cookies, admit=self._admit(host), certificate=self.certificate,
+            cookies=self.cookies, admit=self._admit(host), certificate=self.certificate, transition=self.transition,
         )
         authorize.handshake = handshake
         conn = Connection(stream, Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers,
@@ -286,6 +290,8 @@ class Node:
     def _register(self, conn: Connection) -> None:
         result = conn.result
         assert result is not None
+        decision = conn.admission.decision if conn.admission is not None else None
+        pin_migrated(self.config.home, self.trust, decision, result.peer_name, result.peer.fingerprint, self.emit)
         self.emit(conn.up_event(self.trust_source(result.peer_name, result.peer.fingerprint)))
         facts = SessionFacts(Direction(conn.direction), result.peer.fingerprint, int(conn.established_at * 1000))
         loser = self.sessions.register(result.peer_name, conn, facts)
@@ -399,7 +405,8 @@ class Node:
         self.refresh_pins()
         authorize, config, note = self._peer_admission(link.name, remote_of(stream).rpartition(":")[0])
         handshake = InitiatorHandshake(self.identity, authorize, config=config,
-                                       backend=self.backend, certificate=self.certificate)
+                                       backend=self.backend, certificate=self.certificate,
+                                       transition=self.transition)
         authorize.handshake = handshake
         tunnel = Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers)
         conn = Connection(stream, tunnel, str(address), dialled=link.name)
@@ -508,7 +515,8 @@ class Node:
     def _trust_label(self, name: str, conn: Connection | None) -> str:
         if conn is not None and conn.result is not None:
             return self.trust_source(name, conn.result.peer.fingerprint)
-        return "pinned" if self.trust.fingerprint_for(name) else ("ca" if self.ca else "untrusted")
+        pinned = self.trust.fingerprint_for(name)
+        return trust_label(self.config.home, name, pinned) if pinned else ("ca" if self.ca else "untrusted")
 
     async def ping(self, peer: str, timeout: float) -> dict[str, Any]:
         with trio.move_on_after(timeout) as scope:

@@ -35,7 +35,8 @@ def admit_peer(policy: Policy, peer: WireIdentity, dialled: str | None, now: int
     ``pqtunnel.policy``'s; ``record`` is handed the decision either way.
     """
     decision = policy.decide(PeerRequest(fingerprint=peer.fingerprint, certificate=peer.certificate,
-                                         dialled=dialled, now=now, address=address, suite=suite))
+                                         dialled=dialled, now=now, address=address, suite=suite,
+                                         transition=peer.transition))
     if record is not None:
         record(decision)
     if decision.allowed:
@@ -102,7 +103,8 @@ class Admission:
         if self.peer is None:
             return None
         return PeerRequest(fingerprint=self.peer.fingerprint, certificate=self.peer.certificate,
-                           dialled=self.dialled, now=now, address=self.address, suite=self.suite)
+                           dialled=self.dialled, now=now, address=self.address, suite=self.suite,
+                           transition=self.peer.transition)
 
 
 def handshake_config_for(policy: Policy, base: HandshakeConfig, host: str | None) -> tuple[HandshakeConfig, str]:

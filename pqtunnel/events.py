@@ -279,3 +279,18 @@ class StoreDataRefused(Event):
 
     def message(self) -> str:
         return f"nonce store {self.store}: refused the data of {self.key}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PeerMigrated(Event):
+    """A peer trusted through a legacy anchor (``method``: ``migrated:ssh``) had its hybrid
+    fingerprint pinned for good: from now on the pin decides, not the classical key."""
+
+    kind: ClassVar[str] = "peer_migrated"
+
+    peer: str
+    fingerprint: str
+    method: str
+
+    def message(self) -> str:
+        return f"peer {self.peer} migrated ({self.method}): {self.fingerprint} is now pinned"

@@ -107,7 +107,8 @@ def check_classical_key(key: Any) -> None:
         if key.key_size < MIN_RSA_BITS:
             raise MigrationError(f"RSA key of {key.key_size} bits is too weak (at least {MIN_RSA_BITS})")
         return
-    raise MigrationError(f"{type(key).__name__.removeprefix('_')} keys are not supported "
+    kind = type(key).__name__.removeprefix("_").replace("PrivateKey", "").replace("PublicKey", "")
+    raise MigrationError(f"{kind} keys are not supported "
                           "(Ed25519, ECDSA P-256/P-384 or RSA >= 2048)")
 
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(curl iproute2 util-linux avahi-daemon avahi-utils dbus etcd-server)  # etcd-server: /usr/bin/etcd (HA store tests)
+APT_PACKAGES=(curl iproute2 util-linux avahi-daemon avahi-utils dbus etcd-server openssh-client openssl)  # etcd-server: /usr/bin/etcd (HA store tests); ssh-keygen, openssl: real keys in the migration tests
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
