@@ -19,7 +19,8 @@ finding 2) is >= 0.80. The table also shows what the flood achieved (HELLOs and
 signatures per second), bob's CPU while it ran, the log lines bob wrote about it, and the
 CPU other processes used during the row. ``--compare REV`` first measures the daemon and
 library of git revision REV (exported to a temporary directory, first on PYTHONPATH), so
-a before/after pair is measured back to back with the same flood.
+a before/after pair is measured back to back with the same flood; ``--code DIR`` measures
+the library and daemon in DIR (``pqtunnel/`` and ``pqtunneld/``) instead of this checkout.
 
 The flood workers run on the same machine and use CPU a remote attacker's would not; the
 table gives their share.
