@@ -280,7 +280,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=24, help="flood processes, one source address each (24)")
     parser.add_argument("--size-mib", type=int, default=256, help="size of each download (256 MiB)")
-    parser.add_argument("--runs", type=int, default=5, help="downloads per phase (5)")
+    parser.add_argument("--runs", type=int, default=5, help="pairs of downloads, without and under flood, in turn (5)")
     parser.add_argument("--compare", metavar="REV", help="also measure git revision REV first (e.g. the commit before a fix)")
     parser.add_argument("--code", metavar="DIR", type=Path,
                         help="measure the library and daemon in DIR (holding pqtunnel/ and pqtunneld/) instead of this checkout")

@@ -31,17 +31,12 @@ Pure state: times are monotonic milliseconds passed in by the caller.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .peers import HandshakeGate
+from .peers import HandshakeGate, source_key
 from .ratelimit import TokenBucket
-
-IPV6_PREFIX = 64
-"""IPv6 sources are rationed per /64: one host is usually given a whole /64."""
-
 
 class Verdict(Enum):
     """What the responder does with a HELLO that passed the cheap checks."""
@@ -86,19 +81,6 @@ class AdmissionStats:
     cookies: int = 0
     busy: int = 0
     refused_at_accept: int = 0
-
-
-def source_key(address: str) -> str:
-    """The key a source is rationed under: the IPv4 address, or the IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(address.strip("[]"))
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return str(ip)
 
 
 @dataclass
