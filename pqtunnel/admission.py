@@ -38,6 +38,7 @@ from enum import Enum
 from .peers import HandshakeGate, source_key
 from .ratelimit import TokenBucket
 
+
 class Verdict(Enum):
     """What the responder does with a HELLO that passed the cheap checks."""
 
