@@ -13,7 +13,7 @@ from pqtunnel.errors import PqtunnelError, TrustStoreError
 
 from . import control
 from .config import NodeConfig, default_home, load_config
-from .migratecli import add_migrate_commands, cmd_trust_known_hosts
+from .migratecli import add_migrate_commands, cmd_trust_known_hosts, cmd_trust_x509_ca
 from .stores import (
     PUB_FILE,
     CaDirectory,
@@ -58,12 +58,12 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
-    if args.ssh_known_hosts:
-        if args.name or args.fingerprint:
-            raise TrustStoreError("pqtunnel trust: give NAME FINGERPRINT or --ssh-known-hosts FILE, not both")
-        return cmd_trust_known_hosts(args)
+    if args.ssh_known_hosts or args.x509_ca:
+        if args.name or args.fingerprint or (args.ssh_known_hosts and args.x509_ca):
+            raise TrustStoreError("pqtunnel trust: give one of NAME FINGERPRINT, --ssh-known-hosts FILE, --x509-ca FILE")
+        return cmd_trust_known_hosts(args) if args.ssh_known_hosts else cmd_trust_x509_ca(args)
     if not (args.name and args.fingerprint):
-        raise TrustStoreError("pqtunnel trust: give NAME FINGERPRINT (or --ssh-known-hosts FILE)")
+        raise TrustStoreError("pqtunnel trust: give NAME FINGERPRINT (or --ssh-known-hosts FILE, --x509-ca FILE)")
     home = _home(args)
     load_identity(home)  # the home must be a node home
     store = KnownPeersFile(home)
@@ -453,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fingerprint", nargs="?")
     p.add_argument("--ssh-known-hosts", metavar="FILE", help="import this known_hosts file's host keys: a peer "
                    "whose transition record is signed by a key listed for its name is pinned (docs/migration.md)")
+    p.add_argument("--x509-ca", metavar="FILE", help="trust this X.509 CA (PEM): a peer whose transition record is "
+                   "signed by the key of a certificate that chains to it and names the peer is pinned")
     _add_home(p)
     _add_up_options(command("up", cmd_up, "run the daemon in the foreground"))
     for name, handler, text in (("status", cmd_status, "show the running daemon's status"),

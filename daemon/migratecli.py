@@ -13,8 +13,8 @@ from pqtunnel.errors import TransitionError
 from pqtunnel.transition import classical_fingerprint, decode_transition
 
 from .config import default_home, load_config
-from .migration import (DEFAULT_VALIDITY_DAYS, RECORD_FILE, import_known_hosts, load_anchors, migrate_ssh,
-                        migrated_peers)
+from .migration import (DEFAULT_VALIDITY_DAYS, RECORD_FILE, import_known_hosts, import_x509_ca, load_anchors,
+                        migrate_ssh, migrate_x509, migrated_peers)
 from .stores import load_identity
 
 
@@ -31,6 +31,28 @@ def cmd_migrate_ssh(args: argparse.Namespace) -> int:
     print(f"wrote {home / RECORD_FILE}: the holder of {classical_fingerprint(record.classical_key)} "
           f"({args.key}) is {record.name} {record.fingerprint}, until {until}")
     print("restart the daemon to present it; peers that list this host key in known_hosts will pin you")
+    return 0
+
+
+def cmd_migrate_x509(args: argparse.Namespace) -> int:
+    home = _home(args)
+    identity = load_identity(home)
+    passphrase = Path(args.passphrase_file) if args.passphrase_file else None
+    record = migrate_x509(home, identity, Path(args.cert), Path(args.key), Path(args.chain) if args.chain else None,
+                          passphrase)
+    until = datetime.fromtimestamp(record.not_after, timezone.utc).strftime("%Y-%m-%d")
+    print(f"wrote {home / RECORD_FILE}: the holder of the certificate {args.cert} is {record.name} "
+          f"{record.fingerprint}, until {until} (the certificate's end)")
+    print("restart the daemon to present it; peers that trust this certificate's CA will pin you")
+    return 0
+
+
+def cmd_trust_x509_ca(args: argparse.Namespace) -> int:
+    home = _home(args)
+    load_identity(home)
+    count = import_x509_ca(home, Path(args.x509_ca))
+    print(f"imported {count} CA certificate(s) from {args.x509_ca} as legacy anchors; "
+          "run pqtunnel reload if the daemon is running")
     return 0
 
 
@@ -98,6 +120,15 @@ def add_migrate_commands(sub: Any, add_home: Callable[[argparse.ArgumentParser],
     p.add_argument("--days", type=int, default=DEFAULT_VALIDITY_DAYS,
                    help=f"how long the record is valid (default {DEFAULT_VALIDITY_DAYS})")
     p.set_defaults(handler=cmd_migrate_ssh)
+    add_home(p)
+    text = ("sign a transition record with a TLS certificate's key (ECDSA P-256/P-384, RSA >= 2048, Ed25519); the "
+            "certificate must name this node (SAN DNS name, or CN without SAN); presented with its chain")
+    p = migrate_sub.add_parser("x509", help=text, description=text)
+    p.add_argument("--cert", required=True, metavar="FILE", help="the node's certificate (PEM)")
+    p.add_argument("--key", required=True, metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--chain", metavar="FILE", help="intermediate certificates (PEM), presented with the certificate")
+    p.add_argument("--passphrase-file", metavar="FILE", help="the key's passphrase (first line) if it is encrypted")
+    p.set_defaults(handler=cmd_migrate_x509)
     add_home(p)
     text = "which legacy anchors have migrated, which are not seen yet, and this node's own record"
     p = migrate_sub.add_parser("status", help=text, description=text)

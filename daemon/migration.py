@@ -5,6 +5,7 @@ HOME/transition.rec         this node's transition record (``pqtunnel migrate ss
                             in every handshake
 HOME/legacy_known_hosts     known_hosts lines imported by ``pqtunnel trust --ssh-known-hosts``
                             (the legacy anchors), verbatim, ``@revoked`` markers included
+HOME/legacy_x509_ca.pem     CA certificates imported by ``pqtunnel trust --x509-ca`` (PEM)
 HOME/migrated               ``NAME FINGERPRINT METHOD TIME`` per peer pinned through migration,
                             so ``pqtunnel peers`` can say how a pin came to be
 ==========================  ==================================================================
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_ssh_private_key
 
 from pqtunnel import events
 from pqtunnel.crypto.backend import CryptographyBackend
@@ -29,14 +30,16 @@ from pqtunnel.errors import ConfigError, MigrationError, TransitionError, UserEr
 from pqtunnel.identity import Identity
 from pqtunnel.knownhosts import LegacyAnchors, LegacyVerifier, parse_known_hosts
 from pqtunnel.policy import Decision
-from pqtunnel.transition import TransitionRecord, decode_transition, make_transition
+from pqtunnel.transition import TransitionRecord, decode_transition, make_transition, spki_of, transition_kind
 from pqtunnel.trust import TrustStore
 
 from .logs import LOG
 from .stores import KnownPeersFile
+from .x509trust import X509Verifier, certificate_names, read_pem_certificates, read_pem_private_key
 
 RECORD_FILE = "transition.rec"
 ANCHORS_FILE = "legacy_known_hosts"
+X509_CA_FILE = "legacy_x509_ca.pem"
 MIGRATED_FILE = "migrated"
 DEFAULT_VALIDITY_DAYS = 730
 MAX_KEY_FILE = 64 * 1024
@@ -85,11 +88,15 @@ def migrate_ssh(home: Path, identity: Identity, key_path: Path, passphrase_file:
                                  not_after=start + days * 86400)
     except MigrationError as exc:
         raise MigrationError(f"{key_path}: {exc}") from None
+    _write_record(home, record)
+    return record
+
+
+def _write_record(home: Path, record: TransitionRecord) -> None:
     path = home / RECORD_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(record.encode())
     os.replace(tmp, path)
-    return record
 
 
 def own_transition(home: Path, identity: Identity) -> bytes | None:
@@ -142,12 +149,70 @@ def load_anchors(home: Path) -> LegacyAnchors:
         raise ConfigError(str(exc)) from None
 
 
-def legacy_verifier(home: Path, accept_until: int | None) -> LegacyVerifier | None:
-    """The Policy's transition check: None while no anchors were imported (the rule stays silent)."""
+class LegacyTrust:
+    """The Policy's transition check: the record's kind picks the verifier (known_hosts for
+    ``ssh``, the X.509 CAs for ``x509``); None (no opinion) when that kind has no anchors."""
+
+    def __init__(self, ssh: LegacyVerifier | None, x509: X509Verifier | None) -> None:
+        self.ssh, self.x509 = ssh, x509
+
+    def verify(self, data: bytes | None, presented_fingerprint: str, now: int) -> TransitionRecord | None:
+        verifier = self.x509 if transition_kind(data) == "x509" else self.ssh
+        return verifier.verify(data, presented_fingerprint, now) if verifier is not None else None
+
+
+def legacy_verifier(home: Path, accept_until: int | None) -> LegacyTrust | None:
+    """None while no anchors were imported (the rule stays silent)."""
     anchors = load_anchors(home)
-    if not anchors:
-        return None
-    return LegacyVerifier(anchors, CryptographyBackend(), accept_until)
+    ssh = LegacyVerifier(anchors, CryptographyBackend(), accept_until) if anchors else None
+    x509 = None
+    if (home / X509_CA_FILE).exists():
+        try:
+            x509 = X509Verifier(read_pem_certificates(home / X509_CA_FILE, "X.509 CA"), accept_until)
+        except MigrationError as exc:
+            raise ConfigError(str(exc)) from None
+    return LegacyTrust(ssh, x509) if ssh is not None or x509 is not None else None
+
+
+def migrate_x509(home: Path, identity: Identity, cert_path: Path, key_path: Path, chain_path: Path | None = None,
+                 passphrase_file: Path | None = None) -> TransitionRecord:
+    """Sign HOME/transition.rec with a TLS certificate's key; valid as long as the certificate."""
+    leaf, *_ = read_pem_certificates(cert_path) or [None]
+    if leaf is None:
+        raise MigrationError(f"{cert_path}: no certificate in it")
+    key = read_pem_private_key(key_path, passphrase_file)
+    if spki_of(key.public_key()) != spki_of(leaf.public_key()):  # type: ignore[union-attr, arg-type]
+        raise MigrationError(f"{key_path} is not the key of the certificate in {cert_path}")
+    now = time.time()
+    if now >= leaf.not_valid_after_utc.timestamp():
+        raise MigrationError(f"{cert_path}: the certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if now < leaf.not_valid_before_utc.timestamp():
+        raise MigrationError(f"{cert_path}: the certificate is not valid before "
+                             f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
+    names = certificate_names(leaf)
+    if identity.name not in names:
+        raise MigrationError(f"{cert_path} names {', '.join(names) or 'nobody'}, not this node ({identity.name})")
+    chain = [leaf, *(read_pem_certificates(chain_path, "chain") if chain_path else [])]
+    try:
+        record = make_transition(identity, key, CryptographyBackend(), kind="x509",  # type: ignore[arg-type]
+                                 not_before=int(leaf.not_valid_before_utc.timestamp()),
+                                 not_after=int(leaf.not_valid_after_utc.timestamp()),
+                                 chain=tuple(c.public_bytes(Encoding.DER) for c in chain))
+    except MigrationError as exc:
+        raise MigrationError(f"{key_path}: {exc}") from None
+    _write_record(home, record)
+    return record
+
+
+def import_x509_ca(home: Path, path: Path) -> int:
+    """Keep the CA certificates of ``path`` (PEM); returns how many."""
+    certificates = read_pem_certificates(path, "X.509 CA")
+    if not certificates:
+        raise MigrationError(f"{path}: no certificate in it")
+    fd = os.open(home / X509_CA_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as handle:
+        handle.write(b"".join(c.public_bytes(Encoding.PEM) for c in certificates))
+    return len(certificates)
 
 
 def parse_deadline(value: object, source: str) -> int:

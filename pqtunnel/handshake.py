@@ -60,7 +60,7 @@ COOKIE_LIFETIME_MS = 120_000
 """A cookie is good this long either side of the moment it was issued (wall clock)."""
 COOKIE_SIZE = 24
 MAX_SPENT_COOKIES = 65_536
-MAX_PAYLOAD = 24 * 1024
+MAX_PAYLOAD = 28 * 1024
 MAX_CERTIFICATE = 8 * 1024
 
 Authorizer = Callable[[WireIdentity], str]

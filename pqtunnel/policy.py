@@ -20,8 +20,9 @@ Each request kind is answered by an ordered chain of rules; a rule returns a Dec
 ``None`` (no opinion: ask the next rule). The default chains below are today's behaviour:
 
 * peers: a pin always wins (a dialled name that is pinned must present exactly that
-  fingerprint; an undialled peer whose fingerprint is pinned gets that name); then the
-  network CA (its certificate must verify, match the dialled name and not claim a name
+  fingerprint; an undialled peer whose fingerprint is pinned gets that name); then a
+  transition record a legacy anchor vouches for (``migrated:ssh``, ``migrated:x509``, for a
+  name not pinned to another key; docs/migration.md); then the network CA (its certificate must verify, match the dialled name and not claim a name
   pinned to another key); anything else is refused (``default-deny``).
 * streams: ``{"service": NAME}`` reaches the service table's entry NAME; ``{"port": N}``
   reaches ``127.0.0.1:N`` only if N is an allowed port; any other target is malformed.
@@ -64,6 +65,7 @@ from .errors import CertificateError, ConfigError, IdentityError, UntrustedPeerE
 from .identity import normalise_fingerprint
 from .mux import ErrorCode
 from .names import validate_name
+from .transition import transition_kind
 from .trust import TrustStore
 
 # --- rule names ------------------------------------------------------------------------------
@@ -74,6 +76,8 @@ RULE_SOCKS_LOGIN = "socks-login"
 """Decided by the network CA (a verified certificate, or why it failed)."""
 RULE_MIGRATED_SSH = "migrated:ssh"
 """Decided by a transition record and a known_hosts anchor (docs/migration.md)."""
+RULE_MIGRATED_X509 = "migrated:x509"
+"""Decided by a transition record signed by a certificate's key that chains to a trusted X.509 CA."""
 RULE_DEFAULT_DENY = "default-deny"
 """No rule allowed the request."""
 RULE_OWN_NAME = "own-name"
@@ -85,7 +89,7 @@ RULE_BAD_TARGET = "bad-target"
 
 # Advertisement / admission trust labels (``pqtunnel peers`` shows them).
 PINNED, CA, UNTRUSTED = "pinned", "ca", "untrusted"
-MIGRATED_SSH = "migrated:ssh"
+MIGRATED_SSH, MIGRATED_X509 = "migrated:ssh", "migrated:x509"
 
 
 def pin_rule(name: str) -> str:
@@ -513,10 +517,14 @@ class Migrated(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def kind(self) -> str: ...
 
-TransitionVerifier = Callable[[Union[bytes, None], str, int], Migrated]
+
+TransitionVerifier = Callable[[Union[bytes, None], str, int], Union[Migrated, None]]
 """``verify(record, presented_fingerprint, now)``: the record if a legacy anchor vouches for it,
-or UntrustedPeerError (``pqtunnel.knownhosts.LegacyVerifier``)."""
+UntrustedPeerError if it fails, None when no anchor of the record's kind is configured (no
+opinion: the CA may still decide). ``pqtunnel.knownhosts.LegacyVerifier`` is one."""
 
 Rule = Callable[[Any], Union[Decision, None]]
 """A rule gets a request and returns a Decision, or None to let the next rule decide."""
@@ -612,7 +620,8 @@ class Policy:
         return None
 
     def _peer_migrated(self, request: PeerRequest) -> Decision | None:
-        """A transition record vouched for by a known_hosts anchor, for a name nobody pinned.
+        """A transition record vouched for by a legacy anchor (known_hosts: ``migrated:ssh``, an
+        X.509 CA: ``migrated:x509``), for a name nobody pinned.
 
         No opinion without anchors or without a record (the CA may still decide). A record
         that fails (forged, expired, another host's key, the window closed) is refused: a
@@ -621,22 +630,25 @@ class Policy:
         if self.verify_transition is None or request.transition is None:
             return None
         fingerprint, dialled = request.fingerprint, request.dialled
+        rule = f"migrated:{transition_kind(request.transition)}"
         try:
             record = self.verify_transition(request.transition, fingerprint, request.now)
         except UntrustedPeerError as exc:
-            return Decision(False, RULE_MIGRATED_SSH, str(exc), name=dialled, trust=UNTRUSTED)
+            return Decision(False, rule, str(exc), name=dialled, trust=UNTRUSTED)
+        if record is None:
+            return None
         if dialled is not None and record.name != dialled:
-            return Decision(False, RULE_MIGRATED_SSH, f"transition record is for {record.name}, not {dialled}",
+            return Decision(False, rule, f"transition record is for {record.name}, not {dialled}",
                             name=dialled, trust=UNTRUSTED)
         pinned = self.pins.fingerprint_for(record.name)
         if pinned is not None and pinned != fingerprint:  # a hybrid pin always wins over a legacy anchor
-            return Decision(False, RULE_MIGRATED_SSH, f"transition record claims {record.name}, which is pinned "
+            return Decision(False, rule, f"transition record claims {record.name}, which is pinned "
                             "to another key", name=record.name, trust=UNTRUSTED)
         if record.name == self.node_name:
-            return Decision(False, RULE_MIGRATED_SSH, f"transition record claims our own name {record.name}",
+            return Decision(False, rule, f"transition record claims our own name {record.name}",
                             name=record.name, trust=UNTRUSTED)
-        return Decision(True, RULE_MIGRATED_SSH, f"known_hosts vouches for {record.name}'s transition record",
-                        name=record.name, trust=MIGRATED_SSH)
+        return Decision(True, rule, f"a legacy anchor vouches for {record.name}'s transition record",
+                        name=record.name, trust=rule)
 
     def _peer_certificate(self, request: PeerRequest) -> Decision | None:
         if self.verify_certificate is None:

@@ -30,9 +30,11 @@ from .names import validate_name
 
 CLASSICAL_LABEL = b"pqtunnel/1 transition classical\x00"
 HYBRID_LABEL = b"pqtunnel/1 transition hybrid\x00"
-MAX_TRANSITION = 8 * 1024
+MAX_TRANSITION = 12 * 1024
 """Bound on an encoded record, as carried in a handshake (an RSA-4096 key and signature plus
-the ML-DSA-65 key and signature take about 6.5 KiB)."""
+the ML-DSA-65 key and signature take about 6.5 KiB; an X.509 chain of a few certificates fits
+in the rest)."""
+MAX_CHAIN = 4
 MIN_RSA_BITS = 2048
 KINDS = ("ssh", "x509")
 
@@ -56,9 +58,14 @@ class TransitionRecord:
     ed25519: bytes = field(repr=False, default=b"")
     pq_key_hashes: dict[str, bytes] = field(repr=False, default_factory=dict, compare=False)
     mldsa65: bytes = field(repr=False, default=b"")
+    chain: tuple[bytes, ...] = field(repr=False, default=(), compare=False)
+    """kind x509: the DER certificates, leaf first (unsigned here: they verify to a CA)."""
 
     def encode(self) -> bytes:
-        return msgpack.packb({"body": self.body, "sig": self.signature}, use_bin_type=True)
+        outer: dict[str, Any] = {"body": self.body, "sig": self.signature}
+        if self.chain:
+            outer["chain"] = list(self.chain)
+        return msgpack.packb(outer, use_bin_type=True)
 
     def public_key(self) -> ClassicalPublicKey:
         """K as a key object (the body holds its DER SubjectPublicKeyInfo)."""
@@ -141,7 +148,8 @@ def _body(kind: str, name: str, identity: Identity, spki: bytes, not_before: int
 
 
 def make_transition(identity: Identity, classical: ClassicalPrivateKey, backend: prim.CryptographyBackend, *,
-                    kind: str, not_before: int, not_after: int, name: str | None = None) -> TransitionRecord:
+                    kind: str, not_before: int, not_after: int, name: str | None = None,
+                    chain: tuple[bytes, ...] = ()) -> TransitionRecord:
     """Sign a record binding ``classical`` to ``identity`` (under the identity's name by default)."""
     if kind not in KINDS:
         raise MigrationError(f"unknown transition kind {kind!r}")
@@ -153,7 +161,10 @@ def make_transition(identity: Identity, classical: ClassicalPrivateKey, backend:
     body = _body(kind, name, identity, spki, not_before, not_after)
     signature = {"classical": _classical_sign(classical, CLASSICAL_LABEL + body),
                  **identity.sign(backend, HYBRID, HYBRID_LABEL + body)}
-    encoded = msgpack.packb({"body": body, "sig": signature}, use_bin_type=True)
+    outer: dict[str, Any] = {"body": body, "sig": signature}
+    if chain:
+        outer["chain"] = list(chain)
+    encoded = msgpack.packb(outer, use_bin_type=True)
     if len(encoded) > MAX_TRANSITION:
         raise MigrationError(f"the transition record would take {len(encoded)} bytes (at most {MAX_TRANSITION}): "
                              "use a smaller classical key")
@@ -171,7 +182,8 @@ def decode_transition(data: Any) -> TransitionRecord:
         record = TransitionRecord(kind=inner["kind"], name=inner["name"], fingerprint=inner["fp"],
                                   classical_key=inner["key"], not_before=inner["nb"], not_after=inner["na"],
                                   body=body, signature=outer["sig"], ed25519=inner["ed"],
-                                  pq_key_hashes=inner["h"], mldsa65=inner["pq"])
+                                  pq_key_hashes=inner["h"], mldsa65=inner["pq"],
+                                  chain=tuple(outer.get("chain", ())))
     except Exception as exc:  # msgpack and shape errors come in many types
         raise TransitionError(f"transition record is malformed ({type(exc).__name__})") from None
     _check_shape(record, inner)
@@ -192,9 +204,19 @@ def _check_shape(record: TransitionRecord, inner: dict[str, Any]) -> None:
         raise TransitionError("transition record key hashes are malformed")
     if len(record.ed25519) != prim.ED25519_KEY_SIZE or len(record.mldsa65) != prim.PQ_PUBLIC_KEY_SIZES["ML-DSA-65"]:
         raise TransitionError("transition record identity keys have the wrong size")
+    if len(record.chain) > MAX_CHAIN or not all(isinstance(c, bytes) for c in record.chain):
+        raise TransitionError("transition record certificate chain is malformed")
     sig = record.signature
     if not isinstance(sig, dict) or not all(isinstance(sig.get(k), bytes) for k in ("classical", "ed", "pq")):
         raise TransitionError("transition record signatures are malformed")
+
+
+def transition_kind(data: Any) -> str:
+    """The kind a record claims (for naming the rule that refuses it); "ssh" when unreadable."""
+    try:
+        return decode_transition(data).kind
+    except TransitionError:
+        return "ssh"
 
 
 def verify_transition(data: Any, presented_fingerprint: str, now: int,
