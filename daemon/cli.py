@@ -191,7 +191,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print("no peers")
     for p in peers:
         seen = f"seen {time.time() - p['last_seen']:.0f} s ago" if p.get("last_seen") else ""
-        print(f"{p['name']:<16} {p['fingerprint'] or '-':<36} {p['trust']:<9} {p['source']:<7} session {p['session']:<4} "
+        print(f"{p['name']:<16} {p['fingerprint'] or '-':<36} {p['trust']:<13} {p['source']:<7} session {p['session']:<4} "
               f"{' '.join(p['addresses']) or '-'} {seen} {p['last_error']}".rstrip())
     return 0
 
