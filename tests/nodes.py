@@ -1,5 +1,34 @@
-"""Real daemon processes for end-to-end tests (see daemon/process.py)."""
+"""Real daemon processes for end-to-end tests (see pqlab/process.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from pqlab.process import Daemon, init_node, pq
+from pqtunneld.stores import load_identity
 
-__all__ = ["Daemon", "init_node", "pq"]
+__all__ = ["Daemon", "hostile_lab", "init_node", "pq"]
+
+
+@contextmanager
+def hostile_lab(tmp_path: Path, bob_config: str) -> Iterator[dict]:
+    """bob (running ``bob_config``) pins alice and mallory; alice's daemon holds a session with
+    bob. Yields bob's daemon and port, alice's daemon and home, and mallory's identity, so a
+    test can play mallory, an authenticated peer that misbehaves, by hand."""
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    mallory_home, fp_mallory = init_node(tmp_path, "mallory")
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    for name, fingerprint in (("mallory", fp_mallory), ("alice", fp_alice)):
+        pq("trust", name, fingerprint, home=bob_home)
+    pq("trust", "bob", fp_bob, home=alice_home)
+    (bob_home / "config.toml").write_text(bob_config)
+    daemon = Daemon(bob_home).start()
+    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{daemon.port}"]).start()
+    try:
+        yield {"daemon": daemon, "port": daemon.port, "alice": alice, "alice_home": alice_home,
+               "mallory": load_identity(mallory_home)}
+    finally:
+        alice.kill()
+        daemon.kill()

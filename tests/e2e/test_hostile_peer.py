@@ -19,27 +19,13 @@ from pqtunnel import mux
 from pqtunnel.handshake import InitiatorHandshake
 from pqtunnel.records import ContentType
 from pqtunnel.session import Established, Session
-from pqtunneld.stores import load_identity
-from tests.nodes import Daemon, init_node, pq
+from tests.nodes import hostile_lab, pq
 
 
 @pytest.fixture
 def bob(tmp_path: Path) -> Iterator[dict]:
-    bob_home, fp_bob = init_node(tmp_path, "bob")
-    mallory_home, fp_mallory = init_node(tmp_path, "mallory")
-    alice_home, fp_alice = init_node(tmp_path, "alice")
-    for name, fingerprint in (("mallory", fp_mallory), ("alice", fp_alice)):
-        pq("trust", name, fingerprint, home=bob_home)
-    pq("trust", "bob", fp_bob, home=alice_home)
-    (bob_home / "config.toml").write_text(
-        f'[services]\nhang = {{ exec = ["{sys.executable}", "-c", "import time; time.sleep(600)"] }}\n')
-    daemon = Daemon(bob_home).start()
-    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{daemon.port}"]).start()
-    try:
-        yield {"daemon": daemon, "alice": alice, "alice_home": alice_home, "mallory": load_identity(mallory_home)}
-    finally:
-        alice.kill()
-        daemon.kill()
+    with hostile_lab(tmp_path, f'[services]\nhang = {{ exec = ["{sys.executable}", "-c", "import time; time.sleep(600)"] }}\n') as lab:
+        yield lab
 
 
 async def hostile_session(port: int, identity, records: list[tuple[ContentType, bytes]]) -> None:  # type: ignore[no-untyped-def]

@@ -24,8 +24,7 @@ from pqtunnel.crypto import backend as prim
 from pqtunnel.handshake import InitiatorHandshake
 from pqtunnel.records import ContentType
 from pqtunnel.tunnel import DataReceived, Established, GoAwayReceived, PeerClosed, Rekeyed, StreamAccepted, Tunnel
-from pqtunneld.stores import load_identity
-from tests.nodes import Daemon, init_node, pq
+from tests.nodes import hostile_lab, pq
 
 pytestmark = pytest.mark.e2e
 
@@ -38,26 +37,16 @@ def wall_ms() -> int:
     return int(time.time() * 1000)
 
 
+BOB_CONFIG = (
+    f'[services]\ncat = {{ exec = ["{sys.executable}", "-c", '
+    '"import sys; sys.stdout.write(sys.stdin.readline()); sys.stdout.flush()"] }\n'
+    "[timers]\nkeepalive = 1\nrekey_after = 2\n")  # every tick pings; bob starts rekeys on his own
+
+
 @pytest.fixture
 def bob(tmp_path: Path) -> Iterator[dict]:
-    bob_home, fp_bob = init_node(tmp_path, "bob")
-    mallory_home, fp_mallory = init_node(tmp_path, "mallory")
-    alice_home, fp_alice = init_node(tmp_path, "alice")
-    for name, fingerprint in (("mallory", fp_mallory), ("alice", fp_alice)):
-        pq("trust", name, fingerprint, home=bob_home)
-    pq("trust", "bob", fp_bob, home=alice_home)
-    (bob_home / "config.toml").write_text(
-        f'[services]\ncat = {{ exec = ["{sys.executable}", "-c", '
-        '"import sys; sys.stdout.write(sys.stdin.readline()); sys.stdout.flush()"] }\n'
-        "[timers]\nkeepalive = 1\nrekey_after = 2\n")  # every tick pings; bob starts rekeys on his own
-    daemon = Daemon(bob_home).start()
-    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{daemon.port}"]).start()
-    try:
-        yield {"daemon": daemon, "port": daemon.port, "alice_home": alice_home,
-               "mallory": load_identity(mallory_home)}
-    finally:
-        alice.kill()
-        daemon.kill()
+    with hostile_lab(tmp_path, BOB_CONFIG) as lab:
+        yield lab
 
 
 async def session(port: int, identity, rcvbuf: int | None = None) -> tuple[trio.SocketStream, Tunnel]:  # type: ignore[no-untyped-def]
