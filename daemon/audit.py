@@ -183,6 +183,9 @@ def render_report(report: dict[str, Any], verdict: str) -> list[str]:
                  f"handshakes failed: {report['handshakes_failed']}; events lost (audit gaps): {report['lost_events']}")
     reloads = report["reloads"]
     lines.append(f"reloads: {reloads['applied']} applied, {reloads['refused']} refused (previous policy kept)")
+    migrations = report.get("migrations", [])
+    lines.append(f"migrations (peers pinned through a legacy anchor): {len(migrations)}" + "".join(
+        f"\n  {m['peer']:<16} {m['fingerprint']} {m['method']} {m['ts']}" for m in migrations))
     return lines
 
 

@@ -338,6 +338,7 @@ class _Report:
     lost_events: int = 0
     nodes: list[str] = field(default_factory=list)
     reloads: dict[str, int] = field(default_factory=lambda: {"applied": 0, "refused": 0})
+    migrations: list[dict[str, Any]] = field(default_factory=list)
 
 
 _STREAM_COUNTS = {"stream_allowed": "allowed", "stream_denied": "denied", "stream_closed": "closed"}
@@ -383,6 +384,8 @@ def _take(state: _Report, record: Mapping[str, Any]) -> None:
         state.nodes.append(record["node"])
     elif event == "config_reloaded":  # a policy loaded (ok) or refused, the previous one staying
         state.reloads["applied" if record.get("ok") is True else "refused"] += 1
+    elif event == "peer_migrated":  # a peer pinned through a legacy anchor (docs/migration.md)
+        state.migrations.append({k: record.get(k) for k in ("ts", "peer", "fingerprint", "method")})
     if record.get("decision") == "deny":
         rule = str(record.get("rule") or "unknown")
         state.denials[rule] = state.denials.get(rule, 0) + 1
@@ -421,6 +424,7 @@ def _summarise(state: _Report) -> dict[str, Any]:
         "streams": dict(state.streams),
         "handshakes_failed": state.handshakes_failed,
         "reloads": dict(state.reloads),
+        "migrations": state.migrations,
         "peers_never_post_quantum": _peers_never_pq(sessions),
         "lost_events": state.lost_events,
     }

@@ -69,7 +69,9 @@ def test_ssh_trusted_peers_become_hybrid_pinned_without_pqtunnel_trust(tmp_path:
     finally:
         alice.kill()
         bob.kill()
-    assert '"event":"peer_migrated"' in (alice_home / "audit.jsonl").read_text().replace(" ", "")
+    report = json.loads(pq("audit", "report", "--json", home=alice_home).stdout)
+    assert [(m["peer"], m["fingerprint"], m["method"]) for m in report["migrations"]] == [
+        ("bob", bob_fp, "migrated:ssh")]
     # For good: with the classical path gone on both sides, the pins alone carry the next session.
     for home in (alice_home, bob_home):
         (home / "legacy_known_hosts").unlink()
