@@ -30,7 +30,7 @@ def cmd_migrate_ssh(args: argparse.Namespace) -> int:
     until = datetime.fromtimestamp(record.not_after, timezone.utc).strftime("%Y-%m-%d")
     print(f"wrote {home / RECORD_FILE}: the holder of {classical_fingerprint(record.classical_key)} "
           f"({args.key}) is {record.name} {record.fingerprint}, until {until}")
-    print("restart the daemon to present it; peers that list this host key in known_hosts will pin you")
+    print("pqtunnel reload (or a restart) presents it; peers that list this host key in known_hosts will pin you")
     return 0
 
 
@@ -43,7 +43,7 @@ def cmd_migrate_x509(args: argparse.Namespace) -> int:
     until = datetime.fromtimestamp(record.not_after, timezone.utc).strftime("%Y-%m-%d")
     print(f"wrote {home / RECORD_FILE}: the holder of the certificate {args.cert} is {record.name} "
           f"{record.fingerprint}, until {until} (the certificate's end)")
-    print("restart the daemon to present it; peers that trust this certificate's CA will pin you")
+    print("pqtunnel reload (or a restart) presents it; peers that trust this certificate's CA will pin you")
     return 0
 
 

@@ -30,6 +30,7 @@ from pqtunnel.trust import TrustStore
 from .config import NodeConfig
 from .connection import Connection
 from .decisions import build_policy
+from .migration import own_transition
 from .links import PeerLink
 from .services import stream_request
 from .stores import load_trust
@@ -53,6 +54,8 @@ class NodeState:
     ca: CaVerifier | None
     certificate: bytes | None
     policy: Policy
+    transition: bytes | None = None
+    """This node's transition record (HOME/transition.rec, docs/migration.md)."""
 
 
 class ReloadHost(Protocol):
@@ -64,6 +67,7 @@ class ReloadHost(Protocol):
     trust: TrustStore
     ca: CaVerifier | None
     certificate: bytes | None
+    transition: bytes | None
     policy: Policy
     policy_gate: Rule | None
     handshake_config: HandshakeConfig
@@ -86,7 +90,7 @@ def read_state(node: ReloadHost) -> NodeState:
     trust = load_trust(config.home)
     ca, certificate = load_ca_setup(config, node.identity, node.backend)
     policy = build_policy(config, node.identity.name, trust, ca, gate=node.policy_gate)
-    return NodeState(config, trust, ca, certificate, policy)
+    return NodeState(config, trust, ca, certificate, policy, own_transition(config.home, node.identity))
 
 
 def reload_node(node: ReloadHost) -> dict[str, Any]:
@@ -112,7 +116,7 @@ def install(node: ReloadHost, state: NodeState) -> None:
     """Swap the new state in: plain assignments, no await, so nothing sees half of it."""
     node.config = state.config
     node.trust = state.trust
-    node.ca, node.certificate = state.ca, state.certificate
+    node.ca, node.certificate, node.transition = state.ca, state.certificate, state.transition
     node.handshake_config = HandshakeConfig(allowed_suites=state.config.suites, aeads=state.config.aeads,
                                             replay_window_ms=node.handshake_config.replay_window_ms)
     node.policy = state.policy

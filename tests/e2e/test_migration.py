@@ -160,3 +160,23 @@ def test_unusable_keys_and_known_hosts_lines_are_one_line_errors_naming_the_file
     ca.write_text(f"@cert-authority *.example.net {bob_key.with_suffix('.pub').read_text()}")
     _one_line_error(pq("trust", "--ssh-known-hosts", str(ca), home=home), f"{ca}:1:", "@cert-authority")
     assert not (home / "transition.rec").exists() and not (home / "legacy_known_hosts").exists()
+
+
+def test_a_record_made_while_the_daemon_runs_is_presented_after_a_reload(tmp_path: Path) -> None:
+    bob_key = host_key(tmp_path, "bob")
+    alice_home, alice_fp = init_node(tmp_path, "alice")
+    bob_home, bob_fp = init_node(tmp_path, "bob")
+    trust_hosts(alice_home, known_hosts(tmp_path / "kh", {"bob": bob_key}))
+    assert pq("trust", "alice", alice_fp, home=bob_home).returncode == 0
+    bob = Daemon(bob_home).start()
+    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    try:
+        assert pq("ping", "bob", "--timeout", "5", home=alice_home).returncode != 0  # no record yet
+        assert pq("migrate", "ssh", "--key", str(bob_key), home=bob_home).returncode == 0
+        assert pq("reload", home=bob_home).returncode == 0
+        ping = pq("ping", "bob", home=alice_home)
+        assert ping.returncode == 0, ping.stderr
+        assert f"bob {bob_fp}" in pins(alice_home)
+    finally:
+        alice.kill()
+        bob.kill()
