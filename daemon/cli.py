@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pause between round trips (default 1)")
     p.add_argument("--json", action="store_true", help="print every round-trip time and min/avg/max as JSON")
     _add_home(p)
-    p = command("reload", cmd_reload, "re-read config, [policy], pins, CA material and services in the running "
+    p = command("reload", cmd_reload, "re-read config, [policy], pins, CA material, migration anchors and record, and services in the running "
                 "daemon (also on SIGHUP); a broken policy or a failing policy test is refused and the old one stays")
     _add_home(p)
     _add_policy_commands(sub)
