@@ -13,8 +13,9 @@ from pqtunnel.errors import TransitionError
 from pqtunnel.transition import classical_fingerprint, decode_transition
 
 from .config import default_home, load_config
-from .migration import (DEFAULT_VALIDITY_DAYS, RECORD_FILE, import_known_hosts, import_x509_ca, load_anchors,
-                        migrate_ssh, migrate_x509, migrated_peers)
+from .migration import (DEFAULT_VALIDITY_DAYS, RECORD_FILE, X509_CA_FILE, import_known_hosts, import_x509_ca,
+                        load_anchors, migrate_ssh, migrate_x509, migrated_peers)
+from .x509trust import read_pem_certificates
 from .stores import load_identity
 
 
@@ -83,7 +84,9 @@ def migration_status(home: Path) -> dict[str, Any]:
                      "key": classical_fingerprint(anchor.spki), "migrated": done,
                      "state": "migrated" if done else "not seen yet"})
     deadline = load_config(home).migration_accept_until
+    cas = read_pem_certificates(home / X509_CA_FILE, "X.509 CA") if (home / X509_CA_FILE).exists() else []
     return {"own_record": own, "anchors": rows, "revoked_keys": len(anchors.revoked),
+            "x509_cas": [ca.subject.rfc4514_string() for ca in cas],
             "migrated_peers": [{"name": n, "fingerprint": fp, "method": m} for n, (fp, m) in sorted(migrated.items())],
             "accept_until": deadline}
 
@@ -103,8 +106,13 @@ def cmd_migrate_status(args: argparse.Namespace) -> int:
     for row in status["anchors"]:
         names = ",".join(row["names"]) or f"{row['hashed_names']} hashed name(s)"
         print(f"anchor {names:<24} {row['key']:<45} {row['state']} {','.join(row['migrated'])}".rstrip())
+    for subject in status["x509_cas"]:
+        print(f"X.509 CA {subject}")
     for peer in status["migrated_peers"]:
         print(f"pinned {peer['name']:<24} {peer['fingerprint']} ({peer['method']})")
+    deadline = status["accept_until"]
+    ends = datetime.fromtimestamp(deadline, timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if deadline else "no deadline"
+    print(f"legacy trust accepted until: {ends} ([migration] accept_until)")
     return 0
 
 

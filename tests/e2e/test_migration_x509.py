@@ -71,6 +71,9 @@ def test_peers_with_certificates_from_a_trusted_ca_are_accepted_and_pinned(tmp_p
         assert f"bob {bob_fp}" in pins(alice_home) and f"alice {alice_fp}" in pins(bob_home)
         peers = json.loads(pq("peers", "--json", home=alice_home).stdout)
         assert [(p["name"], p["trust"]) for p in peers if p["name"] == "bob"] == [("bob", "migrated:x509")]
+        status = json.loads(pq("migrate", "status", "--json", home=alice_home).stdout)
+        assert status["x509_cas"] == ["CN=corp"] and status["own_record"]["kind"] == "x509"
+        assert status["migrated_peers"] == [{"name": "bob", "fingerprint": bob_fp, "method": "migrated:x509"}]
     finally:
         alice.kill()
         bob.kill()
