@@ -1,16 +1,19 @@
 """Who is on the other end of a local TCP connection: the owner uid from the kernel's socket table.
 
-Unix sockets have SO_PEERCRED; TCP has no such option, but Linux lists every TCP socket with
-its owner in /proc/net/tcp and /proc/net/tcp6 (the identd approach). The client's socket is
-the one whose local address is the connection's remote end and whose remote address is
-our listening end. Only meaningful for connections from this host (loopback or one of its
-own addresses); anything else returns None.
+Unix sockets have SO_PEERCRED; TCP has no such option, but the kernel knows every TCP
+socket's owner. We ask it for exactly one socket, the client's (its local end is the
+connection's remote end and its remote end is ours), with one sock_diag netlink request
+(what `ss` uses): constant time however many sockets the host has. If netlink is not
+available, /proc/net/tcp and /proc/net/tcp6 are scanned instead (the identd approach;
+linear in the number of sockets). Only meaningful for connections from this host
+(loopback or one of its own addresses); anything else returns None.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 from pathlib import Path
 
 TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
@@ -34,6 +37,37 @@ def _normal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+_NLMSG = struct.Struct("=IHHII")
+_REQUEST = struct.Struct("=BBBBI")  # family, protocol, extensions, pad, states
+_SOCKID = struct.Struct(">HH16s16s")  # ports and addresses in network order
+_SOCKID_TAIL = struct.Struct("=III")  # interface, cookie (two words)
+NO_COOKIE = 0xFFFFFFFF
+UID_OFFSET = _NLMSG.size + 4 + 48 + 12  # inet_diag_msg: 4 bytes, sockid, expires/rqueue/wqueue
+
+
+def _diag_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    return address.packed.ljust(16, b"\0")
+
+
+def netlink_uid(family: int, client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """Ask the kernel (sock_diag) for the owner of the TCP socket ``client`` -> ``server``."""
+    body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    body += _SOCKID.pack(client[1], server[1], _diag_address(_normal(client[0])), _diag_address(_normal(server[0])))
+    body += _SOCKID_TAIL.pack(0, NO_COOKIE, NO_COOKIE)
+    message = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(1.0)
+        diag.sendto(message, (0, 0))
+        answer = diag.recv(8192)
+    if len(answer) < UID_OFFSET + 4 or _NLMSG.unpack_from(answer)[1] == NLMSG_ERROR:
+        return None
+    return struct.unpack_from("=I", answer, UID_OFFSET)[0]
+
+
 def local_peer_uid(sock: socket.socket, tables: tuple[Path, ...] = TABLES) -> int | None:
     """The uid owning the client end of ``sock`` (an accepted TCP socket), or None if unknown."""
     try:
@@ -42,6 +76,16 @@ def local_peer_uid(sock: socket.socket, tables: tuple[Path, ...] = TABLES) -> in
         client, server = _normal(client_host), _normal(server_host)
     except (OSError, ValueError):
         return None
+    try:
+        return netlink_uid(sock.family, (client_host, client_port), (server_host, server_port))
+    except (OSError, ValueError, struct.error):
+        return scan_tables(client, client_port, server, server_port, tables)
+
+
+def scan_tables(client: ipaddress.IPv4Address | ipaddress.IPv6Address, client_port: int,
+                server: ipaddress.IPv4Address | ipaddress.IPv6Address, server_port: int,
+                tables: tuple[Path, ...] = TABLES) -> int | None:
+    """The /proc fallback: find the client's socket line and read its uid column."""
     for table in tables:
         try:
             lines = table.read_text().splitlines()[1:]

@@ -96,3 +96,19 @@ def test_an_unknown_user_in_socks_allow_users_is_a_one_line_error(tmp_path: Path
     result = pq("up", "--no-mdns", "--listen", "127.0.0.1:0", home=home, timeout=20)
     assert result.returncode != 0
     assert "no local user named 'no-such-user-here'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_netlink_answer_and_the_proc_scan_agree() -> None:
+    """Both ways of reading the owner give the same uid (netlink is the fast path, /proc the fallback)."""
+    from pqtunneld.peercred import _normal, netlink_uid, scan_tables
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as _client:
+            conn, _ = server.accept()
+            with conn:
+                client, local = conn.getpeername(), conn.getsockname()
+                assert netlink_uid(conn.family, client, local) == 0
+                assert scan_tables(_normal(client[0]), client[1], _normal(local[0]), local[1]) == 0
+                assert netlink_uid(conn.family, (client[0], 1), local) is None  # no such socket
