@@ -147,6 +147,7 @@ class StreamFacts:
 @dataclass(frozen=True)
 class StreamAllowed(StreamFacts, Event):
     kind: ClassVar[str] = "stream_allowed"
+    level: ClassVar[str] = "debug"  # one line per stream open is noise at info (and costs the new-stream path)
 
     peer: str
     fingerprint: str
