@@ -4,7 +4,7 @@ rotates it, and reads it back for ``pqtunnel audit``.
 Writing. ``AuditLog.record`` subscribes to the event bus: one line per audited event,
 written with a single ``os.write`` on an ``O_APPEND`` descriptor (no user-space buffer, so a
 line is in the kernel when the event returns and survives a crash of the daemon). ``fsync``
-runs in a worker thread right after (``AuditLog.run``): every line written before an fsync
+runs in a worker thread 100 ms later (``AuditLog.run``): every line written before an fsync
 starts is on disk when it ends (group commit), so a burst of streams costs one fsync, not
 one per line, and the event loop never waits for the disk.
 
@@ -44,6 +44,9 @@ from .config import NodeConfig
 from .logs import LOG
 
 RETRY_SECONDS = 5.0
+SYNC_DELAY_SECONDS = 0.1
+"""Lines written within this long share one fsync: a power cut loses at most this much of the
+audit, and a stream costs no fsync of its own (one per stream added ~0.6 ms to a new stream)."""
 REMIND_SECONDS = 30.0
 TAIL_BYTES = 1024 * 1024
 """How much of the newest file is read to find the hash a new file continues from."""
@@ -294,7 +297,9 @@ class AuditLog:
                 await self._wake.wait()
             self._wake = trio.Event()
             if self._unsynced and self._fd is not None:
-                await self._sync()
+                await trio.sleep(SYNC_DELAY_SECONDS)  # let a burst of lines gather: one fsync for all
+                if self._fd is not None:
+                    await self._sync()
             if self.problem is not None:
                 self._retry()
                 if self.problem is not None and trio.current_time() - last_reminder >= REMIND_SECONDS:
