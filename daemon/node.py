@@ -32,6 +32,7 @@ from .trustpolicy import Admission, admit_peer, handshake_config_for, load_ca_se
 from .connection import Connection, ConnectionClosed
 from .control import serve_control
 from .discovered import DiscoveryWiring
+from .memory import release_after_session
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, EventLogger
 from .ha import HaWiring
@@ -311,6 +312,8 @@ class Node:
             return
         self.sessions.unregister(result.peer_name, conn)
         self.emit(conn.down_event())
+        if self._nursery is not None:
+            self._nursery.start_soon(release_after_session)  # a peer's filled windows do not stay in RSS
         link = self.links.get(result.peer_name)
         if link is not None:
             link.notify()

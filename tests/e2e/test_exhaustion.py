@@ -314,6 +314,8 @@ def test_a_peer_filling_every_window_cannot_grow_the_daemons_memory_past_its_bud
         assert peak - before < 80, f"bob grew from {before:.0f} to {peak:.0f} MiB for 200 MiB sent"
         assert refused_now and "receive buffers full" in refused_now[0], "no new stream while the budget is spent"
         assert wait_until(lambda: children(bob_pid) == [])
+        assert wait_until(lambda: rss_mib(bob_pid) - before < 30), (
+            f"after mallory left, bob still holds {rss_mib(bob_pid) - before:.0f} MiB more than before")
         assert_still_serving(net)
         assert_no_traceback(net["bob"])
 
