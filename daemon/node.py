@@ -32,12 +32,13 @@ from .trustpolicy import Admission, admit_peer, handshake_config_for, load_ca_se
 from .connection import Connection, ConnectionClosed
 from .control import serve_control
 from .discovered import DiscoveryWiring
+from .logs import LOG
 from .memory import release_after_session
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, EventLogger
 from .ha import HaWiring
 from .services import serve_stream, service_summary
-from .socks_server import open_socks_listener, serve_socks_client
+from .socks_server import exposure_warning, open_socks_listener, serve_socks_client
 from .netio import monotonic_ms, os_reason, remote_of, write_now
 from .pacing import PacedListener
 from .migration import own_transition, pin_migrated, trust_label
@@ -100,6 +101,10 @@ class Node:
             listeners = await self._open_listeners()
             nursery.start_soon(partial(serve_listeners, self._serve_inbound, listeners, name="tunnel listener"))
             if self.config.socks is not None:
+                warning = exposure_warning(self.config.socks, bool(self.config.socks_users),
+                                           "*" in self.config.socks_allow_users)
+                if warning is not None:
+                    LOG.warning("%s", warning)
                 socks_listeners = await open_socks_listener(self.config.socks)
                 nursery.start_soon(partial(serve_listeners, self._serve_socks, socks_listeners, name="SOCKS listener"))
             await nursery.start(serve_control, self, self.config.control_socket)

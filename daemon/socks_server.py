@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from typing import Any, Protocol
 
 import trio
@@ -56,6 +58,26 @@ def failure_for(exc: BaseException) -> socks.TargetFailure:
     if isinstance(exc, StreamError):
         return socks.TargetFailure.PEER_UNREACHABLE
     return socks.TargetFailure.INTERNAL_ERROR
+
+
+def exposure_warning(address: Address, accounts: bool, anyone: bool) -> str | None:
+    """Why a SOCKS endpoint reachable from other hosts is risky, or None when it is not.
+
+    Clients from other hosts cannot be identified, so without RFC 1929 accounts they are all
+    refused; with socks_allow_users = ["*"] nothing stops anyone who can reach the port."""
+    try:
+        loopback = ipaddress.ip_address(address.host).is_loopback
+    except ValueError:
+        loopback = address.host == "localhost"
+    if loopback:
+        return None
+    if anyone:
+        return (f"SOCKS listens on {address} (beyond loopback) and socks_allow_users = [\"*\"]: "
+                "anyone who can reach it uses this node's identity")
+    if not accounts:
+        return (f"SOCKS listens on {address} (beyond loopback) without [socks_users] accounts: "
+                "clients from other hosts are refused; add accounts or listen on 127.0.0.1")
+    return None
 
 
 async def open_socks_listener(address: Address) -> list[trio.SocketListener]:

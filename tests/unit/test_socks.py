@@ -721,3 +721,16 @@ async def test_curl_speaking_socks4a_gets_a_socks4_reject() -> None:
     assert [type(event) for event in result.events] == [SocksError]
     assert result.returncode == CURLE_PROXY
     assert "request rejected or failed" in result.stderr
+
+
+def test_a_socks_endpoint_beyond_loopback_is_warned_about() -> None:
+    from pqtunneld.config import Address
+    from pqtunneld.socks_server import exposure_warning
+
+    assert exposure_warning(Address("127.0.0.1", 1080), accounts=False, anyone=False) is None
+    assert exposure_warning(Address("::1", 1080), accounts=False, anyone=True) is None
+    without_accounts = exposure_warning(Address("0.0.0.0", 1080), accounts=False, anyone=False)
+    assert without_accounts is not None and "without [socks_users]" in without_accounts
+    assert exposure_warning(Address("0.0.0.0", 1080), accounts=True, anyone=False) is None
+    open_to_all = exposure_warning(Address("10.0.0.2", 1080), accounts=True, anyone=True)
+    assert open_to_all is not None and "anyone who can reach it" in open_to_all
