@@ -149,6 +149,8 @@ class NodeConfig:
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     audit: AuditSettings = field(default_factory=lambda: AuditSettings())
     ha: HaSettings = field(default_factory=HaSettings)
+    metrics: Address | None = None
+    """``[metrics] listen``: where /metrics is served (None: off)."""
     policy: AccessRules | None = None
     """``[policy]`` (None: every admitted peer reaches every service and allowed port)."""
     migration_accept_until: int | None = None
@@ -293,6 +295,16 @@ def _timers(table: dict[str, Any], source: str) -> SessionTimers:
     return SessionTimers(**values)
 
 
+def _metrics_listen(table: dict[str, Any], source: str) -> Address | None:
+    """``[metrics] listen = "HOST:PORT"``; absent: no metrics endpoint."""
+    unknown = set(table) - {"listen"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [metrics]: {', '.join(sorted(unknown))}")
+    if "listen" not in table:
+        return None
+    return parse_address(table["listen"], f"{source}: metrics.listen")
+
+
 def _audit_settings(table: dict[str, Any], source: str, home: Path) -> AuditSettings:
     """``[audit] path = "..."`` (relative to the home), ``required = true|false``, ``max_bytes = N``."""
     unknown = set(table) - {"path", "required", "max_bytes"}
@@ -422,6 +434,7 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         crypto_backend=crypto_backend_from_environment(),
         limits=_limits(_table(data, "limits", source), source),
         audit=_audit_settings(_table(data, "audit", source), source, home),
+        metrics=_metrics_listen(_table(data, "metrics", source), source),
         ha=_ha_settings(_table(data, "ha", source), source, home),
         policy=parse_policy(data, source, path if path.exists() else None, suites),
         migration_accept_until=_migration_deadline(_table(data, "migration", source), source),

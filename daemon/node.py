@@ -34,6 +34,7 @@ from .control import serve_control
 from .discovered import DiscoveryWiring
 from .logs import LOG
 from .memory import release_after_session
+from .metrics import NodeMetrics
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, EventLogger
 from .ha import HaWiring
@@ -75,6 +76,8 @@ class Node:
         self.events = EventBus()
         self.events.subscribe(EventLogger())
         self.events.subscribe(self.audit.record)
+        self.metrics = NodeMetrics()
+        self.events.subscribe(self.metrics.observe)
         self.emit = self.events.emit
         self.ha = HaWiring(config, identity, self.emit)  # the nonce store replicas share (docs/ha.md)
         self.started = time.monotonic()
@@ -99,6 +102,7 @@ class Node:
             await nursery.start(self._watch_signals, nursery.cancel_scope)  # before anything can be asked to stop
             await nursery.start(self.ha.run)
             listeners = await self._open_listeners()
+            self._serve_metrics()
             nursery.start_soon(partial(serve_listeners, self._serve_inbound, listeners, name="tunnel listener"))
             if self.config.socks is not None:
                 warning = exposure_warning(self.config.socks, bool(self.config.socks_users),
@@ -125,6 +129,16 @@ class Node:
         """A stream to ``target`` on ``peer``, handshaking first if needed."""
         conn = await self.session_for(peer)
         return await conn.open(target)
+
+    def _serve_metrics(self) -> None:
+        address = self.config.metrics
+        if address is None:
+            return
+        try:
+            self.metrics.serve(address)
+        except OSError as exc:
+            raise UserError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        LOG.info("metrics on http://%s/metrics", address)
 
     async def _open_listeners(self) -> list[PacedListener]:
         """The tunnel port, taking new connections no faster than admission allows."""
