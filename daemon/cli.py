@@ -100,7 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config = read_config()
     control.refuse_if_running(config.home)
-    setup_logging(identity.name, config.log_level)
+    setup_logging(identity.name, config.log_level, args.log_format)
     node = Node(config, identity, trust)
     node.load_config = read_config
     try:
@@ -400,6 +400,9 @@ def _add_up_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socks", help="SOCKS5 listen address HOST:PORT (default 127.0.0.1:1080, 'off' to disable)")
     parser.add_argument("--peer", action="append", metavar="NAME=HOST:PORT[,HOST:PORT]", help="static peer (repeatable); several addresses are replicas of one node, dialled in a staggered race")
     parser.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="text lines (default; <N> priorities without timestamps under systemd's journal) "
+                             "or one JSON object per line with the event's fields")
     parser.add_argument("--mdns-interface", action="append", metavar="IP",
                         help="advertise and browse only on the interface with this address (repeatable)")
 

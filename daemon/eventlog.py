@@ -41,7 +41,7 @@ class EventBus:
 
 def log_event(event: Event) -> None:
     """The event's one-line message at the event's level."""
-    LOG.log(logging.getLevelName(event.level.upper()), "%s", event.message())
+    LOG.log(logging.getLevelName(event.level.upper()), "%s", event.message(), extra={"event_fields": event.fields()})
 
 
 LIMITED_KINDS = frozenset({"handshake_failed"})
@@ -66,4 +66,5 @@ class EventLogger:
         if not allowed:
             return
         suffix = f" ({held_back} similar lines held back)" if held_back else ""
-        LOG.log(logging.getLevelName(event.level.upper()), "%s%s", event.message(), suffix)
+        LOG.log(logging.getLevelName(event.level.upper()), "%s%s", event.message(), suffix,
+                extra={"event_fields": {**event.fields(), "held_back": held_back}})

@@ -63,3 +63,23 @@ def test_metrics_are_off_by_default(tmp_path: Path) -> None:
         assert "metrics on" not in daemon.logs()
     finally:
         daemon.kill()
+
+
+def test_json_logs_are_one_object_per_line_with_event_fields(tmp_path: Path) -> None:
+    import json
+
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    pq("trust", "bob", fp_bob, home=alice_home)
+    pq("trust", "alice", fp_alice, home=bob_home)
+    bob = Daemon(bob_home, ["--log-format", "json"]).start()
+    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    try:
+        assert pq("ping", "bob", home=alice_home).returncode == 0
+        bob.wait_for_log('"session_up"')
+    finally:
+        alice.kill()
+        bob.kill()
+    lines = [json.loads(line) for line in bob.logs().splitlines() if line.strip()]
+    (up,) = [line for line in lines if line.get("event") == "session_up"]
+    assert up["peer"] == "alice" and up["kem"] == "X25519+ML-KEM-768" and up["level"] == "info"

@@ -23,3 +23,27 @@ def test_the_formatter_keeps_every_record_on_one_line() -> None:
     assert formatter.format(record).count("\n") == 0
     for separator in ("\u2028", "\u2029", "\x85"):
         assert separator not in one_line(f"a{separator}b")
+
+
+def test_json_log_lines_carry_the_events_fields() -> None:
+    import json
+
+    from pqtunneld.logs import JsonFormatter
+
+    record = logging.LogRecord("pqtunneld", logging.INFO, __file__, 1, "session up: %s", (FORGED,), None)
+    record.event_fields = {"event": "session_up", "peer": "bob", "kem": "X25519+ML-KEM-768"}
+    line = JsonFormatter("alice").format(record)
+    assert "\n" not in line
+    data = json.loads(line)
+    assert data["event"] == "session_up" and data["kem"] == "X25519+ML-KEM-768" and data["node"] == "alice"
+    assert data["level"] == "info" and data["message"].startswith("session up: bob\n")
+
+
+def test_under_journald_lines_get_a_priority_and_no_timestamp() -> None:
+    from pqtunneld.logs import JournalFormatter
+
+    formatter = JournalFormatter("pqtunneld[alice] %(message)s")
+    warning = logging.LogRecord("pqtunneld", logging.WARNING, __file__, 1, "careful", (), None)
+    assert formatter.format(warning) == "<4>pqtunneld[alice] careful"
+    info = logging.LogRecord("pqtunneld", logging.INFO, __file__, 1, "fine", (), None)
+    assert formatter.format(info).startswith("<6>")
