@@ -35,6 +35,7 @@ from .discovered import DiscoveryWiring
 from .logs import LOG
 from .memory import release_after_session
 from .metrics import NodeMetrics
+from .sdnotify import keep_watchdog_fed, systemd_notifier
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, EventLogger
 from .ha import HaWiring
@@ -78,6 +79,7 @@ class Node:
         self.events.subscribe(self.audit.record)
         self.metrics = NodeMetrics()
         self.events.subscribe(self.metrics.observe)
+        self.events.subscribe(systemd_notifier)
         self.emit = self.events.emit
         self.ha = HaWiring(config, identity, self.emit)  # the nonce store replicas share (docs/ha.md)
         self.started = time.monotonic()
@@ -103,6 +105,7 @@ class Node:
             await nursery.start(self.ha.run)
             listeners = await self._open_listeners()
             self._serve_metrics()
+            nursery.start_soon(keep_watchdog_fed)
             nursery.start_soon(partial(serve_listeners, self._serve_inbound, listeners, name="tunnel listener"))
             if self.config.socks is not None:
                 warning = exposure_warning(self.config.socks, bool(self.config.socks_users),
