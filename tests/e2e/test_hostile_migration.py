@@ -3,7 +3,8 @@
 Bob trusts alice's SSH host key (``pqtunnel trust --ssh-known-hosts``) and alice signed a
 transition record with it. Mallory, pinned nowhere, drives the handshake by hand over a
 real socket: she presents alice's genuine record with her own hybrid identity, or a
-malformed ``transition`` field. Bob must refuse her without pinning anything, log no
+malformed ``transition`` field, or a record for alice signed with alice's stolen SSH key
+after alice already migrated. Bob must refuse her without pinning anything, log no
 traceback, and still accept alice's record from alice.
 """
 
@@ -16,11 +17,13 @@ from typing import Iterator
 import pytest
 import trio
 
+from pqtunnel.crypto.backend import CryptographyBackend
 from pqtunnel.errors import HandshakeRefusedError
 from pqtunnel.handshake import InitiatorHandshake
 from pqtunnel.identity import Identity
-from pqtunnel.transition import MAX_TRANSITION
+from pqtunnel.transition import MAX_TRANSITION, make_transition
 from pqtunnel.tunnel import Established, Tunnel
+from pqtunneld.migration import read_ssh_private_key
 from pqtunneld.stores import load_identity
 from tests.e2e.test_migration import host_key, known_hosts, migrated_node, pins, trust_hosts
 from tests.nodes import Daemon, init_node
@@ -102,3 +105,16 @@ def test_a_malformed_transition_field_is_refused_without_a_traceback(lab: dict, 
     assert lab["mallory"].fingerprint not in pins(lab["bob_home"])
     assert_no_traceback(lab)
     assert handshake(lab["bob"].port, lab["alice"], lab["record"])  # bob still serves alice
+
+
+def test_a_stolen_ssh_key_cannot_move_an_already_pinned_name_to_another_identity(lab: dict, tmp_path: Path) -> None:
+    assert handshake(lab["bob"].port, lab["alice"], lab["record"])  # alice migrates and is pinned
+    now = int(time.time())
+    stolen = read_ssh_private_key(tmp_path / "ssh_host_alice")
+    forged = make_transition(lab["mallory"], stolen, CryptographyBackend(), kind="ssh",
+                             not_before=now - 60, not_after=now + 3600, name="alice").encode()
+    assert not handshake(lab["bob"].port, lab["mallory"], forged)
+    assert "transition record claims alice, which is pinned to another key" in wait_for_log(lab, "pinned to another key")
+    assert f"alice {lab['alice'].fingerprint}" in pins(lab["bob_home"])
+    assert lab["mallory"].fingerprint not in pins(lab["bob_home"])
+    assert_no_traceback(lab)
