@@ -206,6 +206,32 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Like ``sshd -t``: load everything ``up`` would (config, policy and its tests, pins, CA
+    material, identity); exit 0, or print one line per problem and exit 1."""
+    from pqtunnel.errors import UserError as Problem
+
+    from .backends import open_backend
+    from .config import ConfigProblemsError
+    from .decisions import build_policy
+    from .trustpolicy import load_ca_setup
+
+    home = _home(args)
+    try:
+        config = load_config(home, Path(args.config) if args.config else None)
+        identity = load_identity(home)
+        ca, _ = load_ca_setup(config, identity, open_backend(config.crypto_backend))
+        build_policy(config, identity.name, load_trust(home), ca)
+    except ConfigProblemsError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except Problem as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"{config.home / 'config.toml' if args.config is None else args.config}: OK")
+    return 0
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
     from .policycheck import EXIT_ALLOWED, EXIT_DENIED, check_from_config, describe
 
@@ -512,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reload", cmd_reload, "re-read config, [policy], pins, CA material, migration anchors and record, and services in the running "
                 "daemon (also on SIGHUP); a broken policy or a failing policy test is refused and the old one stays")
     _add_home(p)
+    p = command("check-config", cmd_check_config, "check the configuration like sshd -t: config.toml (every "
+                "problem, one line each), [policy] and its tests, pins, CA material and the identity; exit 0 if all is well")
+    _add_home(p)
+    p.add_argument("--config", help="configuration file (default: HOME/config.toml)")
     _add_policy_commands(sub)
     add_migrate_commands(sub, _add_home)
     return parser

@@ -17,6 +17,7 @@ from pqtunnel.names import validate_name
 from pqtunnel.policy import AccessRules
 from pqtunnel.session import SessionTimers
 
+from .configschema import problems as schema_problems
 from .policyconfig import parse_policy
 from .migration import parse_deadline
 from .stores import refuse_writable_by_others
@@ -370,6 +371,15 @@ def _etcd_urls(value: Any, source: str) -> tuple[str, ...]:
     return tuple(url.rstrip("/") for url in value)
 
 
+class ConfigProblemsError(ConfigError):
+    """The file does not fit the schema; ``problems`` lists every departure, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        more = f" (and {len(problems) - 1} more: pqtunnel check-config lists them)" if len(problems) > 1 else ""
+        super().__init__(problems[0] + more)
+        self.problems = problems
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """The parsed file; refused when group or others may write it (it names commands to run)."""
     try:
@@ -395,6 +405,9 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
     path = config_path or home / CONFIG_FILE
     data = read_config_file(path) if (config_path is not None or path.exists()) else {}
     source = str(path)
+    found = schema_problems(data, source)
+    if found:
+        raise ConfigProblemsError(found)
     node = _table(data, "node", source)
     known = {"listen", "socks", "suites", "aeads", "allowed_ports", "mdns", "mdns_interfaces", "log_level",
              "socks_allow_users"}
