@@ -14,7 +14,9 @@ Rows, all measured by the same code (``ssh_baseline.measure_row``):
   negotiated AEAD is read back from ``pqtunnel sessions --json`` on both daemons.
 
 Metrics: single-stream bulk (curl), new-stream latency over a live session (p50/p99/max),
-N concurrent 1 MiB streams (wall time), peak RSS of each side.  The ratio column is
+N concurrent 1 MiB streams (wall time), peak RSS of each side.  With ``--profile``, py-spy
+samples both daemons during each pqtunnel row and the top functions of each are printed
+after the row (``profiling.py``).  The ratio column is
 against the ssh row with the best bulk throughput in this run; a "targets" section
 states which pqtunnel targets were met.  Full mode takes about 70 s on an idle 2-core
 machine (up to 2 minutes when other processes compete), ``--quick`` about 25 s.
@@ -48,6 +50,7 @@ from addresses import free_port, http_url_for  # noqa: E402
 from cpu import ForeignCpu, _cpu_times, report_idle_cpu  # noqa: E402
 from httpserver import HttpServer, bulk_http_server  # noqa: E402
 from processes import process_tree  # noqa: E402
+from profiling import ProfilerMissing, format_profiles, py_spy_path, sampling  # noqa: E402
 from report import Row, print_table  # noqa: E402
 from tools import ensure_tools  # noqa: E402
 
@@ -160,16 +163,28 @@ def pq_row_name(aead: str) -> str:
     return f"pqtunnel {aead}"
 
 
-def measure_pq_row(srv: HttpServer, cfg: sb.Config, aead: str) -> Result:
-    """Start a daemon pair negotiating ``aead`` and measure it through alice's SOCKS5 port."""
+def measure_pq_row(srv: HttpServer, cfg: sb.Config, aead: str, profile: bool = False) -> Result:
+    """Start a daemon pair negotiating ``aead`` and measure it through alice's SOCKS5 port.
+
+    With ``profile``, both daemons are sampled by py-spy during the row and the summary is
+    printed after it (and kept in the row's JSON detail).
+    """
     with pqtunnel_pair(srv.port, aead) as pair:
         before = live_session(pair, aead)
         print(f"   negotiated (pqtunnel sessions --json, alice and bob): {before['suite']} "
               f"{before['kem']} | {before['signature']} | {before['aead']}", flush=True)
         alice_pid, bob_pid = pair.pids
         note = f"suite {before['suite']} ({before['kem']}, {before['signature']}), AEAD {before['aead']}"
-        row, detail = sb.measure_row(pq_row_name(aead), pair.socks_port, http_url_for(PQ_URL), cfg,
-                                     client_pids=[alice_pid], server_pids=[bob_pid], note=note)
+        targets = [("alice", alice_pid), ("bob", bob_pid)] if profile else []
+        with sampling(targets) as profiles:
+            row, detail = sb.measure_row(pq_row_name(aead), pair.socks_port, http_url_for(PQ_URL), cfg,
+                                         client_pids=[alice_pid], server_pids=[bob_pid], note=note)
+        if profile:
+            print(format_profiles(pq_row_name(aead), profiles), flush=True)
+            detail["profile"] = {p.who: {"samples": p.samples,
+                                         "top_self": [dataclasses.asdict(f) for f in p.top_self()],
+                                         "top_inclusive": [dataclasses.asdict(f) for f in p.top_inclusive_ours()]}
+                                 for p in profiles}
         after = negotiated(pair, aead)  # same single session, still the same AEAD
         if after["session_id"] != before["session_id"]:
             raise RuntimeError("the session was replaced during the measurement")
@@ -322,7 +337,7 @@ def with_other_cpu(measure: Callable[[], Result]) -> Result:
     return dataclasses.replace(row, note=note), detail
 
 
-def measure_all(cfg: sb.Config) -> list[Result]:
+def measure_all(cfg: sb.Config, profile: bool = False) -> list[Result]:
     """Every row, in table order, against one HTTP server.
 
     Each ssh cipher gets its own private sshd so every row can carry the CPU share
@@ -334,7 +349,7 @@ def measure_all(cfg: sb.Config) -> list[Result]:
         for cipher in sb.CIPHERS:
             results.append(with_other_cpu(lambda c=cipher: sb.measure_ssh_rows(srv, cfg, [c])[0]))
         for aead in PQ_AEADS:
-            results.append(with_other_cpu(lambda a=aead: measure_pq_row(srv, cfg, a)))
+            results.append(with_other_cpu(lambda a=aead: measure_pq_row(srv, cfg, a, profile)))
     return results
 
 
@@ -377,17 +392,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, smoke run (~25 s)")
     ap.add_argument("--json", type=Path, help="also write all results to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample both daemons with py-spy during each pqtunnel row and print their top functions")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("streams.py must run as root (private sshd in its own mount namespace)", file=sys.stderr)
         return 2
+    if args.profile:
+        try:
+            py_spy_path()
+        except ProfilerMissing as exc:
+            print(exc, file=sys.stderr)
+            return 2
     ensure_tools()
     use_this_checkout()
     cfg = sb.QUICK if args.quick else sb.FULL
     print_preamble(cfg)
     t_start = time.monotonic()
     foreign = ForeignCpu()
-    results = measure_all(cfg)
+    results = measure_all(cfg, args.profile)
     other_cpu = foreign.fraction()  # after every benchmark process was reaped
     elapsed = time.monotonic() - t_start
     metrics = sb.metric_names(cfg)
