@@ -74,6 +74,10 @@ class HandshakeError(ProtocolError):
     """The handshake failed; no session keys exist."""
 
 
+class ResumeRefusedError(HandshakeError):
+    """A replica cannot continue the session a RESUME names (unknown, replayed, or its state unusable)."""
+
+
 class MalformedHandshakeError(HandshakeError):
     """A handshake message has the wrong length or an undecodable payload."""
 

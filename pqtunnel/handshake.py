@@ -41,6 +41,7 @@ from .errors import (
     MalformedHandshakeError,
     NoCommonSuiteError,
     ReplayError,
+    ResumeRefusedError,
     UnsupportedVersionError,
     UntrustedPeerError,
 )
@@ -124,6 +125,8 @@ class AlertCode(IntEnum):
     REPLAY = 5
     BAD_COOKIE = 6
     BUSY = 7
+    UNKNOWN_SESSION = 8
+    """A RESUME this replica cannot continue: the initiator falls back to a full handshake."""
 
 
 _ALERT_FOR: list[tuple[type[HandshakeError], AlertCode]] = [
@@ -134,6 +137,7 @@ _ALERT_FOR: list[tuple[type[HandshakeError], AlertCode]] = [
     (ReplayError, AlertCode.REPLAY),
     (CookieError, AlertCode.BAD_COOKIE),
     (HandshakeBusyError, AlertCode.BUSY),
+    (ResumeRefusedError, AlertCode.UNKNOWN_SESSION),
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import Protocol
 
 from .crypto.backend import InvalidTag, make_aead
 from .crypto.suites import Aead
@@ -33,6 +34,23 @@ class ContentType(IntEnum):
     REKEY_INIT = 0x10
     REKEY_RESP = 0x11
     REKEY_DONE = 0x12
+    RESUME = 0x20
+    """Initiator, first record on a new connection to another replica: continue this session."""
+    RESUMED = 0x21
+    """Replica's answer to RESUME: it holds the session keys and took over the session."""
+
+
+class CounterSource(Protocol):
+    """Where a record layer whose keys are shared by replicas takes its send counters.
+
+    ``next_counter`` hands out counters of durably reserved blocks only (pqtunnel/leases.py);
+    it raises NoCounterError when none is in hand (LeaseStoppedError: never again).
+    """
+
+    @property
+    def available(self) -> int: ...
+
+    def next_counter(self) -> int: ...
 
 
 class RecordLayer:
@@ -46,14 +64,24 @@ class RecordLayer:
         self.session_id = session_id
         self._sealer = make_aead(aead, send_key)
         self._opener = make_aead(aead, recv_key)
+        self._keys = (send_key, recv_key)
         self.next_send_counter = first_send_counter
         self.last_recv_counter = -1
+        self.counters: CounterSource | None = None
+        """Set on a replica's shared-key session: counters then come only from reserved blocks."""
 
     def set_send_key(self, key: bytes) -> None:
         self._sealer = make_aead(self.aead, key)
+        self._keys = (key, self._keys[1])
 
     def set_recv_key(self, key: bytes) -> None:
         self._opener = make_aead(self.aead, key)
+        self._keys = (self._keys[0], key)
+
+    @property
+    def keys(self) -> tuple[bytes, bytes]:
+        """(send key, receive key) now: what a replica's session snapshot wraps (handover.py)."""
+        return self._keys
 
     def seal(self, content_type: ContentType, data: bytes | memoryview = b"") -> bytes:
         """Encrypt one record and return the complete frame."""
@@ -64,14 +92,24 @@ class RecordLayer:
         """Encrypt one record; returns (header, ciphertext) so the sender can scatter-gather."""
         if len(data) > MAX_RECORD_PLAINTEXT:
             raise OversizedRecordError(f"record of {len(data)} bytes exceeds {MAX_RECORD_PLAINTEXT}")
-        counter = self.next_send_counter
-        if counter > MAX_COUNTER:
-            raise RecordError("send counter exhausted; the session must be replaced")
-        self.next_send_counter = counter + 1
+        counter = self._take_counter()
         length = 1 + RECORD_PREFIX.size + 1 + len(data) + TAG_SIZE
         header = RECORD_HEADER.pack(length, Kind.RECORD, self.session_id, counter)
         plaintext = bytes((content_type,)) + data
         return header, self._sealer.encrypt(NONCE_PREFIX + counter.to_bytes(8, "big"), plaintext, header)
+
+    def _take_counter(self) -> int:
+        """The next send counter: local and increasing, or from the reserved blocks (HA)."""
+        if self.counters is not None:
+            counter = self.counters.next_counter()  # raises NoCounterError: nothing is sealed
+            if counter < self.next_send_counter:
+                raise RecordError(f"reserved counter {counter} is below {self.next_send_counter}: refusing to reuse")
+        else:
+            counter = self.next_send_counter
+        if counter > MAX_COUNTER:
+            raise RecordError("send counter exhausted; the session must be replaced")
+        self.next_send_counter = counter + 1
+        return counter
 
     def open(self, body: bytes | memoryview) -> tuple[ContentType, memoryview]:
         """Authenticate and decrypt a RECORD frame body; raises a RecordError subclass.

@@ -12,6 +12,12 @@ States (``SessionState``)::
 
     HANDSHAKING --keys--> CONFIRMING (initiator) --first record--> ESTABLISHED --close--> CLOSED
     HANDSHAKING --keys--> ESTABLISHED (responder)                         any --close--> CLOSED
+    HANDSHAKING --keys--> RESERVING (responder, keys shared by replicas) --counters--> ESTABLISHED
+    snapshot --RESUME opened--> RESERVING (replica taking a session over) --counters--> ESTABLISHED
+    old session --> RESUMING (initiator, on a new connection) --RESUMED--> ESTABLISHED
+
+A replica's session seals only with counters from durably reserved blocks (``attach_counters``);
+until it has them it sends nothing at all (docs/ha.md).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from typing import Union
 from noise.functions.hash import hkdf
 
 from .crypto import backend as prim
+from .crypto.backend import CryptographyBackend
 from .entropy import Entropy
+from .handover import CHALLENGE_SIZE, SessionSnapshot, parse_resume, parse_resumed, resume_body, resumed_body
 from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
 from .errors import HandshakeError, ProtocolError, RecordError, RekeyError, SessionStateError
-from .records import ContentType, RecordLayer
+from .records import ContentType, CounterSource, RecordLayer
 from .wire import MAX_HANDSHAKE_FRAME, MAX_RECORD_FRAME, MAX_RECORD_PLAINTEXT, Frame, FrameDecoder, Kind
 
 REKEY_IKM_LABEL = b"pqtunnel/1 rekey\x00"
@@ -42,6 +50,10 @@ class SessionState(Enum):
     HANDSHAKING = "handshaking"
     CONFIRMING = "confirming"
     """Initiator only: keys derived, waiting for the responder's first record to confirm them."""
+    RESERVING = "reserving"
+    """Responder whose keys replicas share: keys known, no counter block reserved yet; sends nothing."""
+    RESUMING = "resuming"
+    """Initiator on a new connection to another replica: RESUME sent, waiting for RESUMED."""
     ESTABLISHED = "established"
     CLOSED = "closed"
 
@@ -55,8 +67,11 @@ class RekeyState(Enum):
 
 
 _TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
-    SessionState.HANDSHAKING: frozenset({SessionState.CONFIRMING, SessionState.ESTABLISHED, SessionState.CLOSED}),
+    SessionState.HANDSHAKING: frozenset({SessionState.CONFIRMING, SessionState.ESTABLISHED, SessionState.RESERVING,
+                                         SessionState.CLOSED}),
     SessionState.CONFIRMING: frozenset({SessionState.ESTABLISHED, SessionState.CLOSED}),
+    SessionState.RESERVING: frozenset({SessionState.ESTABLISHED, SessionState.CLOSED}),
+    SessionState.RESUMING: frozenset({SessionState.ESTABLISHED, SessionState.CLOSED}),
     SessionState.ESTABLISHED: frozenset({SessionState.CLOSED}),
     SessionState.CLOSED: frozenset(),
 }
@@ -90,7 +105,22 @@ class PeerClosed:
     reason: str
 
 
-Event = Union[Established, RecordDataReceived, PongReceived, Rekeyed, PeerClosed]
+@dataclass(frozen=True)
+class CountersNeeded:
+    """A replica's keys are ready: reserve the first counter block, then ``attach_counters``."""
+
+    result: HandshakeResult
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The initiator's session continues on another replica (after Established)."""
+
+    replica: str
+    migrations: int
+
+
+Event = Union[Established, RecordDataReceived, PongReceived, Rekeyed, PeerClosed, CountersNeeded, Resumed]
 
 
 class KeepaliveTimeout(ProtocolError):
@@ -122,15 +152,57 @@ class Session:
     """A session from the first handshake byte to close."""
 
     def __init__(self, handshake: InitiatorHandshake | ResponderHandshake, *, now_ms: int,
-                 timers: SessionTimers | None = None) -> None:
-        self.handshake = handshake
-        self.is_initiator = isinstance(handshake, InitiatorHandshake)
+                 timers: SessionTimers | None = None, shared_keys: bool = False) -> None:
+        self._setup(isinstance(handshake, InitiatorHandshake), handshake.backend, handshake.entropy, now_ms, timers)
+        self.handshake: InitiatorHandshake | ResponderHandshake | None = handshake
+        self.shared_keys = shared_keys
+        """Responder on a replica: its keys may move to another replica, so it seals only with
+        reserved counters (``CountersNeeded``, then ``attach_counters``)."""
+
+    @classmethod
+    def from_snapshot(cls, snapshot: SessionSnapshot, *, backend: CryptographyBackend, entropy: Entropy,
+                      now_ms: int, timers: SessionTimers | None = None) -> Session:
+        """A replica taking over a stored session: ``open_resume`` the peer's RESUME next."""
+        session = cls.__new__(cls)
+        session._setup(False, backend, entropy, now_ms, timers)
+        session.shared_keys = True
+        session._establish(snapshot.result(), now_ms)
+        session.epoch = snapshot.epoch
+        session.migrations = snapshot.migrations + 1
+        session.state = SessionState.RESERVING
+        return session
+
+    @classmethod
+    def resuming(cls, old: Session, now_ms: int) -> Session:
+        """The initiator continuing ``old`` (same keys and counters) on a new connection."""
+        if not old.is_initiator or old.records is None or old.result is None or not old.confirmed:
+            raise SessionStateError("only an initiator's confirmed session can be resumed")
+        session = cls.__new__(cls)
+        session._setup(True, old.backend, old.entropy, now_ms, old.timers)
+        session.result, session.records, session._chain = old.result, old.records, old._chain
+        session._decoder.max_record = MAX_RECORD_FRAME
+        session.epoch, session.migrations = old.epoch, old.migrations
+        session.bytes_sent, session.bytes_received = old.bytes_sent, old.bytes_received
+        session._bytes_at_rekey = session.bytes_sent + session.bytes_received
+        session.state = SessionState.RESUMING
+        return session
+
+    def _setup(self, is_initiator: bool, backend: CryptographyBackend, entropy: Entropy, now_ms: int,
+               timers: SessionTimers | None) -> None:
+        self.handshake = None
+        self.shared_keys = False
+        self.is_initiator = is_initiator
         self.state = SessionState.HANDSHAKING
         self.rekey_state = RekeyState.IDLE
         self._was_confirmed = False
         self.timers = timers or SessionTimers()
-        self.backend = handshake.backend
-        self.entropy: Entropy = handshake.entropy
+        self.backend = backend
+        self.entropy = entropy
+        self.migrations = 0
+        """How often this session moved to another replica (``sessions``)."""
+        self.replica = ""
+        """The peer replica's name it announced in RESUMED (initiator), or ours (replica)."""
+        self._challenge = b""
         self.result: HandshakeResult | None = None
         self.records: RecordLayer | None = None
         self._decoder = FrameDecoder(max_record=MAX_HANDSHAKE_FRAME)  # no big records before keys exist
@@ -172,7 +244,12 @@ class Session:
         return self.state is SessionState.CLOSED
 
     def start(self, now_ms: int, wall_ms: int | None = None) -> None:
-        """Initiator only: queue the HELLO (timestamped with ``wall_ms``, default ``now_ms``)."""
+        """Initiator only: queue the HELLO (timestamped with ``wall_ms``, default ``now_ms``),
+        or, resuming, the RESUME record with a fresh challenge."""
+        if self.state is SessionState.RESUMING:
+            self._challenge = self.entropy.random_bytes(CHALLENGE_SIZE)
+            self._queue(self._require_records().seal(ContentType.RESUME, resume_body(self._challenge)), now_ms)
+            return
         if not isinstance(self.handshake, InitiatorHandshake):
             raise SessionStateError("only the initiator starts a handshake")
         self._queue(self.handshake.start(now_ms if wall_ms is None else wall_ms), now_ms)
@@ -219,7 +296,7 @@ class Session:
     def _on_handshake_frame(self, frame: Frame, now_ms: int, wall_ms: int) -> list[Event]:
         if self.is_initiator and frame.kind is Kind.ALERT and not self.confirmed:
             raise parse_alert(frame.body)  # e.g. the responder does not trust us (after FINISH)
-        if self.state is not SessionState.HANDSHAKING:
+        if self.state is not SessionState.HANDSHAKING or self.handshake is None:
             raise ProtocolError(f"unexpected {frame.kind.name} frame inside an established session")
         try:
             step = self.handshake.receive(frame, wall_ms)
@@ -234,6 +311,9 @@ class Session:
         if self.is_initiator:
             self._enter(SessionState.CONFIRMING)
             return []  # Established once the responder's first record confirms the keys
+        if self.shared_keys:
+            self._enter(SessionState.RESERVING)
+            return [CountersNeeded(step.result)]  # nothing is sealed before a block is reserved
         self._enter(SessionState.ESTABLISHED)
         self.ping(now_ms)  # key confirmation: the initiator's first authenticated record
         return [Established(step.result)]
@@ -244,6 +324,42 @@ class Session:
         self._decoder.max_record = MAX_RECORD_FRAME
         self._chain = result.rekey_chain
         self._rekey_ms = now_ms
+
+    # --- replicas: counters from reserved blocks, and the RESUME exchange -----------------------------
+
+    def open_resume(self, body: bytes | memoryview) -> tuple[int, bytes]:
+        """A replica taking over: authenticate the peer's RESUME record (the first frame of its
+        new connection); returns (its counter, the challenge). The caller must then make sure,
+        through the store, that no replica accepted this counter before (replays)."""
+        if self.state is not SessionState.RESERVING or self.records is None or self.handshake is not None:
+            raise SessionStateError("only a session taken over from a snapshot opens a RESUME")
+        content_type, data = self.records.open(body)
+        if content_type is not ContentType.RESUME:
+            raise RecordError(f"expected RESUME, got {content_type.name}")
+        self._challenge = parse_resume(data)
+        return self.records.last_recv_counter, self._challenge
+
+    def attach_counters(self, counters: CounterSource, now_ms: int, replica: str = "") -> list[Event]:
+        """Reserved counters are in hand: seal from them from now on and confirm the session
+        (a PING after a full handshake, RESUMED with the echoed challenge after a RESUME)."""
+        if self.state is not SessionState.RESERVING or self.records is None or self.result is None:
+            raise SessionStateError(f"counters cannot be attached while {self.state.value}")
+        self.records.counters = counters
+        self.replica = replica
+        self._enter(SessionState.ESTABLISHED)
+        if self._challenge:
+            self._queue(self.records.seal(ContentType.RESUMED, resumed_body(self._challenge, replica)), now_ms)
+        else:
+            self.ping(now_ms)
+        return [Established(self.result)]
+
+    def snapshot(self) -> SessionSnapshot:
+        """What another replica needs to continue this (responder) session, keys of now."""
+        if self.records is None or self.result is None or self.is_initiator:
+            raise SessionStateError("only an established responder session has a snapshot")
+        send_key, recv_key = self.records.keys
+        return SessionSnapshot.of(self.result, send_key=send_key, recv_key=recv_key, rekey_chain=self._chain,
+                                  epoch=self.epoch, migrations=self.migrations)
 
     # --- sending ------------------------------------------------------------------------------------
 
@@ -277,7 +393,7 @@ class Session:
         """Queue an authenticated CLOSE carrying the reason; further input is ignored."""
         if self.closed:
             return
-        if self.records is not None:
+        if self.records is not None and self.state is not SessionState.RESERVING:  # no counter yet: no record
             self._queue(self.records.seal(ContentType.CLOSE, reason.encode()[:MAX_CLOSE_REASON]))
         self._close()
 
@@ -290,12 +406,25 @@ class Session:
     def _on_record(self, body: bytes, now_ms: int) -> list[Event]:
         if self.records is None:
             raise RecordError("RECORD frame before the handshake finished")
+        if self.state is SessionState.RESERVING:
+            raise RecordError("record before this replica confirmed the session")
         content_type, data = self.records.open(body)
+        if self.state is SessionState.RESUMING:
+            return self._on_resumed(content_type, data)
         if self.state is SessionState.CONFIRMING:
             self._enter(SessionState.ESTABLISHED)
             assert self.result is not None
             return [Established(self.result), *self._on_content(content_type, data, now_ms)]
         return self._on_content(content_type, data, now_ms)
+
+    def _on_resumed(self, content_type: ContentType, data: memoryview) -> list[Event]:
+        if content_type is not ContentType.RESUMED:
+            raise RecordError(f"expected RESUMED, got {content_type.name}")
+        self.replica = parse_resumed(data, self._challenge)
+        self.migrations += 1
+        self._enter(SessionState.ESTABLISHED)
+        assert self.result is not None
+        return [Established(self.result), Resumed(self.replica, self.migrations)]
 
     def _on_content(self, content_type: ContentType, data: memoryview, now_ms: int) -> list[Event]:
         if content_type is ContentType.DATA:
@@ -317,6 +446,8 @@ class Session:
             self._close()
             reason = data[:MAX_CLOSE_REASON].decode(errors="replace")  # the peer's text, bounded as sent
             return [PeerClosed(reason or "no reason given")]
+        if content_type in (ContentType.RESUME, ContentType.RESUMED):
+            raise RecordError(f"{content_type.name} inside an established session")
         return self._on_rekey(content_type, data, now_ms)
 
     # --- timers ----------------------------------------------------------------------------------------

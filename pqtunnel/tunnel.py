@@ -41,13 +41,16 @@ from .mux import (
     StreamRefused,
     StreamReset,
 )
+from .records import CounterSource
 from .session import (
+    CountersNeeded,
     Established,
     KeepaliveTimeout,
     PeerClosed,
     PongReceived,
     RecordDataReceived,
     Rekeyed,
+    Resumed,
     Session,
     SessionState,
     SessionTimers,
@@ -55,18 +58,22 @@ from .session import (
 from .wire import MAX_RECORD_PLAINTEXT
 
 __all__ = [
-    "CreditAvailable", "DataReceived", "ErrorCode", "Established", "Event", "GoAwayReceived",
-    "KeepaliveTimeout", "PeerClosed", "PeerNotReadingError", "PongReceived", "Rekeyed",
+    "CountersNeeded", "CreditAvailable", "DataReceived", "ErrorCode", "Established", "Event", "GoAwayReceived",
+    "KeepaliveTimeout", "PeerClosed", "PeerNotReadingError", "PongReceived", "Rekeyed", "Resumed",
     "StreamAccepted", "StreamClosed", "StreamEnded", "StreamOpenRequested", "StreamProtocolError",
     "StreamRefused", "StreamReset", "Tunnel", "TunnelLimits",
 ]
 
 Event = Union[
-    Established, PongReceived, Rekeyed, PeerClosed,
+    Established, PongReceived, Rekeyed, PeerClosed, CountersNeeded, Resumed,
     StreamOpenRequested, StreamAccepted, StreamRefused, DataReceived, StreamEnded,
     StreamReset, CreditAvailable, StreamClosed, GoAwayReceived,
 ]
 """Everything a tunnel reports: session events, then stream events, in wire order."""
+
+
+COUNTER_RESERVE = 256
+"""Reserved counters kept back from stream data on a replica, for pongs, window updates and CLOSE."""
 
 
 class PeerNotReadingError(ProtocolError):
@@ -97,9 +104,21 @@ class Tunnel:
     """A session and its streams, from the first handshake byte to close."""
 
     def __init__(self, handshake: InitiatorHandshake | ResponderHandshake, *, now_ms: int,
-                 timers: SessionTimers | None = None, limits: TunnelLimits | None = None) -> None:
+                 timers: SessionTimers | None = None, limits: TunnelLimits | None = None,
+                 shared_keys: bool = False) -> None:
+        self._attach(Session(handshake, now_ms=now_ms, timers=timers, shared_keys=shared_keys), now_ms, limits)
+
+    @classmethod
+    def around(cls, session: Session, *, now_ms: int, limits: TunnelLimits | None = None) -> Tunnel:
+        """A tunnel for a continued session (``Session.resuming`` / ``Session.from_snapshot``):
+        the keys and counters go on, the streams start afresh (those of the lost connection ended)."""
+        tunnel = cls.__new__(cls)
+        tunnel._attach(session, now_ms, limits)
+        return tunnel
+
+    def _attach(self, session: Session, now_ms: int, limits: TunnelLimits | None) -> None:
         self.limits = limits or TunnelLimits()
-        self.session = Session(handshake, now_ms=now_ms, timers=timers)
+        self.session = session
         self.mux = mux.Multiplexer(is_initiator=self.session.is_initiator,
                                    initial_window=self.limits.initial_window, max_streams=self.limits.max_streams)
         self._now_ms = now_ms
@@ -129,8 +148,13 @@ class Tunnel:
 
     @property
     def writable(self) -> bool:
-        """Stream writers may hand over more data (the socket queue is below high water)."""
-        return self.session.pending_bytes <= self.limits.high_water
+        """Stream writers may hand over more data: the socket queue is below high water and, on a
+        replica, enough reserved counters are in hand (the rest are kept for control records)."""
+        if self.session.pending_bytes > self.limits.high_water:
+            return False
+        records = self.session.records
+        counters = records.counters if records is not None else None
+        return counters is None or counters.available >= COUNTER_RESERVE
 
     def credit(self, stream_id: int) -> int:
         return self.mux.credit(stream_id)
@@ -182,6 +206,11 @@ class Tunnel:
         self.session.tick(now_ms)
 
     # --- session calls ------------------------------------------------------------------------
+
+    def attach_counters(self, counters: CounterSource, now_ms: int, replica: str = "") -> list[Event]:
+        """A replica reserved its first counter block: the session may send (see Session)."""
+        self._now_ms = now_ms
+        return list(self.session.attach_counters(counters, now_ms, replica))
 
     def ping(self, now_ms: int) -> int:
         """Queue a PING; the PongReceived event with this id answers it."""
