@@ -8,7 +8,7 @@ proves it. Advertisements that contradict a pin are listed as untrusted and neve
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -16,12 +16,19 @@ from pqtunnel.discovery import Peer, PeerAppeared, PeerChanged, PeerEvent, PeerL
 
 from pqtunnel.identity import Identity
 from pqtunnel.policy import AdvertisementRequest, Decision, Policy
+from pqtunnel.trust import TrustStore
 
 from .config import Address, NodeConfig
 from .links import PeerLink, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .mdns import DiscoveryError, MdnsDiscovery
 
+LOOKUP_TIMEOUT: Final = 5.0
+"""How long a request for an expected name (pinned, or any name with a network CA) that has
+no address yet waits for mDNS to find it, querying actively, before "unknown peer"."""
+
+
+SESSION_POLL: Final = 0.2
 
 
 class DiscoveryHost(Protocol):
@@ -32,6 +39,9 @@ class DiscoveryHost(Protocol):
     policy: Policy
     links: dict[str, PeerLink]
     listen_address: Address | None
+    trust: TrustStore
+    ca: Any
+    """The network CA verifier, or None: with one, any name may be proven by a certificate."""
 
     @property
     def sessions(self) -> Any: ...
@@ -51,6 +61,8 @@ class DiscoveryWiring:
         self.last_seen: dict[str, float] = {}
         self.state = "starting"
         """For ``pqtunnel status``: starting, running, or "failed: REASON"."""
+        self._links_changed = trio.Event()
+        self._created = trio.Event()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         node = self.node
@@ -60,6 +72,7 @@ class DiscoveryWiring:
         specific = listen_host not in ("0.0.0.0", "::", "")
         self.mdns = MdnsDiscovery(node.identity.name, node.identity.fingerprint, node.listen_address.port,
                                   interfaces=node.config.mdns_interfaces, addresses=[listen_host] if specific else None)
+        self._created.set()
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(self.mdns.run, send)
@@ -122,6 +135,8 @@ class DiscoveryWiring:
             link = PeerLink(name, addresses[0], source="mdns")
             link.set_candidates(addresses)
             node.start_link(link)
+            self._links_changed.set()  # wakes requests waiting in find()
+            self._links_changed = trio.Event()
         else:
             link.set_candidates(addresses)
             link.wake.set()  # e.g. it came back at a new address: dial now, not after the backoff
@@ -139,6 +154,41 @@ class DiscoveryWiring:
         mdns = self.mdns
         return {"state": self.state, "advertised_as": mdns.instance_name if mdns is not None else None,
                 "interfaces": self.node.config.mdns_interfaces or "all", "advertisements_seen": len(self.peers)}
+
+    def expects(self, name: str) -> bool:
+        """Whether a request for ``name`` may wait for mDNS: the name is pinned, or a network
+        CA could prove it. Any other name could never be used, so it is refused at once."""
+        if name == self.node.identity.name:
+            return False
+        return self.node.trust.fingerprint_for(name) is not None or self.node.ca is not None
+
+    async def find(self, name: str, timeout: float = LOOKUP_TIMEOUT) -> PeerLink | None:
+        """The link for ``name``, once mDNS finds a usable node for it: queries the link
+        actively and waits at most ``timeout`` seconds. None if the peer dialled us meanwhile
+        (its session is up). Raises the reason the name cannot be used."""
+        if not self.expects(name) or self.state.startswith("failed"):
+            raise self.why_unknown(name)
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._query, name, timeout)
+                while (link := self.node.links.get(name)) is None and name not in self.node.sessions:
+                    with trio.move_on_after(SESSION_POLL):  # an inbound session does not touch links
+                        await self._links_changed.wait()
+                nursery.cancel_scope.cancel()
+                return link
+        error = self.why_unknown(name)
+        if isinstance(error, UnknownPeerError):
+            error = UnknownPeerError(f"unknown peer {name!r}: expected ({self._expected_as(name)}), "
+                                     f"but no node answered mDNS for it within {timeout:g} s and it has no static address")
+        raise error
+
+    async def _query(self, name: str, timeout: float) -> None:
+        await self._created.wait()  # a request in the instant between the control socket and mDNS
+        assert self.mdns is not None
+        await self.mdns.query(name, timeout)
+
+    def _expected_as(self, name: str) -> str:
+        return "pinned" if self.node.trust.fingerprint_for(name) is not None else "a network CA may prove it"
 
     def why_unknown(self, name: str) -> Exception:
 

@@ -27,7 +27,7 @@ from typing import Any, Final, TypeVar
 import ifaddr  # zeroconf's own dependency for listing interfaces
 import trio
 import zeroconf
-from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import DNSQuestionType, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceInfo
 
 from pqtunnel.discovery import (
@@ -121,10 +121,12 @@ async def _async_unregister(zc: Zeroconf, info: ServiceInfo) -> None:
     await goodbyes
 
 
-async def _async_resolve(zc: Zeroconf, name: str, timeout_ms: int) -> _Resolved | _Unresolved:
-    """On zeroconf's loop: SRV/TXT/addresses from the cache, or from the network if missing."""
+async def _async_resolve(zc: Zeroconf, name: str, timeout_ms: int,
+                         question: DNSQuestionType | None = None) -> _Resolved | _Unresolved:
+    """On zeroconf's loop: SRV/TXT/addresses from the cache, or from the network if missing
+    (asking again about once a second until ``timeout_ms``)."""
     info = AsyncServiceInfo(SERVICE_TYPE, name)
-    if not await info.async_request(zc, timeout_ms):
+    if not await info.async_request(zc, timeout_ms, question_type=question):
         return _Unresolved("no complete answer (SRV, TXT and an address) in time")
     return _Resolved(name=name, properties=dict(info.properties),
                      addresses=info.parsed_scoped_addresses(), port=info.port)
@@ -175,6 +177,8 @@ class MdnsDiscovery:
         self._inbox: OrderedDict[str, _InboxItem] = OrderedDict()
         self._inbox_ready = trio.Event()
         self._contested: set[str] = set()  # names already warned about (bounded by the table)
+        self._running = trio.Event()  # set once the browser runs (queries wait for it)
+        self._querying: set[str] = set()  # names with an active query in flight (one each)
 
     @property
     def instance_name(self) -> str | None:
@@ -202,6 +206,7 @@ class MdnsDiscovery:
                     nursery.start_soon(self._resolver, zc)
                 self._accepting = True
                 browser = await trio.to_thread.run_sync(self._open_browser, zc)
+                self._running.set()
                 task_status.started()
                 await self._process(send_channel)
                 nursery.cancel_scope.cancel()  # the receiver is gone: stop the resolvers too
@@ -220,6 +225,47 @@ class MdnsDiscovery:
         await self._on_loop(zc, _async_update(zc, new_info))
         self._info, self.port, self._addresses = new_info, new_port, new_addresses
         LOG.info("mDNS: re-announced %r on port %d at %s", info.name, new_port, ", ".join(new_info.parsed_addresses()))
+
+    async def query(self, name: str, timeout: float) -> bool:
+        """Ask the link now where the node called ``name`` is, for up to ``timeout`` seconds.
+
+        Browsing alone learns of a node only from its announcements or the browser's next
+        PTR query, which backs off to minutes; a request for a name we expect cannot wait
+        that long. This asks for ``NAME._pqtunnel._tcp.local.`` directly (multicast answers,
+        so several responders on one host all hear them, repeated about once a second) and
+        feeds an answer through the same table as a browsed one. Returns whether one came.
+        At most one query per name runs at a time; a second caller returns False at once.
+        """
+        key = f"{validate_name(name)}.{SERVICE_TYPE}"
+        if key in self._querying:
+            return False
+        self._querying.add(key)
+        try:
+            with trio.move_on_after(timeout):
+                await self._running.wait()
+                zc = self._zc
+                if zc is None or not self._accepting:
+                    return False
+                remaining_ms = max(1, int((trio.current_effective_deadline() - trio.current_time()) * 1000))
+                try:
+                    item = await self._on_loop(zc, _async_resolve(zc, key, remaining_ms, DNSQuestionType.QM))
+                except Exception as exc:  # noqa: BLE001 - as in _resolver: a hostile answer must not end the request
+                    self._log(logging.WARNING, "invalid", "mDNS: query for %r failed: %r", key, exc)
+                    return False
+                if isinstance(item, _Resolved) and self._accepting:
+                    self._note_answer(key, item)
+                    return True
+            return False
+        finally:
+            self._querying.discard(key)
+
+    def _note_answer(self, key: str, item: _Resolved) -> None:
+        """An answer to our own query: tracked (and refreshed) like a browsed name."""
+        if key not in self._browsed:
+            if len(self._browsed) >= MAX_BROWSED:
+                return
+            self._browsed[key] = item.name
+        self._post(key, item)
 
     def _open_zeroconf(self) -> Zeroconf:
         """Worker thread: zeroconf starts its own asyncio loop thread here."""

@@ -445,8 +445,13 @@ class Node:
             return conn
         self.refresh_pins()  # e.g. a pin written to known_peers for an advertised name
         link = self.links.get(peer)
+        if link is None and self.config.mdns:
+            link = await self.discovery.find(peer)  # an expected name: query mDNS, wait (bounded)
+            conn = self.sessions.get(peer)
+            if conn is not None:
+                return conn
         if link is None:
-            raise self.discovery.why_unknown(peer) if self.config.mdns else UnknownPeerError(
+            raise UnknownPeerError(
                 f"unknown peer {peer!r}: no session and no address (use --peer {peer}=HOST:PORT or mDNS)")
         failures_before = link.failures
         link.wake.set()

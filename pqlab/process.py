@@ -48,10 +48,13 @@ class Daemon:
     ``LimitNOFILE=`` or ``prlimit --nofile`` would; None keeps ours."""
     env: dict[str, str] | None = None
     """The daemon's environment (None: ours)."""
+    mdns_interface: str | None = None
+    """Run mDNS on this interface address only (e.g. "127.0.0.1"); None: ``--no-mdns``."""
 
     def start(self) -> Daemon:
         self.log_path = self.home / "daemon.log"
-        argv = [*CLI, "up", "--home", str(self.home), "--no-mdns", "--socks", "off", *self._listen_default(), *self.extra]
+        mdns = ["--no-mdns"] if self.mdns_interface is None else ["--mdns-interface", self.mdns_interface]
+        argv = [*CLI, "up", "--home", str(self.home), *mdns, "--socks", "off", *self._listen_default(), *self.extra]
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             preexec_fn=self._limit_descriptors if self.nofile else None)
