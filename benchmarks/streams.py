@@ -9,8 +9,9 @@ Rows, all measured by the same code (``ssh_baseline.measure_row``):
 * ``ssh -D <cipher>``: ``ssh -N -D`` through a private sshd, one row per cipher;
 * ``pqtunnel <aead>``: two real daemons on loopback, alice (SOCKS5 endpoint) and bob
   (exposes the HTTP server as service ``web``); clients ask alice for
-  ``http://web.bob.pq/...``.  One row with the default configuration (chacha20-poly1305
-  negotiated) and one with ``[node] aeads = ["aes-256-gcm"]`` on both nodes.  The
+  ``http://web.bob.pq/...``.  One row with the default configuration (the AEAD this CPU
+  prefers negotiated: AES-256-GCM with AES instructions, else ChaCha20-Poly1305) and one
+  with the other AEAD forced by ``[node] aeads = [...]`` on both nodes.  The
   negotiated AEAD is read back from ``pqtunnel sessions --json`` on both daemons.
 
 Metrics: single-stream bulk (curl), new-stream latency over a live session (p50/p99/max),
@@ -55,8 +56,9 @@ from report import Row, print_table  # noqa: E402
 from tools import ensure_tools  # noqa: E402
 
 from pqlab.process import Daemon, init_node, pq  # noqa: E402
+from pqtunneld.cpufeatures import hardware_aeads  # noqa: E402
 
-PQ_AEADS = ("chacha20-poly1305", "aes-256-gcm")  # first = the default, config left untouched
+PQ_AEADS = tuple(a.label for a in hardware_aeads())  # first = the default on this CPU, config left untouched
 PQ_URL = "http://web.bob.pq"
 TARGET_P99_MS = 2.0
 TARGET_CONCURRENT_FRACTION = 0.5
@@ -159,8 +161,8 @@ def negotiated(pair: PqPair, aead: str) -> dict[str, Any]:
 
 
 def pq_row_name(aead: str) -> str:
-    """Row name, e.g. 'pqtunnel chacha20-poly1305'."""
-    return f"pqtunnel {aead}"
+    """Row name, e.g. 'pqtunnel aes-256-gcm (default)' or 'pqtunnel chacha20-poly1305'."""
+    return f"pqtunnel {aead} (default)" if aead == PQ_AEADS[0] else f"pqtunnel {aead}"
 
 
 def measure_pq_row(srv: HttpServer, cfg: sb.Config, aead: str, profile: bool = False) -> Result:

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pqtunnel.crypto.suites import DEFAULT_AEADS, DEFAULT_ALLOWED_SUITES, Aead, Suite, suite_by_name
+from pqtunnel.crypto.suites import DEFAULT_ALLOWED_SUITES, Aead, Suite, suite_by_name
 from pqtunnel.errors import ConfigError
 from pqtunnel.names import validate_name
 from pqtunnel.policy import AccessRules
 from pqtunnel.session import SessionTimers
 
 from .configschema import problems as schema_problems
+from .cpufeatures import hardware_aeads
 from .policyconfig import parse_policy
 from .migration import parse_deadline
 from .stores import refuse_writable_by_others
@@ -135,7 +136,8 @@ class NodeConfig:
     services: dict[str, Address | ExecService] = field(default_factory=dict)
     allowed_ports: frozenset[int] = frozenset()
     suites: tuple[Suite, ...] = DEFAULT_ALLOWED_SUITES
-    aeads: tuple[Aead, ...] = DEFAULT_AEADS
+    aeads: tuple[Aead, ...] = field(default_factory=hardware_aeads)
+    """In preference order; by default the faster one on this CPU first (cpufeatures.py)."""
     timers: SessionTimers = field(default_factory=SessionTimers)
     mdns: bool = True
     mdns_interfaces: list[str] | None = None
@@ -415,7 +417,8 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
     if unknown:
         raise ConfigError(f"{source}: unknown setting(s) in [node]: {', '.join(sorted(unknown))}")
     suites = tuple(suite_by_name(s) for s in _string_list(node.get("suites", [s.name for s in DEFAULT_ALLOWED_SUITES]), "node.suites", source))
-    aeads = tuple(Aead.from_label(a) for a in _string_list(node.get("aeads", [a.label for a in DEFAULT_AEADS]), "node.aeads", source))
+    aeads = (tuple(Aead.from_label(a) for a in _string_list(node["aeads"], "node.aeads", source))
+             if "aeads" in node else hardware_aeads())
     ports = node.get("allowed_ports", [])
     if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
         raise ConfigError(f"{source}: node.allowed_ports must be a list of port numbers")

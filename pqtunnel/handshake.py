@@ -29,7 +29,7 @@ import msgpack
 
 from .admission import Verdict
 from .crypto import backend as prim
-from .crypto.suites import DEFAULT_AEADS, DEFAULT_ALLOWED_SUITES, SUITES_BY_WIRE_ID, Aead, Suite
+from .crypto.suites import DEFAULT_AEADS, DEFAULT_ALLOWED_SUITES, SUITES_BY_WIRE_ID, Aead, Suite, best_common_aead
 from .errors import (
     BadSignatureError,
     CookieError,
@@ -625,10 +625,10 @@ class ResponderHandshake:
         raise NoCommonSuiteError(f"no offered suite at least as strong as {proposed.name} is allowed by this node")
 
     def _choose_aead(self, offered: list[int]) -> Aead:
-        for wire_id in offered:
-            if wire_id in [int(a) for a in self.config.aeads]:
-                return Aead(wire_id)
-        raise NoCommonSuiteError("no AEAD in common")
+        chosen = best_common_aead(offered, self.config.aeads)
+        if chosen is None:
+            raise NoCommonSuiteError("no AEAD in common")
+        return chosen
 
     def _response(self, state: NoiseState, suite: Suite) -> bytes:
         state.e = self.entropy.x25519_private()

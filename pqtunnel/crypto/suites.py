@@ -7,6 +7,7 @@ authentication). Suites are ranked so that a policy can say "at least hybrid".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -90,7 +91,38 @@ class Aead(IntEnum):
 
 
 _AEAD_LABELS = {Aead.CHACHA20_POLY1305: "chacha20-poly1305", Aead.AES_256_GCM: "aes-256-gcm"}
+#: The library's default order. The daemon passes its own, chosen by the CPU (aead_preference).
 DEFAULT_AEADS: tuple[Aead, ...] = (Aead.CHACHA20_POLY1305, Aead.AES_256_GCM)
+#: Fast on every CPU in software; AES-256-GCM is faster only with AES instructions and much
+#: slower without them, so ChaCha20-Poly1305 settles a disagreement between two nodes.
+PORTABLE_AEAD = Aead.CHACHA20_POLY1305
+
+
+def aead_preference(aes_instructions: bool) -> tuple[Aead, ...]:
+    """A node's AEAD order when its configuration names none: the faster one on its CPU first."""
+    if aes_instructions:
+        return (Aead.AES_256_GCM, Aead.CHACHA20_POLY1305)
+    return (Aead.CHACHA20_POLY1305, Aead.AES_256_GCM)
+
+
+def best_common_aead(initiator: Sequence[int], responder: Sequence[Aead]) -> Aead | None:
+    """The AEAD the responder picks: the one both orders rank best, None if none is shared.
+
+    Each side lists the fastest AEAD on its own CPU first, and both sides pay for the
+    record layer, so the pick minimises the sum of the two positions. A tie means the
+    nodes disagree (say AES instructions on one side only): PORTABLE_AEAD wins it, as it
+    is never slow, then the initiator's order.
+    """
+    ours = [int(a) for a in responder]
+    common = [wire_id for wire_id in initiator if wire_id in ours]
+    if not common:
+        return None
+
+    def rank(wire_id: int) -> tuple[int, bool, int]:
+        mine, theirs = ours.index(wire_id), initiator.index(wire_id)
+        return mine + theirs, wire_id != PORTABLE_AEAD, theirs
+
+    return Aead(min(common, key=rank))
 
 
 def suite_by_name(name: str) -> Suite:

@@ -210,9 +210,26 @@ def test_classical_is_used_only_when_both_sides_allow_it(initiator_suites, respo
     assert exchange.initiator_result.suite is exchange.responder_result.suite is suite
 
 
-def test_the_responder_picks_the_first_aead_of_the_initiator_that_it_allows(alice: Identity, bob: Identity) -> None:
-    exchange = run_handshake(*pair(alice, bob, initiator_config=HandshakeConfig(aeads=(Aead.AES_256_GCM, Aead.CHACHA20_POLY1305))))
-    assert exchange.initiator_result.aead is exchange.responder_result.aead is Aead.AES_256_GCM
+AES_FIRST = (Aead.AES_256_GCM, Aead.CHACHA20_POLY1305)  # a node with AES instructions
+CHACHA_FIRST = (Aead.CHACHA20_POLY1305, Aead.AES_256_GCM)  # a node without
+
+
+@pytest.mark.parametrize(("initiator_aeads", "responder_aeads", "expected"), [
+    pytest.param(AES_FIRST, AES_FIRST, Aead.AES_256_GCM, id="both-have-aes"),
+    pytest.param(CHACHA_FIRST, CHACHA_FIRST, Aead.CHACHA20_POLY1305, id="neither-has-aes"),
+    pytest.param(AES_FIRST, CHACHA_FIRST, Aead.CHACHA20_POLY1305, id="only-initiator-has-aes"),
+    pytest.param(CHACHA_FIRST, AES_FIRST, Aead.CHACHA20_POLY1305, id="only-responder-has-aes"),
+    pytest.param(AES_FIRST, (Aead.AES_256_GCM,), Aead.AES_256_GCM, id="responder-configured-aes-only"),
+    pytest.param((Aead.AES_256_GCM,), CHACHA_FIRST, Aead.AES_256_GCM, id="initiator-configured-aes-only"),
+    pytest.param((Aead.CHACHA20_POLY1305,), AES_FIRST, Aead.CHACHA20_POLY1305, id="initiator-configured-chacha-only"),
+])
+def test_both_sides_agree_on_the_aead_both_rank_best_and_chacha20_settles_a_disagreement(
+        alice: Identity, bob: Identity, initiator_aeads: tuple[Aead, ...], responder_aeads: tuple[Aead, ...],
+        expected: Aead) -> None:
+    exchange = run_handshake(*pair(alice, bob, initiator_config=HandshakeConfig(aeads=initiator_aeads),
+                                   responder_config=HandshakeConfig(aeads=responder_aeads)))
+    assert exchange.completed, exchange.error
+    assert exchange.initiator_result.aead is exchange.responder_result.aead is expected
 
 
 def test_no_common_aead_is_refused(alice: Identity, bob: Identity) -> None:
