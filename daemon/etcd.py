@@ -4,8 +4,9 @@ Why this client: the Python gRPC clients do not fit the daemon (lab notes, docs/
 ``etcd3`` is unmaintained and breaks with protobuf >= 4, ``etcd3gw`` is synchronous and
 talks to one endpoint, ``aetcd`` is asyncio gRPC and does not run under trio. Every etcd v3
 server also serves the same API as JSON over HTTP (``/v3/kv/txn``, ``/v3/kv/range``,
-``/v3/kv/deleterange``, ``/v3/lease/grant``); ``httpx.AsyncClient`` runs natively under
-trio, and owning the endpoint loop lets us fail over exactly as the nonce store needs.
+``/v3/kv/put``, ``/v3/kv/deleterange``, ``/v3/kv/compaction``, ``/v3/lease/grant``);
+``httpx.AsyncClient`` runs natively under trio, and owning the endpoint loop lets us fail
+over exactly as the nonce store needs.
 
 Gateway facts this module handles: keys and values are base64; 64-bit numbers come back as
 JSON strings; fields with default values are omitted (no ``succeeded`` on a failed compare,
@@ -190,6 +191,33 @@ class EtcdGateway:
 
     async def delete(self, key: bytes) -> int:
         return number((await self.call("/v3/kv/deleterange", {"key": b64(key)})).get("deleted"), "deleted")
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})
+
+    async def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
+        """Every key that starts with ``prefix`` (a non-empty prefix), sorted; no values."""
+        range_end = prefix[:-1] + bytes([prefix[-1] + 1])  # our prefixes end in printable ASCII
+        answer = await self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(range_end), "keys_only": True})
+        return sorted(kv.key for kv in kvs_of(answer))
+
+    async def revision(self) -> int:
+        """The cluster's current revision (a linearizable read: every commit before it is included)."""
+        answer = await self.call("/v3/kv/range", {"key": b64(b"\0"), "count_only": True})
+        header = answer.get("header")
+        revision = number(header.get("revision") if isinstance(header, dict) else None, "revision")
+        if revision <= 0:
+            raise StoreDataError("etcd answered a range without the cluster's revision")
+        return revision
+
+    async def compact(self, revision: int) -> None:
+        """Drop every key version older than ``revision`` from history, on disk before it returns
+        (physical). Already compacted that far (another replica did): nothing left to do."""
+        try:
+            await self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        except EtcdRequestRefused as exc:
+            if "required revision has been compacted" not in str(exc):
+                raise
 
     async def grant_lease(self, ttl_s: float) -> tuple[int, int]:
         """A new etcd lease: (id, granted TTL in seconds)."""

@@ -1,19 +1,24 @@
 """The two NonceStore backends (pqtunnel/stores.py): ``local`` (SQLite) and ``etcd``.
 
 Both keep the same things under the node's namespace (its fingerprint): counter-lease
-marks in ``StoreCodec`` format, changed only by compare-and-swap, and single-use records.
+marks in ``StoreCodec`` format, changed only by compare-and-swap, single-use records, and
+opaque session-state blobs (wrapped by the caller) whose delete also erases their history.
 Both refuse a mark that fails the codec's checks, emit ``StoreDataRefused`` (one log line)
 and raise StoreDataError: corrupt or foreign data is never trusted.
 
 ``local``: one SQLite file (default ``HOME/nonces.sqlite``; ``[ha] path`` shares one file
 between replicas or worker processes on one host). WAL with ``synchronous=FULL``: a
 reservation is one ``BEGIN IMMEDIATE`` transaction, on disk (fsync'd) before it is granted;
-the file lock serialises processes. Calls run in a worker thread, one at a time.
+the file lock serialises processes. Calls run in a worker thread, one at a time. With
+``secure_delete`` on, freed pages are zeroed; a state delete then checkpoints the WAL
+(``TRUNCATE``), so the deleted blob is in neither the file nor its ``-wal``.
 
 ``etcd``: etcd v3 through its JSON gateway (daemon/etcd.py). A reservation is one
 transaction: compare the stored value with the expected mark's value, put the new mark;
 on failure it reads the key back, which gives the current mark. Single-use records are
-created with ``create_revision == 0`` under an etcd lease (their TTL).
+created with ``create_revision == 0`` under an etcd lease (their TTL). A state delete is
+followed by a compaction of the cluster's history (``HistoryCompactor``: at most one per
+``COMPACT_INTERVAL``), so no older revision still holds the blob.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import trio
 from pqtunnel.errors import StoreDataError, StoreKeyError, StoreOpenError, StoreUnavailableError
 from pqtunnel.events import Event, StoreDataRefused
 from pqtunnel.leases import Granted, KeyMissing, MarkMoved, ReserveResult
-from pqtunnel.stores import StoreCodec, StoreHealth, check_store_id
+from pqtunnel.stores import StoreCodec, StoreHealth, check_state, check_state_prefix, check_store_id, stored_state
 
 from .etcd import EtcdGateway, EtcdRequestRefused, TxnResult, b64
 
@@ -45,6 +50,9 @@ ETCD_PREFIX = "/pqtunnel/v1"
 LEASE_SLACK_S = 60
 """An etcd lease for single-use records is reused while it lives at least the record's TTL;
 each is granted for the TTL plus this slack, so records may outlive their TTL, never fall short."""
+COMPACT_INTERVAL = 1.0
+"""etcd: at most one history compaction per this many seconds; the deletes in between share
+the next one (a trailing compaction after the last delete)."""
 
 
 def _ignore(event: Event) -> None:
@@ -57,7 +65,7 @@ def _check_ttl(ttl_s: float) -> None:
 
 
 class _Refusals:
-    """Decode a stored mark with the codec; refuse (log, raise) what fails."""
+    """Decode a stored mark with the codec, check a stored state's size; refuse (log, raise) what fails."""
 
     kind = "?"
 
@@ -70,6 +78,13 @@ class _Refusals:
             return self.codec.decode_mark(key_id, value)
         except StoreDataError as exc:
             self.emit(StoreDataRefused(self.kind, key_id, str(exc)))
+            raise
+
+    def _state(self, state_id: str, blob: bytes) -> bytes:
+        try:
+            return stored_state(state_id, blob)
+        except StoreDataError as exc:
+            self.emit(StoreDataRefused(self.kind, state_id, str(exc)))
             raise
 
 
@@ -95,6 +110,8 @@ def _claim(db: sqlite3.Connection, path: Path) -> None:
                    "value BLOB NOT NULL, PRIMARY KEY (namespace, key_id)) WITHOUT ROWID")
         db.execute("CREATE TABLE IF NOT EXISTS used_once (namespace TEXT NOT NULL, kind TEXT NOT NULL, "
                    "id TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (namespace, kind, id)) WITHOUT ROWID")
+        db.execute("CREATE TABLE IF NOT EXISTS states (namespace TEXT NOT NULL, state_id TEXT NOT NULL, "
+                   "blob BLOB NOT NULL, PRIMARY KEY (namespace, state_id))")  # rowid: blobs are large rows
         db.execute("COMMIT")
     finally:
         if db.in_transaction:
@@ -126,6 +143,7 @@ class SqliteNonceStore(_Refusals):
                 raise
             db.execute("PRAGMA journal_mode=WAL")  # persistent: after the first open, a no-op
             db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")  # per connection: freed pages (deleted states) are zeroed
             return db
         except sqlite3.Error as exc:
             raise StoreOpenError(f"cannot open nonce store {path}: {exc}") from None
@@ -217,6 +235,37 @@ class SqliteNonceStore(_Refusals):
 
         return bool(await self._run(use))
 
+    async def put_state(self, state_id: str, blob: bytes) -> None:
+        blob = check_state(state_id, blob)
+        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO states (namespace, state_id, blob) "
+                                              "VALUES (?, ?, ?)", (self.codec.namespace, state_id, blob)))
+
+    async def get_state(self, state_id: str) -> bytes | None:
+        check_store_id(state_id, "state id")
+        row = await self._run(lambda db: db.execute("SELECT blob FROM states WHERE namespace = ? AND state_id = ?",
+                                                    (self.codec.namespace, state_id)).fetchone())
+        return None if row is None else self._state(state_id, bytes(row[0]))  # type: ignore[index]
+
+    async def delete_state(self, state_id: str) -> None:
+        """Delete (its pages zeroed: secure_delete), then checkpoint the WAL and truncate it to nothing."""
+        check_store_id(state_id, "state id")
+
+        def forget(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM states WHERE namespace = ? AND state_id = ?", (self.codec.namespace, state_id))
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            return busy == 0
+
+        if not await self._run(forget):
+            raise StoreUnavailableError(f"nonce store {self.path}: state {state_id} is deleted, but another process "
+                                        "kept the WAL busy, so its old bytes may remain there (delete it again)")
+
+    async def list_states(self, prefix: str) -> list[str]:
+        check_state_prefix(prefix)
+        rows = await self._run(lambda db: db.execute(
+            "SELECT state_id FROM states WHERE namespace = ? AND substr(state_id, 1, ?) = ? ORDER BY state_id",
+            (self.codec.namespace, len(prefix), prefix)).fetchall())
+        return [row[0] for row in rows]  # type: ignore[attr-defined]
+
     async def health(self) -> StoreHealth:
         try:
             await self._run(lambda db: db.execute("SELECT count(*) FROM marks").fetchone())
@@ -231,14 +280,66 @@ class SqliteNonceStore(_Refusals):
 # --- etcd ---------------------------------------------------------------------------------------------
 
 
+class _CompactionRound:
+    """One compaction that callers wait for; ``failure`` says why it did not finish."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.failure: str | None = None
+
+
+class HistoryCompactor:
+    """Compacts etcd's history after state deletes, at most once per ``interval`` seconds.
+
+    etcd keeps every old revision of a key (a deleted blob too) until its history is
+    compacted, and a compaction is cluster-wide work, so deletes share compactions: a delete
+    waits for the next compaction that *begins after it* (at once if none ran in the last
+    ``interval``, else when the interval has passed), so when it returns no revision older
+    than its delete is left.
+    """
+
+    def __init__(self, gateway: EtcdGateway, interval: float = COMPACT_INTERVAL) -> None:
+        self.gateway = gateway
+        self.interval = interval
+        self.compactions = 0
+        self._last: float | None = None  # trio clock: when the last compaction began
+        self._next: _CompactionRound | None = None
+
+    async def after_delete(self) -> None:
+        """Return once a compaction that began after the caller's (committed) delete finished."""
+        if self._next is not None:
+            joined = self._next
+            await joined.done.wait()
+            if joined.failure is not None:
+                raise StoreUnavailableError(f"etcd history compaction did not finish: {joined.failure}")
+            return
+        round_ = self._next = _CompactionRound()
+        try:
+            if self._last is not None:
+                await trio.sleep_until(self._last + self.interval)
+            self._next = None  # a delete from now on needs a compaction that begins after it
+            self._last = trio.current_time()
+            await self.gateway.compact(await self.gateway.revision())
+            self.compactions += 1
+        except BaseException as exc:
+            round_.failure = str(exc) or type(exc).__name__
+            raise
+        finally:
+            if self._next is round_:
+                self._next = None
+            round_.done.set()
+
+
 class EtcdNonceStore(_Refusals):
     """NonceStore on an etcd v3 cluster (keys under ``/pqtunnel/v1/<fingerprint>/``)."""
 
     kind = "etcd"
 
-    def __init__(self, gateway: EtcdGateway, codec: StoreCodec, emit: Emit = _ignore) -> None:
+    def __init__(self, gateway: EtcdGateway, codec: StoreCodec, emit: Emit = _ignore, *,
+                 compact_interval: float = COMPACT_INTERVAL) -> None:
         super().__init__(codec, emit)
         self.gateway = gateway
+        self.compactor = HistoryCompactor(gateway, compact_interval)
         self._prefix = f"{ETCD_PREFIX}/{codec.namespace}"
         self._lease: tuple[int, float] | None = None  # (etcd lease id, monotonic expiry)
 
@@ -247,6 +348,9 @@ class EtcdNonceStore(_Refusals):
 
     def once_key(self, kind: str, record_id: str) -> bytes:
         return f"{self._prefix}/once/{check_store_id(kind, 'record kind')}/{check_store_id(record_id, 'record id')}".encode()
+
+    def state_key(self, state_id: str) -> bytes:
+        return f"{self._prefix}/state/{check_store_id(state_id, 'state id')}".encode()
 
     async def read_mark(self, key_id: str) -> int | None:
         found = await self.gateway.range(self.mark_key(key_id))
@@ -300,6 +404,23 @@ class EtcdNonceStore(_Refusals):
         lease_id, granted = await self.gateway.grant_lease(ttl_s + LEASE_SLACK_S)
         self._lease = (lease_id, now + granted)  # counted from before the request: errs short, never long
         return lease_id
+
+    async def put_state(self, state_id: str, blob: bytes) -> None:
+        await self.gateway.put(self.state_key(state_id), check_state(state_id, blob))
+
+    async def get_state(self, state_id: str) -> bytes | None:
+        found = await self.gateway.range(self.state_key(state_id))
+        return self._state(state_id, found[0].value) if found else None
+
+    async def delete_state(self, state_id: str) -> None:
+        """Delete, then wait for a history compaction that began after the delete (HistoryCompactor)."""
+        await self.gateway.delete(self.state_key(state_id))
+        await self.compactor.after_delete()
+
+    async def list_states(self, prefix: str) -> list[str]:
+        start = f"{self._prefix}/state/".encode()
+        keys = await self.gateway.keys_with_prefix(start + check_state_prefix(prefix).encode())
+        return [key[len(start):].decode("ascii", "replace") for key in keys]
 
     async def health(self) -> StoreHealth:
         healthy, problems = await self.gateway.health()

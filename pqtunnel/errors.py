@@ -193,5 +193,9 @@ class StoreKeyError(LocalProtocolError):
     """A key id or record id the store cannot hold (our mistake, not the store's)."""
 
 
+class StateTooLargeError(StoreKeyError, ValueError):
+    """A session-state blob larger than the store holds (``MAX_STATE_SIZE``): our bug."""
+
+
 class StoreOpenError(UserError):
     """The configured store cannot be opened (bad path, a file of another format)."""

@@ -6,10 +6,11 @@ file-backed implementations are in ``pqtunneld.stores`` (``daemon/stores.py``), 
 may use in-memory ones.
 
 ``NonceStore`` is the shared store of HA replicas (docs/ha.md): counter-lease high-water
-marks changed only by compare-and-swap, and single-use records (resumption tickets, the
-handshake anti-replay cache). Its backends (SQLite, etcd) are in the application
-(``pqtunneld.noncestore``); ``StoreCodec`` is the one format of what they hold, so every
-backend refuses corrupt or foreign data the same way.
+marks changed only by compare-and-swap, single-use records (resumption tickets, the
+handshake anti-replay cache), and opaque session-state blobs for migration (wrapped by the
+caller; deleting one also makes the store forget its history). Its backends (SQLite, etcd)
+are in the application (``pqtunneld.noncestore``); ``StoreCodec`` is the one format of the
+marks they hold, so every backend refuses corrupt or foreign data the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from .ca import Certificate
 from .entropy import SYSTEM_ENTROPY, Entropy
-from .errors import StoreDataError, StoreKeyError
+from .errors import StateTooLargeError, StoreDataError, StoreKeyError
 from .identity import Identity, PublicIdentity
 from .leases import MAX_MARK, ReserveResult
 from .trust import TrustedPeer
@@ -85,7 +86,7 @@ class StoreHealth:
 
 @runtime_checkable
 class NonceStore(Protocol):
-    """Counter-lease marks and single-use records, shared by the replicas of one node.
+    """Counter-lease marks, single-use records and session states, shared by the replicas of one node.
 
     Every method is one atomic, durable step. A method that cannot know its outcome (no
     answer in time) raises StoreUnavailableError; data that fails ``StoreCodec`` checks
@@ -119,6 +120,36 @@ class NonceStore(Protocol):
         """
         ...
 
+    async def put_state(self, state_id: str, blob: bytes) -> None:
+        """Durably store (replace) the blob under state_id.
+
+        The blob is opaque: the caller has already wrapped it (encrypted and authenticated
+        under a key only the node's replicas derive). At most ``MAX_STATE_SIZE`` bytes;
+        bigger raises StateTooLargeError.
+        """
+        ...
+
+    async def get_state(self, state_id: str) -> bytes | None:
+        """The stored blob, or None."""
+        ...
+
+    async def delete_state(self, state_id: str) -> None:
+        """Forget the blob, and make the store forget its history (forward secrecy).
+
+        SQLite: delete with ``secure_delete`` on (freed pages are zeroed), then a WAL
+        ``checkpoint(TRUNCATE)``. etcd: delete, then compact the keyspace history up to the
+        current revision (physical), at most one compaction per ``COMPACT_INTERVAL``
+        seconds, a trailing one after the last delete. Returns once a compaction (or
+        checkpoint) that began after this delete has finished, so older history is gone
+        too (an earlier replaced blob, other deleted blobs). Idempotent: after
+        StoreUnavailableError, call it again.
+        """
+        ...
+
+    async def list_states(self, prefix: str) -> list[str]:
+        """The stored state ids that start with ``prefix`` (any of ``[A-Za-z0-9._:-]``, or empty), sorted."""
+        ...
+
     async def health(self) -> StoreHealth:
         ...
 
@@ -127,6 +158,9 @@ class NonceStore(Protocol):
 
 
 _STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_STATE_PREFIX = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$")
+MAX_STATE_SIZE = 64 * 1024
+"""The largest session-state blob a NonceStore holds (a wrapped session state is far smaller)."""
 _MARK_PREFIX = "pqtunnel-mark/1"
 _TAG_SIZE = 16
 _STORE_KEY_LABEL = b"pqtunnel store integrity v1\x00"
@@ -134,9 +168,34 @@ _STORE_KEY_LABEL = b"pqtunnel store integrity v1\x00"
 
 def check_store_id(value: str, what: str = "key id") -> str:
     """Ids become etcd keys and SQLite rows: short, printable, no separators of our own."""
-    if not isinstance(value, str) or not _STORE_ID.match(value):
+    if not isinstance(value, str) or not _STORE_ID.fullmatch(value):
         raise StoreKeyError(f"{what} {value!r} is not 1-128 of [A-Za-z0-9._:-]")
     return value
+
+
+def check_state(state_id: str, blob: bytes) -> bytes:
+    """A session-state blob the store can hold: a valid id, bytes, at most ``MAX_STATE_SIZE``."""
+    check_store_id(state_id, "state id")
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise StoreKeyError(f"the state of {state_id} must be bytes, not {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) > MAX_STATE_SIZE:
+        raise StateTooLargeError(f"the state of {state_id} is {len(blob)} bytes, more than {MAX_STATE_SIZE}")
+    return blob
+
+
+def check_state_prefix(prefix: str) -> str:
+    """A ``list_states`` prefix: empty, or the start of a valid id."""
+    if not isinstance(prefix, str) or not _STATE_PREFIX.fullmatch(prefix):
+        raise StoreKeyError(f"state id prefix {prefix!r} is not 0-128 of [A-Za-z0-9._:-]")
+    return prefix
+
+
+def stored_state(state_id: str, blob: bytes) -> bytes:
+    """A blob read back: one bigger than we ever write is not ours (StoreDataError)."""
+    if len(blob) > MAX_STATE_SIZE:
+        raise StoreDataError(f"stored state of {state_id} is {len(blob)} bytes, more than pqtunnel writes")
+    return blob
 
 
 class StoreCodec:

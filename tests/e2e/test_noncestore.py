@@ -8,14 +8,18 @@ the cluster before they end, so the tests after them find three healthy members.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
+import secrets
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,10 +29,11 @@ import trio
 
 from pqlab.etcd import EtcdCluster, free_port
 from pqlab.leaseworker import lab_codec
-from pqtunnel.errors import LeaseStoppedError, StoreDataError, StoreOpenError, StoreUnavailableError
+from pqtunnel.errors import (LeaseStoppedError, LocalProtocolError, StateTooLargeError, StoreDataError, StoreKeyError,
+                             StoreOpenError, StoreUnavailableError)
 from pqtunnel.events import Event, StoreDataRefused
 from pqtunnel.leases import CounterLease, Granted, KeyMissing, MarkMoved
-from pqtunnel.stores import NonceStore, StoreCodec
+from pqtunnel.stores import MAX_STATE_SIZE, NonceStore, StoreCodec
 from pqtunneld.etcd import EtcdGateway, b64
 from pqtunneld.leasekeeper import LeaseKeeper, takeover_lease
 from pqtunneld.noncestore import EtcdNonceStore, SqliteNonceStore
@@ -427,3 +432,232 @@ async def test_etcd_requests_fail_over_past_dead_and_electing_endpoints(etcd_clu
     finally:
         await client.aclose()
         stub.close()
+
+
+# --- session-state blobs (what migration keeps) ----------------------------------------------------------
+
+
+async def test_a_state_blob_is_stored_replaced_listed_and_deleted(store: NonceStore) -> None:
+    assert await store.get_state("session.0123456789abcdef") is None
+    await store.put_state("session.0123456789abcdef", b"wrapped state v1")
+    await store.put_state("session.fedcba9876543210", b"\x00another\xff")
+    assert await store.get_state("session.0123456789abcdef") == b"wrapped state v1"
+    await store.put_state("session.0123456789abcdef", b"wrapped state v2, after a rekey")
+    assert await store.get_state("session.0123456789abcdef") == b"wrapped state v2, after a rekey"
+    assert await store.list_states("session.") == ["session.0123456789abcdef", "session.fedcba9876543210"]
+    assert await store.list_states("session.f") == ["session.fedcba9876543210"]
+    await store.delete_state("session.0123456789abcdef")
+    assert await store.get_state("session.0123456789abcdef") is None
+    await store.delete_state("session.0123456789abcdef")  # again: nothing to forget, no error
+    assert await store.get_state("session.fedcba9876543210") == b"\x00another\xff"
+    assert await store.list_states("") == ["session.fedcba9876543210"]
+
+
+async def test_states_are_kept_apart_from_marks_and_single_use_records(store: NonceStore) -> None:
+    await store.put_state("same-id", b"state")
+    assert await store.read_mark("same-id") is None
+    assert await store.reserve("same-id", None, 64) == Granted()
+    assert await store.use_once("ticket", "same-id", 60) is True
+    await store.delete("same-id")
+    assert await store.get_state("same-id") == b"state"
+
+
+async def test_a_state_written_by_one_replica_is_read_by_another(backend: dict, namespace: str) -> None:
+    writer, reader = open_client(backend, lab_codec(namespace)), open_client(backend, lab_codec(namespace))
+    other_node = open_client(backend, lab_codec(namespace + "x"))
+    blob = secrets.token_bytes(MAX_STATE_SIZE)
+    try:
+        await writer.put_state("session.00000000000000aa", blob)
+        assert await reader.get_state("session.00000000000000aa") == blob
+        assert await other_node.get_state("session.00000000000000aa") is None  # another node's namespace
+        await reader.delete_state("session.00000000000000aa")
+        assert await writer.get_state("session.00000000000000aa") is None
+    finally:
+        for client in (writer, reader, other_node):
+            await client.aclose()
+
+
+@pytest.mark.parametrize("state_id", ["", "session/0123", "session 0123", "../session", ".session", "sessión",
+                                      "s" * 129, "session\n", 42],
+                         ids=["empty", "slash", "space", "dotdot", "leading-dot", "non-ascii", "too-long",
+                              "newline", "not-a-string"])
+async def test_an_invalid_state_id_is_refused_and_nothing_is_stored(store: NonceStore, state_id: object) -> None:
+    with pytest.raises(StoreKeyError, match="state id"):
+        await store.put_state(state_id, b"blob")  # type: ignore[arg-type]
+    with pytest.raises(StoreKeyError, match="state id"):
+        await store.get_state(state_id)  # type: ignore[arg-type]
+    with pytest.raises(StoreKeyError, match="state id"):
+        await store.delete_state(state_id)  # type: ignore[arg-type]
+    assert await store.list_states("") == []
+
+
+async def test_a_bad_list_prefix_or_a_blob_that_is_not_bytes_is_refused(store: NonceStore) -> None:
+    with pytest.raises(StoreKeyError, match="prefix"):
+        await store.list_states("session/")
+    with pytest.raises(StoreKeyError, match="must be bytes"):
+        await store.put_state("session.1", "text, not bytes")  # type: ignore[arg-type]
+
+
+async def test_an_oversized_state_is_refused_as_our_bug(store: NonceStore) -> None:
+    await store.put_state("session.max", bytes(MAX_STATE_SIZE))
+    with pytest.raises(StateTooLargeError, match=f"{MAX_STATE_SIZE + 1} bytes, more than {MAX_STATE_SIZE}") as refused:
+        await store.put_state("session.max", bytes(MAX_STATE_SIZE + 1))
+    assert isinstance(refused.value, ValueError) and isinstance(refused.value, LocalProtocolError)
+    assert await store.get_state("session.max") == bytes(MAX_STATE_SIZE)  # the old blob is untouched
+
+
+async def test_a_stored_state_bigger_than_we_ever_write_is_refused_and_logged(backend: dict, namespace: str) -> None:
+    events: list[Event] = []
+    client = open_client(backend, lab_codec(namespace), events)
+    too_big = bytes(MAX_STATE_SIZE + 1)
+    try:
+        if isinstance(client, EtcdNonceStore):  # behind the store's back
+            await client.gateway.put(client.state_key("session.big"), too_big)
+        else:
+            db = sqlite3.connect(backend["path"])
+            with db:
+                db.execute("INSERT INTO states VALUES (?, ?, ?)", (namespace, "session.big", too_big))
+            db.close()
+        with pytest.raises(StoreDataError, match="more than pqtunnel writes"):
+            await client.get_state("session.big")
+    finally:
+        await client.aclose()
+    assert [(e.store, e.key) for e in events if isinstance(e, StoreDataRefused)] == [(backend["kind"], "session.big")]
+
+
+# --- forgetting: a deleted state is gone from the store's history ------------------------------------------
+
+
+def range_at(endpoint: str, key: bytes, revision: int) -> dict:
+    """Ask one etcd member's gateway for ``key`` as it was at ``revision``: the JSON answer (errors too)."""
+    body = json.dumps({"key": b64(key), "revision": str(revision)}).encode()
+    request = urllib.request.Request(f"{endpoint}/v3/kv/range", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+
+
+def written_at(endpoint: str, key: bytes) -> int:
+    """The revision that wrote the current value of ``key``."""
+    answer = range_at(endpoint, key, 0)
+    return int(answer["kvs"][0]["mod_revision"])
+
+
+async def test_a_deleted_state_is_gone_from_etcd_history(etcd_cluster: EtcdCluster, namespace: str) -> None:
+    client = EtcdNonceStore(EtcdGateway(tuple(etcd_cluster.endpoints)), lab_codec(namespace))
+    endpoint = etcd_cluster.endpoints[0]
+    first, second = secrets.token_bytes(64), secrets.token_bytes(64)
+    key = client.state_key("session.00000000000000f5")
+    try:
+        await client.put_state("session.00000000000000f5", first)
+        first_revision = written_at(endpoint, key)
+        await client.put_state("session.00000000000000f5", second)  # replaced: the first is history now
+        second_revision = written_at(endpoint, key)
+        old = range_at(endpoint, key, first_revision)
+        assert base64.b64decode(old["kvs"][0]["value"]) == first  # history holds it before the delete
+        await client.delete_state("session.00000000000000f5")
+    finally:
+        await client.aclose()
+    for revision in (first_revision, second_revision):
+        for member in etcd_cluster.endpoints:
+            answer = range_at(member, key, revision)
+            assert "required revision has been compacted" in answer.get("message", ""), answer
+    assert "kvs" not in range_at(endpoint, key, 0)
+
+
+async def test_many_etcd_deletes_share_a_few_compactions_and_each_returns_forgotten(
+        etcd_cluster: EtcdCluster, namespace: str) -> None:
+    """Rate limit: 20 deletes at once, then one more later: at most one compaction per interval,
+    and each delete returns only once its history is compacted."""
+    client = EtcdNonceStore(EtcdGateway(tuple(etcd_cluster.endpoints)), lab_codec(namespace), compact_interval=0.5)
+    endpoint = etcd_cluster.endpoints[0]
+    ids = [f"session.{index:016x}" for index in range(21)]
+    try:
+        revisions = {}
+        for state_id in ids:
+            await client.put_state(state_id, secrets.token_bytes(64))
+            revisions[state_id] = written_at(endpoint, client.state_key(state_id))
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for state_id in ids[:20]:
+                nursery.start_soon(client.delete_state, state_id)
+        assert client.compactor.compactions <= 2
+        assert trio.current_time() - started >= 0.5 or client.compactor.compactions == 1
+        for state_id in ids[:20]:
+            answer = range_at(endpoint, client.state_key(state_id), revisions[state_id])
+            assert "required revision has been compacted" in answer.get("message", ""), answer
+        before = client.compactor.compactions
+        await client.delete_state(ids[20])  # the trailing delete gets its own compaction
+        assert client.compactor.compactions == before + 1
+        assert "compacted" in range_at(endpoint, client.state_key(ids[20]), revisions[ids[20]]).get("message", "")
+    finally:
+        await client.aclose()
+
+
+def files_hold(path: Path, needle: bytes) -> list[str]:
+    """Which of the SQLite file and its -wal contain ``needle``."""
+    candidates = [path, path.with_name(path.name + "-wal")]
+    return [candidate.name for candidate in candidates if candidate.exists() and needle in candidate.read_bytes()]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["blob-in-wal", "blob-in-main-file"])
+async def test_a_deleted_state_leaves_no_bytes_in_the_sqlite_files(tmp_path: Path, checkpointed: bool) -> None:
+    path = tmp_path / "nonces.sqlite"
+    store, replica = SqliteNonceStore(path, lab_codec()), SqliteNonceStore(path, lab_codec())  # two replicas
+    secret, neighbour = secrets.token_bytes(64), secrets.token_bytes(64)
+    try:
+        await store.put_state("session.000000000000000a", neighbour)
+        await store.put_state("session.000000000000000b", secret)
+        await replica.put_state("session.000000000000000c", neighbour)
+        if checkpointed:
+            with sqlite3.connect(path) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            assert files_hold(path, secret) == ["nonces.sqlite"]
+        else:
+            assert "nonces.sqlite-wal" in files_hold(path, secret)  # the search would find it
+        await replica.delete_state("session.000000000000000b")
+        assert files_hold(path, secret) == []
+        assert await store.get_state("session.000000000000000a") == neighbour
+        assert await store.get_state("session.000000000000000b") is None
+    finally:
+        await store.aclose()
+        await replica.aclose()
+
+
+async def test_a_replaced_state_is_forgotten_by_the_next_delete(tmp_path: Path) -> None:
+    path = tmp_path / "nonces.sqlite"
+    store = SqliteNonceStore(path, lab_codec())
+    old, new = secrets.token_bytes(64), secrets.token_bytes(64)
+    try:
+        await store.put_state("session.1", old)
+        await store.put_state("session.1", new)
+        assert files_hold(path, old)  # the replaced blob's page is still in the WAL
+        await store.put_state("session.2", b"x")
+        await store.delete_state("session.2")
+        assert files_hold(path, old) == []
+        assert files_hold(path, new) == ["nonces.sqlite"]
+    finally:
+        await store.aclose()
+
+
+async def test_etcd_states_are_written_and_read_after_the_leader_is_killed(etcd_cluster: EtcdCluster,
+                                                                         namespace: str) -> None:
+    client = EtcdNonceStore(EtcdGateway(tuple(etcd_cluster.endpoints)), lab_codec(namespace), compact_interval=0.2)
+    leader = etcd_cluster.leader()
+    blob = secrets.token_bytes(4096)
+    try:
+        await client.put_state("session.00000000000000b1", blob)
+        await trio.to_thread.run_sync(etcd_cluster.kill, leader)
+        started = time.monotonic()
+        await client.put_state("session.00000000000000b2", blob[::-1])  # waits out the election
+        assert time.monotonic() - started < 8.0
+        assert etcd_cluster.leader() is not leader
+        assert await client.get_state("session.00000000000000b1") == blob
+        assert await client.get_state("session.00000000000000b2") == blob[::-1]
+        await client.delete_state("session.00000000000000b1")
+        assert await client.get_state("session.00000000000000b1") is None
+    finally:
+        await client.aclose()
+        await trio.to_thread.run_sync(etcd_cluster.restart, leader)
