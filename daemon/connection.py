@@ -53,6 +53,7 @@ class Connection:
         self.established = trio.Event()
         self.finished = trio.Event()
         self.close_reason = ""
+        self.started_at = time.monotonic()  # the socket is connected: the handshake starts now
         self.established_at = 0.0
         self.handshake_wall = 0.0
         """Wall-clock time of the latest full handshake or rekey (``sessions``, like ``wg show``)."""
@@ -481,7 +482,8 @@ class Connection:
         return events.SessionUp(
             peer=result.peer_name, fingerprint=result.peer.fingerprint, addr=self.remote,
             direction=self.direction, session_id=result.session_id.hex(), suite=result.suite.name,
-            kem=result.suite.kem_label, signature=result.suite.signature_label, aead=result.aead.label, trust=trust)
+            kem=result.suite.kem_label, signature=result.suite.signature_label, aead=result.aead.label, trust=trust,
+            handshake_seconds=round(self.established_at - self.started_at, 6))
 
     def down_event(self) -> events.SessionDown:
         result = self.result
@@ -508,7 +510,8 @@ class Connection:
                                       reason=self._failure_reason(), fault=self.fault,
                                       fingerprint=admission.peer.fingerprint if admission and admission.peer else "",
                                       suite=(admission.suite or "") if admission is not None else "",
-                                      rule=decision.rule if refused and decision is not None else "")
+                                      rule=decision.rule if refused and decision is not None else "",
+                                      handshake_seconds=round(time.monotonic() - self.started_at, 6))
 
     def info(self) -> dict[str, Any]:
         result = self.result

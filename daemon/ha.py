@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import trio
 
-from pqtunnel.events import Event, StoreHealthChanged
+from pqtunnel.events import Event, StoreChecked, StoreHealthChanged
 from pqtunnel.identity import Identity
 from pqtunnel.stores import StoreCodec, StoreHealth
 
@@ -43,14 +43,21 @@ class HaWiring:
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Check once before the node serves (reported if bad), then every HEALTH_INTERVAL."""
         try:
-            self._record(await self.store.health(), at_start=True)
+            self._record(await self._check(), at_start=True)
             task_status.started()
             while True:
                 await trio.sleep(HEALTH_INTERVAL)
-                self._record(await self.store.health(), at_start=False)
+                self._record(await self._check(), at_start=False)
         finally:
             with trio.CancelScope(shield=True):
                 await self.store.aclose()
+
+    async def _check(self) -> StoreHealth:
+        """One health check, its latency on the event bus (the store latency metric)."""
+        asked = trio.current_time()
+        health = await self.store.health()
+        self.emit(StoreChecked(self.store.kind, health.ok, round(trio.current_time() - asked, 6)))
+        return health
 
     def _record(self, health: StoreHealth, *, at_start: bool) -> None:
         changed = self.health is None or health.ok != self.health.ok

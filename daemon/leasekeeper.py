@@ -10,16 +10,23 @@ stops for good). The record layer will take its counters from here (docs/ha.md).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
 from pqtunnel.errors import LeaseStoppedError, NoCounterError, StoreDataError, StoreUnavailableError
+from pqtunnel.events import CounterBlockReserved, Event
 from pqtunnel.leases import CounterLease, Outcome, Refused, Reservation, Unanswered
 from pqtunnel.stores import NonceStore
 
 RETRY_PAUSE = (0.05, 1.0)
 """Pause after an unanswered reservation, doubling from the first value up to the second."""
+
+
+def outcome_label(outcome: Outcome) -> str:
+    """``MarkMoved`` -> ``mark_moved``: the result label of a reservation's event and metric."""
+    name = type(outcome).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
 async def takeover_lease(store: NonceStore, key_id: str, *, floor: int = 0, **options: int) -> CounterLease:
@@ -36,9 +43,11 @@ async def takeover_lease(store: NonceStore, key_id: str, *, floor: int = 0, **op
 class LeaseKeeper:
     """One lease and the task that keeps it supplied; ``await next_counter()`` on the hot path."""
 
-    def __init__(self, lease: CounterLease, store: NonceStore) -> None:
+    def __init__(self, lease: CounterLease, store: NonceStore, emit: Callable[[Event], None] | None = None) -> None:
         self.lease = lease
         self.store = store
+        self.emit = emit or (lambda event: None)
+        """Where each reservation's CounterBlockReserved goes (the node's event bus: metrics)."""
         self.unanswered = 0
         self._wanted = trio.Event()
         self._changed = trio.Event()
@@ -53,7 +62,10 @@ class LeaseKeeper:
                 await self._wanted.wait()
                 self._wanted = trio.Event()
                 continue
+            asked = trio.current_time()
             outcome = await self._ask(request)
+            self.emit(CounterBlockReserved(self.store.kind, request.key_id, outcome_label(outcome),
+                                           round(trio.current_time() - asked, 6)))
             self.lease.feed(request, outcome)
             self._notify()
             if isinstance(outcome, Unanswered):

@@ -8,11 +8,15 @@ server is prometheus-client's own (a small thread), private to this registry.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from pqtunnel import events
 
 from .config import Address
+
+
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Seconds: a local SQLite store answers in well under a millisecond, etcd in a few."""
 
 
 class NodeMetrics:
@@ -30,11 +34,21 @@ class NodeMetrics:
         self.rekeys = Counter("pqtunnel_rekeys_total", "In-band rekeys", registry=self.registry)
         self.reloads = Counter("pqtunnel_reloads_total", "Configuration reloads by result", ["result"],
                                registry=self.registry)
+        self.handshake_seconds = Histogram(
+            "pqtunnel_handshake_seconds", "Handshake time from the connection to the session keys (or the failure)",
+            ["direction", "result"], registry=self.registry)
+        self.reservations = Counter(
+            "pqtunnel_nonce_reservations_total", "Counter-block reservations asked of the HA nonce store, by result",
+            ["store", "result"], registry=self.registry)
+        self.store_seconds = Histogram(
+            "pqtunnel_store_seconds", "Latency of the HA nonce store by operation (reserve, health)",
+            ["store", "operation"], buckets=STORE_BUCKETS, registry=self.registry)
 
     def observe(self, event: events.Event) -> None:
         if isinstance(event, events.SessionUp):
             self.sessions.labels(event.suite).inc()
             self.handshakes.labels("up").inc()
+            self._handshake_took(event.direction, "up", event.handshake_seconds)
         elif isinstance(event, events.SessionDown):
             suite = getattr(event, "suite", "") or "unknown"
             self.sessions.labels(suite).dec()
@@ -42,6 +56,7 @@ class NodeMetrics:
             self.bytes.labels(event.peer, "out").inc(event.bytes_out)
         elif isinstance(event, events.HandshakeFailed):
             self.handshakes.labels(f"failed_{event.fault.value}").inc()
+            self._handshake_took(event.direction, f"failed_{event.fault.value}", event.handshake_seconds)
         elif isinstance(event, events.StreamAllowed):
             self.streams.labels("allowed").inc()
         elif isinstance(event, events.StreamDenied):
@@ -50,6 +65,15 @@ class NodeMetrics:
             self.rekeys.inc()
         elif isinstance(event, events.ConfigReloaded):
             self.reloads.labels("applied" if event.ok else "refused").inc()
+        elif isinstance(event, events.CounterBlockReserved):
+            self.reservations.labels(event.store, event.result).inc()
+            self.store_seconds.labels(event.store, "reserve").observe(event.seconds)
+        elif isinstance(event, events.StoreChecked):
+            self.store_seconds.labels(event.store, "health").observe(event.seconds)
+
+    def _handshake_took(self, direction: str, result: str, seconds: float | None) -> None:
+        if seconds is not None:  # None: refused before a handshake began (nothing to time)
+            self.handshake_seconds.labels(direction, result).observe(seconds)
 
     def serve(self, address: Address) -> None:
         start_http_server(address.port, addr=address.host, registry=self.registry)

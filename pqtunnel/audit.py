@@ -49,8 +49,9 @@ GAP = "audit_gap"
 """The record written when the file can be written again: how many events were lost."""
 CHAIN_NEW, CHAIN_CONTINUED = "new", "continued"
 
-NOT_AUDITED = frozenset({"peer_unreachable"})
-"""Event kinds the audit skips: dial failures say nothing about who reached what."""
+NOT_AUDITED = frozenset({"peer_unreachable", "counter_block_reserved", "store_checked"})
+"""Event kinds the audit skips: dial failures and the nonce store's routine answers (metrics
+count those) say nothing about who reached what."""
 
 RULE_AUDIT_REQUIRED = "audit-required"
 """The rule that refuses new sessions and streams while a required audit cannot be written."""

@@ -55,6 +55,8 @@ class SessionUp(Event):
     signature: str
     aead: str
     trust: str
+    handshake_seconds: float | None = None
+    """From the connection (TCP connected or accepted) to the session keys, measured by the caller."""
 
     def message(self) -> str:
         return f"session up: {self.peer} {self.direction} {self.addr}, {self.kem}, {self.signature}, {self.aead}"
@@ -97,6 +99,8 @@ class HandshakeFailed(Event):
     suite: str = ""
     rule: str = ""
     """The policy rule that refused the peer (empty: not refused by a rule, e.g. a network error)."""
+    handshake_seconds: float | None = None
+    """From the connection to the failure (None: refused before a handshake began)."""
 
     def message(self) -> str:
         return f"handshake with {self.peer} at {self.addr} failed: {self.reason}"
@@ -280,6 +284,40 @@ class StoreDataRefused(Event):
 
     def message(self) -> str:
         return f"nonce store {self.store}: refused the data of {self.key}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CounterBlockReserved(Event):
+    """A counter lease asked the nonce store for a block (docs/ha.md): ``result`` is how the
+    store answered (``granted``, ``mark_moved``, ``key_missing``, ``unanswered``, ``refused``),
+    ``seconds`` how long the answer took (measured by the caller)."""
+
+    kind: ClassVar[str] = "counter_block_reserved"
+    level: ClassVar[str] = "debug"  # one per block: the metrics count them, the log need not
+
+    store: str
+    key: str
+    result: str
+    seconds: float
+
+    def message(self) -> str:
+        return f"nonce store {self.store}: block for {self.key} {self.result} in {self.seconds * 1000:.1f} ms"
+
+
+@dataclass(frozen=True)
+class StoreChecked(Event):
+    """One health check of the nonce store and how long it took (a change of health is
+    StoreHealthChanged as well)."""
+
+    kind: ClassVar[str] = "store_checked"
+    level: ClassVar[str] = "debug"
+
+    store: str
+    healthy: bool
+    seconds: float
+
+    def message(self) -> str:
+        return f"nonce store {self.store} {'answers' if self.healthy else 'does not answer'} ({self.seconds * 1000:.1f} ms)"
 
 
 @dataclass(frozen=True)

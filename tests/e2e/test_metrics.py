@@ -46,6 +46,10 @@ def test_metrics_follow_sessions_and_streams(tmp_path: Path) -> None:
         assert values['pqtunnel_handshakes_total{result="up"}'] == 1
         assert values['pqtunnel_streams_total{decision="allowed"}'] == 1
         assert values['pqtunnel_streams_total{decision="denied"}'] == 1
+        took = values['pqtunnel_handshake_seconds_sum{direction="inbound",result="up"}']
+        assert values['pqtunnel_handshake_seconds_count{direction="inbound",result="up"}'] == 1 and 0 < took < 10
+        assert values['pqtunnel_handshake_seconds_bucket{direction="inbound",le="10.0",result="up"}'] == 1
+        assert values['pqtunnel_store_seconds_count{operation="health",store="local"}'] >= 1  # checked at start
         alice.stop()
         bob.wait_for_log("session down: alice")
         after = scrape(port)
@@ -83,3 +87,67 @@ def test_json_logs_are_one_object_per_line_with_event_fields(tmp_path: Path) -> 
     lines = [json.loads(line) for line in bob.logs().splitlines() if line.strip()]
     (up,) = [line for line in lines if line.get("event") == "session_up"]
     assert up["peer"] == "alice" and up["kem"] == "X25519+ML-KEM-768" and up["level"] == "info"
+
+
+def test_a_refused_handshake_is_timed_under_its_fault(tmp_path: Path) -> None:
+    bob_home, _ = init_node(tmp_path, "bob")
+    mallory_home, fp_mallory = init_node(tmp_path, "mallory")  # bob never pins mallory
+    port = free_port()
+    (bob_home / "config.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    bob = Daemon(bob_home).start()
+    mallory = Daemon(mallory_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    try:
+        assert pq("ping", "bob", home=mallory_home).returncode != 0
+        bob.wait_for_log("handshake with unknown peer")
+        values = scrape(port)
+        assert values['pqtunnel_handshake_seconds_count{direction="inbound",result="failed_peer"}'] >= 1
+        assert 'pqtunnel_handshake_seconds_count{direction="inbound",result="up"}' not in values
+    finally:
+        mallory.kill()
+        bob.kill()
+
+
+async def test_nonce_reservations_and_store_latency_are_counted_by_result(tmp_path: Path) -> None:
+    """A real LeaseKeeper on a real SQLite store (granted) and on an etcd endpoint where
+    nothing listens (unanswered), its events fed to the node's metrics as the bus would."""
+    import trio
+
+    from pqlab.leaseworker import lab_codec
+    from pqtunnel import events
+    from pqtunnel.leases import CounterLease
+    from pqtunneld.leasekeeper import LeaseKeeper
+    from pqtunneld.metrics import NodeMetrics
+    from pqtunneld.etcd import EtcdGateway
+    from pqtunneld.noncestore import EtcdNonceStore, open_nonce_store
+
+    metrics = NodeMetrics()
+    seen: list[events.Event] = []
+
+    def emit(event: events.Event) -> None:
+        seen.append(event)
+        metrics.observe(event)
+
+    local = open_nonce_store("local", codec=lab_codec("metrics"), path=tmp_path / "nonces.sqlite")
+    dead = EtcdNonceStore(EtcdGateway((f"http://127.0.0.1:{free_port()}",), deadline=0.3), lab_codec("metrics"))
+    try:
+        async with trio.open_nursery() as nursery:
+            granted = LeaseKeeper(CounterLease.fresh("k", block_size=8, low_water=2), local, emit)
+            unanswered = LeaseKeeper(CounterLease.fresh("k", block_size=8, low_water=2), dead, emit)
+            await nursery.start(granted.run)
+            await nursery.start(unanswered.run)
+            for _ in range(20):  # 20 counters from blocks of 8: three reservations at least
+                await granted.next_counter()
+            with trio.move_on_after(2.0):  # gives up after 0.3 s, retries after a pause
+                await unanswered.next_counter()
+            nursery.cancel_scope.cancel()
+    finally:
+        await local.aclose()
+        await dead.aclose()
+    sample = metrics.registry.get_sample_value
+    assert sample("pqtunnel_nonce_reservations_total", {"store": "local", "result": "granted"}) >= 3
+    assert sample("pqtunnel_nonce_reservations_total", {"store": "etcd", "result": "unanswered"}) >= 1
+    assert sample("pqtunnel_nonce_reservations_total", {"store": "local", "result": "unanswered"}) is None
+    reserve = {"store": "local", "operation": "reserve"}
+    assert sample("pqtunnel_store_seconds_count", reserve) >= 3 and sample("pqtunnel_store_seconds_sum", reserve) > 0
+    reserved = [e for e in seen if isinstance(e, events.CounterBlockReserved)]
+    assert {e.result for e in reserved} == {"granted", "unanswered"} and all(e.key == "k" for e in reserved)
