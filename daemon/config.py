@@ -124,6 +124,8 @@ class HaSettings:
     etcd: tuple[str, ...] = ()
     replica: str = DEFAULT_REPLICA
     path: Path | None = None
+    enabled: bool = False
+    """``[ha]`` is in the config: this node is a replica, its answered sessions are shared."""
 
 
 @dataclass(frozen=True)
@@ -352,7 +354,7 @@ def _ha_settings(table: dict[str, Any], source: str, home: Path) -> HaSettings:
     path = table.get("path")
     if path is not None and (not isinstance(path, str) or not path):
         raise ConfigError(f"{source}: ha.path must be a file path")
-    return HaSettings(store, etcd, replica, home / Path(path).expanduser() if path else None)
+    return HaSettings(store, etcd, replica, home / Path(path).expanduser() if path else None, enabled=True)
 
 
 def _etcd_urls(value: Any, source: str) -> tuple[str, ...]:
@@ -451,7 +453,7 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
         limits=_limits(_table(data, "limits", source), source),
         audit=_audit_settings(_table(data, "audit", source), source, home),
         metrics=_metrics_listen(_table(data, "metrics", source), source),
-        ha=_ha_settings(_table(data, "ha", source), source, home),
+        ha=_ha_settings(_table(data, "ha", source), source, home) if "ha" in data else HaSettings(),
         policy=parse_policy(data, source, path if path.exists() else None, suites),
         migration_accept_until=_migration_deadline(_table(data, "migration", source), source),
     )

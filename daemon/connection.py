@@ -18,7 +18,7 @@ import trio
 
 from pqtunnel import events
 from pqtunnel import tunnel as core
-from pqtunnel.errors import LocalProtocolError, PqtunnelError, ProtocolError
+from pqtunnel.errors import LocalProtocolError, NoCounterError, PqtunnelError, ProtocolError
 from pqtunnel.handshake import HandshakeResult
 from pqtunnel.bandwidth import ByteBucket
 from pqtunnel.limits import SessionBuffers, unlimited
@@ -83,6 +83,12 @@ class Connection:
         self._backlog: list[bytes | memoryview] = []
         self._pings: dict[int, trio.Event] = {}
         self._cancel: trio.CancelScope | None = None
+        self.preread = b""
+        """Bytes read from the socket before this connection took it over (fed first)."""
+        self.on_counters_needed: Callable[[Connection], None] = lambda conn: None
+        """A replica's session waits for its first reserved counter block (daemon/replicas.py)."""
+        self.counter_block: Callable[[], list[int] | None] = lambda: None
+        """The counter block a replica's session holds now, for ``sessions`` (None: no HA)."""
         set_nodelay(stream)
 
     @property
@@ -112,6 +118,8 @@ class Connection:
                     self._nursery = nursery
                     nursery.start_soon(self._guarded, self._writer, nursery.cancel_scope)
                     nursery.start_soon(self._guarded, self._ticker, nursery.cancel_scope)
+                    if self.tunnel.state is core.SessionState.RESERVING:  # a session taken over
+                        self.on_counters_needed(self)
                     await self._guarded(self._reader, nursery.cancel_scope)
         finally:
             await self._finish()
@@ -126,6 +134,9 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.close_reason = self.close_reason or f"connection lost ({os_reason(exc)})"
             self.fault = events.Fault.NETWORK
+        except NoCounterError as exc:  # a replica that cannot reserve never guesses a counter
+            self.close_reason = self.close_reason or f"no reserved counter to send with ({exc})"
+            self.fault = events.Fault.LOCAL
         except LocalProtocolError as exc:  # ours: never blamed on the peer
             self.close_reason = f"internal error: {exc}"
             self.fault = events.Fault.LOCAL
@@ -141,6 +152,9 @@ class Connection:
         if self.tunnel.is_initiator:
             self.tunnel.start(monotonic_ms(), wall_ms())
             self.kick()
+        if self.preread:
+            self.apply(self.tunnel.receive_data(self.preread, monotonic_ms(), wall_ms()))
+            self.preread = b""
         while True:
             await self._wait_for_budget()
             data = await self.stream.receive_some(self._chunk(RECEIVE_SIZE))
@@ -208,8 +222,33 @@ class Connection:
         else:
             self._handle_session_event(event)
 
+    def apply(self, happened: list[core.Event]) -> None:
+        """Handle events a call on the tunnel returned outside the reader, then send."""
+        for event in happened:
+            self._handle(event)
+        self.kick()
+
+    def start_task(self, task: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``task`` as part of this connection: it ends when the connection ends."""
+        if self._nursery is not None:
+            self._nursery.start_soon(task, *args)
+
+    async def start_service(self, task: Callable[..., Awaitable[Any]]) -> None:
+        """Start a long-running ``task`` (``task_status``-style) owned by this connection."""
+        assert self._nursery is not None
+        await self._nursery.start(task)
+
+    def abort(self, reason: str, fault: events.Fault = events.Fault.LOCAL) -> None:
+        """End the connection without a CLOSE record (e.g. no counter may be used for one)."""
+        self.close_reason = self.close_reason or reason
+        self.fault = fault
+        if self._cancel is not None:
+            self._cancel.cancel()
+
     def _handle_session_event(self, event: core.Event) -> None:
-        if isinstance(event, core.Established):
+        if isinstance(event, core.CountersNeeded):
+            self.on_counters_needed(self)
+        elif isinstance(event, core.Established):
             self.established_at = time.monotonic()
             self.handshake_wall = time.time()
             self.established.set()
@@ -222,6 +261,8 @@ class Connection:
             self.handshake_wall = time.time()
             self.emit(events.Rekeyed(self.peer, self.result.peer.fingerprint, self.result.session_id.hex(), event.epoch))
             self.on_rekeyed(self)
+        elif isinstance(event, core.Resumed) and self.result is not None:
+            self.emit(self.moved_event(event.replica, event.migrations))
         elif isinstance(event, core.PeerClosed):
             self.close_reason = f"peer closed the session: {event.reason}"
         elif isinstance(event, core.GoAwayReceived):
@@ -411,6 +452,10 @@ class Connection:
         else:
             self._signal_progress()
 
+    def wake_writers(self) -> None:
+        """Stream writers waiting for ``Tunnel.writable`` look again (e.g. counters arrived)."""
+        self._signal_progress()
+
     def _signal_progress(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
@@ -485,6 +530,13 @@ class Connection:
             kem=result.suite.kem_label, signature=result.suite.signature_label, aead=result.aead.label, trust=trust,
             handshake_seconds=round(self.established_at - self.started_at, 6))
 
+    def moved_event(self, replica: str, migrations: int) -> events.SessionMoved:
+        result = self.result
+        assert result is not None
+        return events.SessionMoved(peer=result.peer_name, fingerprint=result.peer.fingerprint, addr=self.remote,
+                                   direction=self.direction, session_id=result.session_id.hex(), replica=replica,
+                                   migrations=migrations)
+
     def down_event(self) -> events.SessionDown:
         result = self.result
         assert result is not None
@@ -534,6 +586,10 @@ class Connection:
             "streams": len(self.streams),
             "latest_handshake": iso_time(self.handshake_wall),
             "last_received": iso_time(self.received_wall),
+            "replica": session.replica or None,
+            "resumed": session.migrations > 0,
+            "migrations": session.migrations,
+            "block": self.counter_block(),
         }
 
 

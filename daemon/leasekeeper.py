@@ -96,6 +96,27 @@ class LeaseKeeper:
             if self.lease.available <= self.lease.low_water:
                 self._wanted.set()
 
+    @property
+    def available(self) -> int:
+        """Counters in hand."""
+        return self.lease.available
+
+    def counters(self) -> ReservedCounters:
+        """This keeper as the record layer's ``CounterSource``."""
+        return ReservedCounters(self)
+
+    async def wait_changed(self) -> None:
+        """Until the lease changes (a block granted, a retry, a stop)."""
+        await self._changed.wait()
+
+    async def wait_ready(self) -> None:
+        """Until a counter is in hand; LeaseStoppedError if none will ever be."""
+        while self.lease.available == 0:
+            if self.lease.stopped is not None:
+                raise LeaseStoppedError(f"no counters for {self.lease.key_id}: {self.lease.stopped}")
+            self._wanted.set()
+            await self._changed.wait()
+
     async def next_counter(self) -> int:
         """The next counter, waiting for the store only when none is in hand."""
         while True:
@@ -106,3 +127,18 @@ class LeaseKeeper:
                 raise
             except NoCounterError:
                 await changed.wait()
+
+
+class ReservedCounters:
+    """A LeaseKeeper seen by the record layer (``pqtunnel.records.CounterSource``): counters in
+    hand only, taken without waiting; running low wakes the keeper."""
+
+    def __init__(self, keeper: LeaseKeeper) -> None:
+        self._keeper = keeper
+
+    @property
+    def available(self) -> int:
+        return self._keeper.available
+
+    def next_counter(self) -> int:
+        return self._keeper.counter_now()

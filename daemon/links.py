@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import trio
 
+from pqtunnel.session import Session
+
 from pqtunnel.errors import PqtunnelError, UserError
 from pqtunnel.peers import Link
 
@@ -38,6 +40,8 @@ class PeerLink(Link[Address]):
         self.attempts: set[trio.CancelScope] = set()
         """Dial attempts not yet established: drop_link cancels them, never a live session."""
         self.dropped = False
+        self.resumable: Session | None = None
+        """The session whose connection was lost (not closed): resumed on another replica first."""
 
     def new_scope(self) -> trio.CancelScope:
         """A fresh cancel scope for the next wait or dial (a scope can be entered only once)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -20,6 +21,8 @@ from pqtunnel import events
 from pqtunnel.audit import audit_required_rule
 from pqtunnel.peers import RACE_STAGGER_MS, Direction, SessionFacts, SessionTable
 from pqtunnel.bandwidth import ByteBucket
+from pqtunnel.crypto.suites import Suite
+from pqtunnel.session import Session, SessionState
 from pqtunnel.tunnel import Tunnel
 from pqtunnel.trust import TrustStore
 
@@ -39,6 +42,7 @@ from .sdnotify import keep_watchdog_fed, systemd_notifier
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, EventLogger
 from .ha import HaWiring
+from .replicas import FixedSuite, ReplicaSessions, starts_with_record
 from .services import serve_stream, service_summary
 from .socks_server import exposure_warning, open_socks_listener, serve_socks_client
 from .netio import monotonic_ms, os_reason, remote_of, write_now
@@ -51,6 +55,9 @@ from .streams import TunnelStream
 from .version import package_version
 
 DIAL_TIMEOUT = 5.0
+RESUME_TIMEOUT = 2.0
+"""Seconds a RESUME to one replica may take (connect included) before the next is tried."""
+FIRST_BYTES_TIMEOUT = 10.0
 
 
 class Node:
@@ -82,6 +89,7 @@ class Node:
         self.events.subscribe(systemd_notifier)
         self.emit = self.events.emit
         self.ha = HaWiring(config, identity, self.emit)  # the nonce store replicas share (docs/ha.md)
+        self.replicas = ReplicaSessions(self.ha, identity, self.emit)
         self.started = time.monotonic()
         self.listen_address: Address | None = None
         self._nursery: trio.Nursery | None = None
@@ -201,6 +209,31 @@ class Node:
             return
         self.admission.begin()
         self.refresh_pins()
+        conn: Connection | None = None
+        try:
+            conn = await self._inbound_connection(stream, remote, host)
+            if conn is not None:
+                await self._run_connection(conn)
+        finally:
+            if conn is None or not conn.established.is_set():
+                self.admission.end()
+                self.resources.handshake_ended(remote)
+
+    async def _inbound_connection(self, stream: trio.SocketStream, remote: str, host: str) -> Connection | None:
+        """The connection for a new inbound socket: a handshake, or on a replica whose first
+        frame is a RESUME, a session taken over from another replica (None: refused)."""
+        preread = b""
+        if self.replicas.enabled:
+            try:
+                with trio.move_on_after(FIRST_BYTES_TIMEOUT):
+                    preread = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, OSError):
+                await trio.aclose_forcefully(stream)
+                return None
+            if starts_with_record(preread):
+                return await self.replicas.take_over(
+                    stream, remote, preread, admission=partial(self._resume_admission, host), backend=self.backend,
+                    timers=self.config.timers, limits=self.resources.tunnel_limits)
         authorize, config, note = self._peer_admission(None, host)
         handshake = ResponderHandshake(
             self.identity, authorize, peer_address=host,
@@ -209,14 +242,19 @@ class Node:
         )
         authorize.handshake = handshake
         conn = Connection(stream, Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers,
-                                         limits=self.resources.tunnel_limits), remote)
-        conn.admission, conn.handshake_note = authorize, note
-        try:
-            await self._run_connection(conn)
-        finally:
-            if not conn.established.is_set():
-                self.admission.end()
-                self.resources.handshake_ended(remote)
+                                         limits=self.resources.tunnel_limits, shared_keys=self.replicas.enabled),
+                          remote)
+        conn.admission, conn.handshake_note, conn.preread = authorize, note, preread
+        return conn
+
+    def _resume_admission(self, host: str, suite: Suite) -> Admission:
+        """The policy's judgement of a peer resuming a session with ``suite``: the same rules
+        as a handshake from ``host``, and the suite must still be one this node allows there."""
+        authorize, config, _ = self._peer_admission(None, host)
+        if suite not in config.allowed_suites:
+            raise UntrustedPeerError(f"suite {suite.name} is no longer allowed for {host}")
+        authorize.handshake = FixedSuite(suite)
+        return authorize
 
     def _admit(self, host: str) -> Admit:
         """The responder's admission hook for one connection, on the monotonic clock."""
@@ -246,8 +284,14 @@ class Node:
         conn.emit = self.emit
         conn.on_established = established
         conn.on_finished = self._unregister
-        conn.on_rekeyed = self.readmit
+        conn.on_rekeyed = self._rekeyed
+        conn.on_counters_needed = self.replicas.counters_needed
         await conn.run()
+
+    def _rekeyed(self, conn: Connection) -> None:
+        """A rekey: the policy judges the session again; a shared session stores its new keys."""
+        if self.readmit(conn) and conn.tunnel.session.shared_keys:
+            conn.start_task(self.replicas.persist, conn)
 
     def readmit(self, conn: Connection, why: str = "peer no longer trusted") -> bool:
         """Ask the policy again whether a live session's peer is still trusted (at every rekey,
@@ -336,6 +380,9 @@ class Node:
         self.emit(conn.down_event())
         if self._nursery is not None:
             self._nursery.start_soon(release_after_session)  # a peer's filled windows do not stay in RSS
+            session = conn.tunnel.session
+            if session.shared_keys and session.closed:  # ended by CLOSE: no replica continues it
+                self._nursery.start_soon(self.replicas.forget, result.session_id, session.migrations)
         link = self.links.get(result.peer_name)
         if link is not None:
             link.notify()
@@ -369,8 +416,14 @@ class Node:
                     await link.changed.wait()
             if link.dropped:
                 return
+            resumable, link.resumable = link.resumable, None
+            if resumable is not None and await self._resume(link, resumable):
+                link.backoff.reset()
+                continue
             if await self._race(link):
                 link.backoff.reset()
+                if link.resumable is not None:
+                    continue  # the connection was lost, not the session: resume it at once
             with link.new_scope():
                 with trio.move_on_after(link.backoff.next_delay() / 1000):
                     await link.wake.wait()
@@ -391,25 +444,48 @@ class Node:
             link.failed(race.reason or "no candidate answered", handshake=race.handshake_failed)
         return race.winner is not None
 
-    async def _attempt(self, link: PeerLink, address: Address, delay: float, race: _Race) -> None:
-        """One candidate of a race: connect, handshake, and if first, run the session."""
-        with trio.CancelScope() as scope:
+    async def _resume(self, link: PeerLink, old: Session) -> bool:
+        """Continue ``old`` on another replica of the peer: a RESUME to each address in turn,
+        the one whose connection was lost last, each bounded by RESUME_TIMEOUT. The session
+        then runs here until it ends. False: no replica continued it (a handshake follows)."""
+        lost = link.last_good
+        order = [a for a in link.race_order() if a != lost] + ([lost] if lost in link.candidates else [])
+        for address in order:
+            race = _Race()
+            await self._attempt(link, address, 0, race, resume_from=old, within=RESUME_TIMEOUT)
+            if race.winner is not None or link.dropped:
+                return race.winner is not None
+        return False
+
+    def _resumable(self, conn: Connection) -> Session | None:
+        """The session of an ended outbound connection, if only its connection was lost:
+        neither side closed it (CLOSE), so a replica of the peer may continue it."""
+        session = conn.tunnel.session
+        return session if session.state is SessionState.ESTABLISHED and session.is_initiator else None
+
+    async def _attempt(self, link: PeerLink, address: Address, delay: float, race: _Race, *,
+                       resume_from: Session | None = None, within: float = math.inf) -> None:
+        """One candidate of a race: connect, handshake (or resume), and if first, run the session."""
+        with trio.CancelScope(deadline=trio.current_time() + delay + within) as scope:
             race.pending.add(scope)
             link.attempts.add(scope)
             if link.dropped:
                 scope.cancel()
             try:
                 await trio.sleep(delay)
-                conn = await self._dial(link, address, race)
+                conn = await self._dial(link, address, race, resume_from)
                 if conn is None:
                     return
 
                 def won(c: Connection) -> None:
                     race.won(c, scope)
+                    scope.deadline = math.inf
                     link.attempts.discard(scope)  # a live session is never cut by drop_link
                     link.connected(address)
 
                 await self._run_connection(conn, won)
+                if race.winner is conn:
+                    link.resumable = self._resumable(conn)
                 if not conn.established.is_set():
                     race.lost(f"{address}: {conn.close_reason}" if len(link.candidates) > 1 else conn.close_reason,
                               handshake=True)
@@ -417,7 +493,8 @@ class Node:
                 race.pending.discard(scope)
                 link.attempts.discard(scope)
 
-    async def _dial(self, link: PeerLink, address: Address, race: _Race) -> Connection | None:
+    async def _dial(self, link: PeerLink, address: Address, race: _Race,
+                    resume_from: Session | None = None) -> Connection | None:
         try:
             with trio.fail_after(DIAL_TIMEOUT):
                 stream = await trio.open_tcp_stream(address.host, address.port)
@@ -429,6 +506,8 @@ class Node:
             return None
         self.refresh_pins()
         authorize, config, note = self._peer_admission(link.name, remote_of(stream).rpartition(":")[0])
+        if resume_from is not None:
+            return await self._resuming_connection(link, address, stream, authorize, resume_from, race)
         handshake = InitiatorHandshake(self.identity, authorize, config=config,
                                        backend=self.backend, certificate=self.certificate,
                                        transition=self.transition)
@@ -436,6 +515,23 @@ class Node:
         tunnel = Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers)
         conn = Connection(stream, tunnel, str(address), dialled=link.name)
         conn.admission, conn.handshake_note = authorize, note
+        return conn
+
+    async def _resuming_connection(self, link: PeerLink, address: Address, stream: trio.SocketStream,
+                             authorize: Admission, old: Session, race: _Race) -> Connection | None:
+        """A connection that sends RESUME for ``old``; the policy judges the peer again first."""
+        result = old.result
+        assert result is not None
+        authorize.handshake = FixedSuite(result.suite)
+        try:
+            authorize(result.peer)
+        except UntrustedPeerError as exc:
+            race.lost(f"{address}: {exc}", handshake=True)
+            await trio.aclose_forcefully(stream)
+            return None
+        tunnel = Tunnel.around(Session.resuming(old, monotonic_ms()), now_ms=monotonic_ms())
+        conn = Connection(stream, tunnel, str(address), dialled=link.name)
+        conn.admission = authorize
         return conn
 
     async def session_for(self, peer: str, timeout: float = 10.0) -> Connection:

@@ -333,3 +333,40 @@ class PeerMigrated(Event):
 
     def message(self) -> str:
         return f"peer {self.peer} migrated ({self.method}): {self.fingerprint} is now pinned"
+
+
+@dataclass(frozen=True)
+class SessionMoved(Event):
+    """A session continued on another replica of a node without a new handshake (docs/ha.md):
+    logged by the initiator that resumed it and by the replica that took it over."""
+
+    kind: ClassVar[str] = "session_moved"
+
+    peer: str
+    fingerprint: str
+    addr: str
+    direction: str
+    session_id: str
+    replica: str
+    migrations: int
+
+    def message(self) -> str:
+        where = f"replica {self.replica}" if self.replica else "another replica"
+        return f"session {self.session_id} with {self.peer} moved to {where} at {self.addr} (move {self.migrations})"
+
+
+@dataclass(frozen=True)
+class ResumeRefused(Event):
+    """A RESUME that this replica would not continue: unknown or replayed session, keys that
+    do not match, a peer the policy refuses, or a store that does not answer."""
+
+    kind: ClassVar[str] = "resume_refused"
+    level: ClassVar[str] = "warning"
+
+    addr: str
+    session_id: str
+    reason: str
+    fault: Fault
+
+    def message(self) -> str:
+        return f"RESUME of session {self.session_id} from {self.addr} refused: {self.reason}"

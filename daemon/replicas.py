@@ -1,0 +1,248 @@
+"""A replica's shared sessions (``[ha]``, docs/ha.md): reserved counters, wrapped snapshots,
+and sessions taken over from another replica.
+
+With ``[ha]`` configured, every session this node answers is *shared*: its keys may move to
+another replica of the node. So before it sends a single record the session needs
+
+1. its wrapped snapshot in the store (so another replica can continue it), and
+2. a counter block reserved by compare-and-swap (so no replica ever seals twice with one
+   counter under its key),
+
+and only then does it confirm the keys to the peer (``Tunnel.attach_counters``). A peer that
+lost its connection to another replica comes back with a RESUME record as the first frame
+of a new connection: ``take_over`` finds the snapshot, authenticates the RESUME under the
+session's keys, makes sure through the store that no replica accepted that RESUME before,
+asks the policy again, and continues the session from the stored counter marks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import trio
+
+from pqtunnel import events
+from pqtunnel.crypto.suites import Suite
+from pqtunnel.entropy import SYSTEM_ENTROPY
+from pqtunnel.errors import (
+    LeaseStoppedError,
+    ProtocolError,
+    ResumeRefusedError,
+    StoreDataError,
+    StoreUnavailableError,
+    UntrustedPeerError,
+)
+from pqtunnel.handover import StateWrapper, resume_key_id, state_id
+from pqtunnel.handshake import alert_frame
+from pqtunnel.identity import Identity
+from pqtunnel.leases import CounterLease, Granted, MarkMoved, counter_key_id
+from pqtunnel.session import Session, SessionTimers
+from pqtunnel.tunnel import Tunnel, TunnelLimits
+from pqtunnel.wire import FRAME_HEADER, Frame, FrameDecoder, Kind
+
+from .connection import Connection
+from .ha import HaWiring
+from .leasekeeper import LeaseKeeper, takeover_lease
+from .logs import LOG
+from .netio import monotonic_ms, write_now
+from .trustpolicy import Admission
+
+RESERVE_TIMEOUT = 5.0
+"""Seconds a new or taken-over session may wait for its snapshot and first counter block."""
+FIRST_FRAME_TIMEOUT = 10.0
+MAX_RESUME_FRAME = 128
+"""A RESUME record is 54 bytes; anything longer that starts a connection is refused."""
+RESUME_CAS_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class FixedSuite:
+    """The suite of a session being resumed, as the admission reads it from a handshake."""
+
+    suite: Suite
+
+
+def starts_with_record(data: bytes) -> bool:
+    """Whether a connection's first bytes are a RECORD frame: a RESUME, not a HELLO."""
+    return len(data) > FRAME_HEADER.size - 1 and data[4] == Kind.RECORD
+
+
+async def read_first_frame(stream: trio.SocketStream, preread: bytes) -> tuple[Frame, bytes]:
+    """The first frame of a connection (a RESUME) and whatever bytes followed it."""
+    decoder = FrameDecoder(max_record=MAX_RESUME_FRAME)
+    data = preread
+    with trio.fail_after(FIRST_FRAME_TIMEOUT):
+        while True:
+            frames = decoder.feed(data)  # FramingError if oversized: the caller refuses it
+            if frames:
+                used = FRAME_HEADER.size + len(frames[0].body)
+                rest = preread[used:] if len(frames) == 1 and len(preread) >= used else b""
+                return frames[0], rest
+            data = await stream.receive_some(4096)
+            if not data:
+                raise ResumeRefusedError("the connection ended inside its first frame")
+            preread += data
+
+
+class ReplicaSessions:
+    """The node's shared sessions: confirms new ones, takes over moved ones, forgets ended ones."""
+
+    def __init__(self, ha: HaWiring, identity: Identity, emit: Callable[[events.Event], None]) -> None:
+        self.ha = ha
+        self.enabled = ha.settings.enabled
+        self.replica = ha.settings.replica
+        self.wrapper = StateWrapper.for_identity(identity, SYSTEM_ENTROPY)
+        self.emit = emit
+
+    @property
+    def store(self):  # noqa: ANN201 - SqliteNonceStore | EtcdNonceStore
+        return self.ha.store
+
+    # --- new and taken-over sessions: snapshot first, then a counter block, then confirm -----------
+
+    def counters_needed(self, conn: Connection) -> None:
+        """The connection's session waits in RESERVING: reserve for it in its own nursery."""
+        conn.start_task(self.confirm, conn)
+
+    async def confirm(self, conn: Connection) -> None:
+        session = conn.tunnel.session
+        assert session.result is not None
+        session_id = session.result.session_id
+        try:
+            with trio.fail_after(RESERVE_TIMEOUT):
+                await self.store.put_state(state_id(session_id), self.wrapper.wrap(session.snapshot()))
+                keeper = LeaseKeeper(await self._lease(session, session_id), self.store)
+                await conn.start_service(keeper.run)
+                await keeper.wait_ready()
+        except (trio.TooSlowError, StoreUnavailableError, StoreDataError, LeaseStoppedError) as exc:
+            reason = "it did not answer in time" if isinstance(exc, trio.TooSlowError) else str(exc)
+            conn.abort(f"no counter block from the nonce store ({self.store.kind}): {reason}")
+            return
+        conn.counter_block = lambda: _held_block(keeper.lease)
+        conn.start_task(_wake_writers_on_refill, conn, keeper)
+        conn.apply(conn.tunnel.attach_counters(keeper.counters(), monotonic_ms(), self.replica))
+        if session.migrations:
+            conn.emit(conn.moved_event(self.replica, session.migrations))
+
+    async def _lease(self, session: Session, session_id: bytes) -> CounterLease:
+        key_id = counter_key_id(session_id, "r2i")
+        if session.handshake is not None:  # a new session: its key id is new, the mark is created
+            return CounterLease.fresh(key_id)
+        return await takeover_lease(self.store, key_id)  # from the stored mark: above every old block
+
+    async def persist(self, conn: Connection) -> None:
+        """After a rekey: the snapshot follows the new keys (the old one is replaced)."""
+        try:
+            await self.store.put_state(state_id(conn.tunnel.session.result.session_id),  # type: ignore[union-attr]
+                                       self.wrapper.wrap(conn.tunnel.session.snapshot()))
+        except (StoreUnavailableError, StoreDataError) as exc:
+            LOG.warning("session %s: new keys not stored (%s): it cannot move to another replica until stored",
+                        conn.peer_label, exc)
+
+    async def forget(self, session_id: bytes, migrations: int) -> None:
+        """A session ended for good (CLOSE): delete its snapshot and marks, unless another
+        replica took it over since (its snapshot then counts more moves)."""
+        try:
+            blob = await self.store.get_state(state_id(session_id))
+            if blob is None or self.wrapper.unwrap(session_id, blob).migrations != migrations:
+                return
+            await self.store.delete_state(state_id(session_id))
+            for key_id in (counter_key_id(session_id, "r2i"), resume_key_id(session_id)):
+                await self.store.delete(key_id)
+        except (StoreUnavailableError, StoreDataError) as exc:
+            LOG.info("session %s: its stored state stays for now (%s)", session_id.hex(), exc)
+
+    # --- a RESUME as the first frame of a connection --------------------------------------------------
+
+    async def take_over(self, stream: trio.SocketStream, remote: str, preread: bytes, *,
+                        admission: Callable[[Suite], Admission], backend: Any, timers: SessionTimers,
+                        limits: TunnelLimits) -> Connection | None:
+        """A Connection continuing the session a RESUME names (RESERVING until its counters
+        arrive), or None after refusing it with an ALERT and one log line."""
+        session_hex = "?"
+        try:
+            frame, rest = await read_first_frame(stream, preread)
+            session_hex = bytes(frame.body[:8]).hex()
+            session, authorize = await self._resumable(frame, admission, backend, timers)
+        except (ResumeRefusedError, ProtocolError, UntrustedPeerError, trio.TooSlowError) as exc:
+            reason = "no RESUME arrived in time" if isinstance(exc, trio.TooSlowError) else str(exc)
+            fault = events.Fault.LOCAL if isinstance(exc, _StoreTrouble) else events.Fault.PEER
+            await self._refuse(stream, remote, session_hex, reason, fault)
+            return None
+        conn = Connection(stream, Tunnel.around(session, now_ms=monotonic_ms(), limits=limits), remote)
+        conn.admission, conn.preread = authorize, rest
+        return conn
+
+    async def _resumable(self, frame: Frame, admission: Callable[[Suite], Admission], backend: Any,
+                         timers: SessionTimers) -> tuple[Session, Admission]:
+        if frame.kind is not Kind.RECORD or len(frame.body) < 16:
+            raise ResumeRefusedError("the first frame is not a RESUME record")
+        session_id = bytes(frame.body[:8])
+        try:
+            snapshot = self.wrapper.unwrap(session_id, await self._stored(session_id))
+        except StoreDataError as exc:
+            self.emit(events.StoreDataRefused(self.store.kind, state_id(session_id), str(exc)))
+            raise _StoreTrouble(str(exc)) from None
+        session = Session.from_snapshot(snapshot, backend=backend, entropy=SYSTEM_ENTROPY, now_ms=monotonic_ms(),
+                                        timers=timers)
+        counter, _ = session.open_resume(frame.body)  # RecordError unless sealed under the session's keys
+        assert session.result is not None
+        authorize = admission(session.result.suite)
+        if authorize(session.result.peer) != session.result.peer_name:
+            raise UntrustedPeerError(f"the policy no longer names {session.result.peer.fingerprint} "
+                                     f"{session.result.peer_name}")
+        await self._use_resume_counter(session_id, counter)
+        return session, authorize
+
+    async def _stored(self, session_id: bytes) -> bytes:
+        try:
+            blob = await self.store.get_state(state_id(session_id))
+        except StoreUnavailableError as exc:
+            raise _StoreTrouble(f"nonce store {self.store.kind} unavailable: {exc}") from None
+        if blob is None:
+            raise ResumeRefusedError(f"no session {session_id.hex()} is stored (ended, or never ours)")
+        return blob
+
+    async def _use_resume_counter(self, session_id: bytes, counter: int) -> None:
+        """Record, atomically across replicas, that the RESUME with ``counter`` was used: the
+        mark moves to ``counter + 1`` only from below it, so a replayed RESUME is refused."""
+        key_id = resume_key_id(session_id)
+        try:
+            expected = await self.store.read_mark(key_id)
+            for _ in range(RESUME_CAS_ATTEMPTS):
+                if expected is not None and expected > counter:
+                    raise ResumeRefusedError(f"RESUME {counter} of session {session_id.hex()} was used before (replay)")
+                outcome = await self.store.reserve(key_id, expected, counter + 1)
+                if isinstance(outcome, Granted):
+                    return
+                if not isinstance(outcome, MarkMoved):
+                    raise ResumeRefusedError(f"session {session_id.hex()} ended while it was being resumed")
+                expected = outcome.current
+        except (StoreUnavailableError, StoreDataError) as exc:
+            raise _StoreTrouble(f"nonce store {self.store.kind}: {exc}") from None
+        raise _StoreTrouble(f"RESUME mark of session {session_id.hex()} kept moving")
+
+    async def _refuse(self, stream: trio.SocketStream, remote: str, session_hex: str, reason: str,
+                      fault: events.Fault) -> None:
+        write_now(stream.socket.fileno(), [alert_frame(ResumeRefusedError(reason))])
+        await trio.aclose_forcefully(stream)
+        self.emit(events.ResumeRefused(addr=remote, session_id=session_hex, reason=reason, fault=fault))
+
+
+class _StoreTrouble(ResumeRefusedError):
+    """A RESUME refused because the store could not answer or vouch for its data (our side)."""
+
+
+def _held_block(lease: CounterLease) -> list[int] | None:
+    """The block the lease seals from now, ``[start, end)``."""
+    held = lease.held
+    return [held[0].start, held[0].end] if held else None
+
+
+async def _wake_writers_on_refill(conn: Connection, keeper: LeaseKeeper) -> None:
+    """Stream writers that waited for counters (``Tunnel.writable``) go on once a block arrives."""
+    while keeper.lease.stopped is None:
+        await keeper.wait_changed()
+        conn.kick()
+        conn.wake_writers()

@@ -1,0 +1,99 @@
+"""End to end: a session moves between two replicas of bob without a new handshake
+(docs/ha.md). The replicas share bob's identity and one local nonce store (one SQLite
+file, ``[ha] path``); alice knows both addresses (``--peer bob=R1,R2``). The same flows run
+against a real etcd cluster in tests/e2e/test_ha_failover.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.nodes import Daemon, init_node, pq
+
+
+def replica_home(root: Path, source: Path, name: str) -> Path:
+    """Another replica of the node in ``source``: the same identity in its own home."""
+    home = root / name
+    home.mkdir(mode=0o700)
+    for file in ("identity.key", "identity.pub"):
+        shutil.copy2(source / file, home / file)
+    return home
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[dict]:
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    store = tmp_path / "shared-nonces.sqlite"
+    replicas = []
+    for index, home in enumerate([bob_home, replica_home(tmp_path, bob_home, "bob-r2")], start=1):
+        pq("trust", "alice", fp_alice, home=home)
+        (home / "config.toml").write_text(f'[ha]\nstore = "local"\npath = "{store}"\nreplica = "r{index}"\n')
+        replicas.append(Daemon(home).start())
+    pq("trust", "bob", fp_bob, home=alice_home)
+    addresses = ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+    alice = Daemon(alice_home, ["--peer", f"bob={addresses}"]).start()
+    try:
+        yield {"replicas": replicas, "alice": alice, "alice_home": alice_home}
+    finally:
+        for daemon in [alice, *replicas]:
+            daemon.kill()
+
+
+def ping_bob(alice_home: Path) -> None:
+    result = pq("ping", "bob", home=alice_home)
+    assert result.returncode == 0, result.stderr
+
+
+def only_session(daemon: Daemon) -> dict:
+    sessions = daemon.sessions()
+    assert len(sessions) == 1, sessions
+    return sessions[0]
+
+
+def serving(lab: dict) -> tuple[Daemon, Daemon]:
+    """(the replica holding alice's session, the other one)."""
+    first, second = lab["replicas"]
+    return (first, second) if first.sessions() else (second, first)
+
+
+def test_a_replica_seals_from_a_reserved_block_and_says_so(lab: dict) -> None:
+    ping_bob(lab["alice_home"])
+    at_replica = only_session(serving(lab)[0])
+    start, end = at_replica["block"]
+    assert 0 <= start < end and at_replica["replica"] in ("r1", "r2")
+    assert at_replica["resumed"] is False and at_replica["migrations"] == 0
+    at_alice = only_session(lab["alice"])
+    assert at_alice["session_id"] == at_replica["session_id"] and len(at_alice["session_id"]) == 16
+    assert at_alice["block"] is None  # alice is no replica: her counters are her own
+
+
+def test_when_the_serving_replica_is_killed_the_session_continues_on_the_other(lab: dict) -> None:
+    ping_bob(lab["alice_home"])
+    before = only_session(lab["alice"])
+    dead, live = serving(lab)
+    dead.kill()
+    lab["alice"].wait_for_log("moved to replica")
+    ping_bob(lab["alice_home"])
+    after = only_session(lab["alice"])
+    assert after["session_id"] == before["session_id"]
+    assert after["resumed"] is True and after["migrations"] == 1
+    assert after["replica"] == only_session(live)["replica"]
+    taken = only_session(live)
+    assert taken["session_id"] == before["session_id"] and taken["migrations"] == 1
+    assert "Traceback" not in lab["alice"].logs() + live.logs()
+
+
+def test_a_session_closed_by_its_replica_is_not_resumed_but_handshaken_anew(lab: dict) -> None:
+    ping_bob(lab["alice_home"])
+    before = only_session(lab["alice"])
+    dead, _ = serving(lab)
+    dead.stop()  # SIGTERM: the replica closes its sessions with CLOSE, so they are over
+    lab["alice"].wait_for_log("peer closed the session")
+    ping_bob(lab["alice_home"])
+    after = only_session(lab["alice"])
+    assert after["session_id"] != before["session_id"] and after["migrations"] == 0
