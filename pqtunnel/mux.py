@@ -34,6 +34,7 @@ from typing import Any, Callable, Final
 import msgpack
 
 from .errors import LocalProtocolError
+from .wire import MAX_RECORD_PLAINTEXT
 
 HEADER: Final = struct.Struct(">BBII")
 """type, flags, stream_id, length: precompiled because it is parsed once per frame."""
@@ -48,6 +49,9 @@ MAX_WINDOW: Final = 0xFFFF_FFFF
 MAX_REASON_BYTES: Final = 1024
 """Outgoing reasons are cut to this many UTF-8 bytes so every control payload fits 4096."""
 MAX_FRAME: Final = HEADER_SIZE + MAX_DATA_PAYLOAD
+#: Each batch from ``batches_to_send`` starts with this many bytes the mux never writes: the
+#: record layer puts the content type there and encrypts the batch as it is, without a copy.
+BATCH_RESERVED: Final = 1
 
 _WINDOW_INCREMENT: Final = struct.Struct(">I")
 _unpack_header: Final = HEADER.unpack_from
@@ -375,13 +379,19 @@ class Multiplexer:
         is_initiator: bool,
         initial_window: int = DEFAULT_INITIAL_WINDOW,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        batch_limit: int = MAX_RECORD_PLAINTEXT,
     ) -> None:
         """``initial_window`` is a session parameter: both peers must use the same value,
-        because each side assumes the other granted exactly that much on every new stream."""
+        because each side assumes the other granted exactly that much on every new stream.
+        ``batch_limit`` bounds the frame bytes of one batch (one record); it must hold the
+        largest frame."""
         if not 1 <= initial_window <= MAX_WINDOW:
             raise MuxConfigError(f"initial_window must be in 1..{MAX_WINDOW}, not {initial_window}")
         if max_streams < 0:
             raise MuxConfigError(f"max_streams must be >= 0, not {max_streams}")
+        if batch_limit < MAX_FRAME:
+            raise MuxConfigError(f"batch limit {batch_limit} is below the largest frame ({MAX_FRAME} bytes)")
+        self._batch_limit = batch_limit
         self._initial_window = initial_window
         self._window_update_threshold = max(1, initial_window // 2)
         self._max_streams = max_streams
@@ -390,7 +400,9 @@ class Multiplexer:
         self._highest_peer_id = 0
         self._streams: dict[int, _Stream] = {}
         self._peer_stream_count = 0
-        self._outbuf = bytearray()
+        self._outbuf = bytearray(BATCH_RESERVED)
+        """The batch being filled: BATCH_RESERVED free bytes, then whole frames."""
+        self._full_batches: list[bytearray] = []
         self._sent_goaway = False
         self._received_goaway = False
         self._closed = False
@@ -470,9 +482,9 @@ class Multiplexer:
         stream = self._sendable(stream_id)
         view = _byte_view(data)
         accepted = min(len(view), stream.send_credit)
-        out = self._outbuf
         for start in range(0, accepted, MAX_DATA_PAYLOAD):
             chunk = view[start : min(start + MAX_DATA_PAYLOAD, accepted)]
+            out = self._batch_for(HEADER_SIZE + len(chunk))
             out += _pack_header(_DATA, 0, stream_id, len(chunk))
             out += chunk
         stream.send_credit -= accepted
@@ -531,38 +543,27 @@ class Multiplexer:
         self._queue(FrameType.GOAWAY, 0, payload)
 
     def data_to_send(self) -> bytes | bytearray:
-        """Drain everything queued since the last call, in order (whole frames).
+        """Drain everything queued since the last call, in order (whole frames)."""
+        batches = self.batches_to_send()
+        if len(batches) == 1:
+            del batches[0][:BATCH_RESERVED]
+            return batches[0]
+        return b"".join(memoryview(batch)[BATCH_RESERVED:] for batch in batches)
 
-        The internal buffer itself is handed over (no copy): it is never touched again.
-        """
-        if not self._outbuf:
-            return b""
-        out = self._outbuf
-        self._outbuf = bytearray()
-        return out
-
-    def batches_to_send(self, limit: int) -> list[memoryview]:
-        """Drain the queue as batches of whole frames, each at most ``limit`` bytes.
+    def batches_to_send(self) -> list[bytearray]:
+        """Drain the queue as batches: BATCH_RESERVED free bytes, then at most ``batch_limit``
+        bytes of whole frames.
 
         One batch becomes one record: no frame is ever split across records, so the peer
-        parses every record on its own. ``limit`` must hold the largest frame.
+        parses every record on its own. The batches are built as frames are queued, so
+        handing them over copies nothing; the caller owns them (the record layer writes the
+        content type into the reserved byte and encrypts the batch in place).
         """
-        if limit < MAX_FRAME:
-            raise MuxConfigError(f"batch limit {limit} is below the largest frame ({MAX_FRAME} bytes)")
-        out = self.data_to_send()
-        if len(out) <= limit:
-            return [memoryview(out)] if out else []
-        view = memoryview(out)
-        batches: list[memoryview] = []
-        start = pos = 0
-        end = len(view)
-        while pos < end:
-            stop = pos + HEADER_SIZE + _unpack_header(view, pos)[3]
-            if stop - start > limit:
-                batches.append(view[start:pos])
-                start = pos
-            pos = stop
-        batches.append(view[start:end])
+        batches = self._full_batches
+        if len(self._outbuf) > BATCH_RESERVED:
+            batches.append(self._outbuf)
+            self._outbuf = bytearray(BATCH_RESERVED)
+        self._full_batches = []
         return batches
 
     # --- input ----------------------------------------------------------------------------------
@@ -777,8 +778,18 @@ class Multiplexer:
         self._peer_stream_count = 0
 
     def _queue(self, frame_type: int, stream_id: int, payload: bytes) -> None:
-        self._outbuf += _pack_header(frame_type, 0, stream_id, len(payload))
-        self._outbuf += payload
+        out = self._batch_for(HEADER_SIZE + len(payload))
+        out += _pack_header(frame_type, 0, stream_id, len(payload))
+        out += payload
+
+    def _batch_for(self, frame_size: int) -> bytearray:
+        """The batch to append a frame of ``frame_size`` bytes to: a new one when it would
+        overflow ``batch_limit`` (frames are never split)."""
+        out = self._outbuf
+        if len(out) - BATCH_RESERVED + frame_size > self._batch_limit and len(out) > BATCH_RESERVED:
+            self._full_batches.append(out)
+            out = self._outbuf = bytearray(BATCH_RESERVED)
+        return out
 
     def _free(self, stream_id: int) -> None:
         if not self._streams.pop(stream_id).locally_opened:

@@ -92,10 +92,26 @@ class RecordLayer:
         """Encrypt one record; returns (header, ciphertext) so the sender can scatter-gather."""
         if len(data) > MAX_RECORD_PLAINTEXT:
             raise OversizedRecordError(f"record of {len(data)} bytes exceeds {MAX_RECORD_PLAINTEXT}")
+        return self._encrypt(bytes((content_type,)) + data)
+
+    def seal_prepared(self, content_type: ContentType, buffer: bytearray) -> tuple[bytes, bytes]:
+        """seal_parts for a plaintext built in place, without copying it: ``buffer[0]`` is
+        free for the content type (written here) and the record's data follows.
+
+        The bulk path: the multiplexer builds its batches this way (mux.BATCH_RESERVED).
+        """
+        if not buffer:
+            raise RecordError("a prepared record needs its reserved content-type byte")
+        if len(buffer) - 1 > MAX_RECORD_PLAINTEXT:
+            raise OversizedRecordError(f"record of {len(buffer) - 1} bytes exceeds {MAX_RECORD_PLAINTEXT}")
+        buffer[0] = content_type
+        return self._encrypt(buffer)
+
+    def _encrypt(self, plaintext: bytes | bytearray) -> tuple[bytes, bytes]:
+        """(header, ciphertext) of the record whose plaintext is content type + data."""
         counter = self._take_counter()
-        length = 1 + RECORD_PREFIX.size + 1 + len(data) + TAG_SIZE
+        length = 1 + RECORD_PREFIX.size + len(plaintext) + TAG_SIZE
         header = RECORD_HEADER.pack(length, Kind.RECORD, self.session_id, counter)
-        plaintext = bytes((content_type,)) + data
         return header, self._sealer.encrypt(NONCE_PREFIX + counter.to_bytes(8, "big"), plaintext, header)
 
     def _take_counter(self) -> int:

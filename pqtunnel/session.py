@@ -381,6 +381,15 @@ class Session:
         self.bytes_sent += len(data)
         self.last_sent_ms = now_ms
 
+    def send_prepared(self, buffer: bytearray, now_ms: int) -> None:
+        """Queue one DATA record whose plaintext is built in place: ``buffer[0]`` is reserved
+        for the content type, at most MAX_RECORD_PLAINTEXT bytes of data follow (a mux batch).
+        Encrypted without a copy; the buffer is written and must not be reused."""
+        for part in self._require_records().seal_prepared(ContentType.DATA, buffer):
+            self._queue(part)
+        self.bytes_sent += len(buffer) - 1
+        self.last_sent_ms = now_ms
+
     def ping(self, now_ms: int) -> int:
         """Queue a PING; the matching PongReceived carries the returned id."""
         ping_id = self._next_ping_id

@@ -55,7 +55,6 @@ from .session import (
     SessionState,
     SessionTimers,
 )
-from .wire import MAX_RECORD_PLAINTEXT
 
 __all__ = [
     "CountersNeeded", "CreditAvailable", "DataReceived", "ErrorCode", "Established", "Event", "GoAwayReceived",
@@ -282,5 +281,5 @@ class Tunnel:
         """
         if self.session.state is not SessionState.ESTABLISHED:
             return
-        for batch in self.mux.batches_to_send(MAX_RECORD_PLAINTEXT):
-            self.session.send(batch, self._now_ms)
+        for batch in self.mux.batches_to_send():
+            self.session.send_prepared(batch, self._now_ms)

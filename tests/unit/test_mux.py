@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pqtunnel.errors import PqtunnelError
+from pqtunnel.wire import MAX_RECORD_PLAINTEXT
 from pqtunnel.mux import (
+    BATCH_RESERVED,
     DEFAULT_INITIAL_WINDOW,
     HEADER_SIZE,
     MAX_FRAME,
@@ -745,9 +747,15 @@ def test_arbitrary_input_never_raises_and_only_returns_events(data: bytes, accep
     assert sum(isinstance(event, ProtocolViolation) for event in events) <= 1
 
 
-def _script_pair(ops: list[tuple]) -> tuple[bytes, Multiplexer, Multiplexer]:
+def _script_pair(ops: list[tuple], **settings_: int) -> tuple[bytes, Multiplexer, Multiplexer]:
     """Replay the same setup on fresh muxes, then turn ``ops`` into the initiator's bytes."""
-    a, b = make_pair(initial_window=3000)
+    sender, receiver, receiver_copy = _scripted(ops, **settings_)
+    return sender.data_to_send(), receiver, receiver_copy
+
+
+def _scripted(ops: list[tuple], **settings_: int) -> tuple[Multiplexer, Multiplexer, Multiplexer]:
+    """The initiator with ``ops`` queued (not drained), its peer, and a fresh copy of the peer."""
+    a, b = make_pair(initial_window=3000, **settings_)
     ids = [open_accepted(a, b, {"n": n}) for n in range(3)]
     receiver_copy = make_pair(initial_window=3000)
     for n in range(3):
@@ -765,7 +773,7 @@ def _script_pair(ops: list[tuple]) -> tuple[bytes, Multiplexer, Multiplexer]:
                 ids.append(a.mux.open_stream({"arg": arg}))
         except MuxError:
             pass
-    return a.mux.data_to_send(), b.mux, receiver_copy[1].mux
+    return a.mux, b.mux, receiver_copy[1].mux
 
 
 ops_strategy = st.lists(
@@ -809,20 +817,34 @@ def test_how_frames_are_grouped_into_records_never_changes_the_events(
 @given(ops=ops_strategy, extra=st.integers(0, 3 * MAX_FRAME))
 def test_batches_for_records_hold_whole_frames_within_the_limit_and_keep_the_order(ops: list[tuple], extra: int) -> None:
     expected_wire, _, _ = _script_pair(ops)
-    sender, _ = make_pair(initial_window=3000)
-    sender.mux._outbuf += expected_wire  # type: ignore[attr-defined]  # queue exactly these frames
     limit = MAX_FRAME + extra
-    batches = sender.mux.batches_to_send(limit)
-    assert b"".join(bytes(b) for b in batches) == expected_wire
+    sender, _, _ = _scripted(ops, batch_limit=limit)
+    batches = sender.batches_to_send()
+    assert b"".join(bytes(b[BATCH_RESERVED:]) for b in batches) == expected_wire
     for batch in batches:
-        assert 0 < len(batch) <= limit
-        assert _frame_boundaries(bytes(batch))[-1] == len(batch), "a batch ends on a frame boundary"
+        frames_ = bytes(batch[BATCH_RESERVED:])
+        assert 0 < len(frames_) <= limit
+        assert _frame_boundaries(frames_)[-1] == len(frames_), "a batch ends on a frame boundary"
+    assert sender.batches_to_send() == [], "draining hands the batches over once"
+
+
+def test_bulk_data_is_batched_as_it_is_queued_with_a_free_byte_for_the_record_layer() -> None:
+    a, b = make_pair()
+    stream_id = open_accepted(a, b)
+    data = random.Random(7).randbytes(DEFAULT_INITIAL_WINDOW)
+    assert a.mux.send_data(stream_id, data) == len(data)
+    batches = a.mux.batches_to_send()
+    per_batch = MAX_RECORD_PLAINTEXT // MAX_FRAME  # whole 64 KiB frames that fit one record: 3
+    assert [len(batch) for batch in batches] == [BATCH_RESERVED + per_batch * MAX_FRAME] * 5 + [BATCH_RESERVED + MAX_FRAME]
+    for batch in batches:
+        assert isinstance(batch, bytearray), "the record layer writes its content type into the free byte"
+        b.feed(bytes(batch[BATCH_RESERVED:]))  # one record each: the peer parses it on its own
+    assert b.received[stream_id] == data
 
 
 def test_a_batch_limit_below_the_largest_frame_is_refused() -> None:
-    a, _ = make_pair()
     with pytest.raises(MuxConfigError):
-        a.mux.batches_to_send(MAX_FRAME - 1)
+        Multiplexer(is_initiator=True, batch_limit=MAX_FRAME - 1)
 
 
 # --- test vectors (docs/PROTOCOL.md section 7, "Test vectors") ------------------------------------------

@@ -64,6 +64,25 @@ def test_a_sealed_record_opens_to_the_same_content(aead: Aead, size: int) -> Non
     assert receiver.open(body_of(record)) == (ContentType.DATA, data)
 
 
+@pytest.mark.parametrize("aead", AEADS, ids=lambda a: a.label)
+@pytest.mark.parametrize("size", [0, 1, 1_000, MAX_RECORD_PLAINTEXT], ids=["empty", "1", "1000", "max"])
+def test_a_record_prepared_in_place_is_the_same_record_byte_for_byte(aead: Aead, size: int) -> None:
+    data = bytes(i % 251 for i in range(size))
+    copied, in_place = layers(aead)[0], layers(aead)[0]
+    buffer = bytearray(1) + data  # the content type's byte is free, as in a mux batch
+    assert b"".join(in_place.seal_prepared(ContentType.DATA, buffer)) == copied.seal(ContentType.DATA, data)
+    assert in_place.next_send_counter == copied.next_send_counter == 1
+
+
+def test_a_prepared_record_over_the_limit_or_without_its_free_byte_is_refused_unsealed() -> None:
+    sender, _ = layers()
+    with pytest.raises(OversizedRecordError):
+        sender.seal_prepared(ContentType.DATA, bytearray(MAX_RECORD_PLAINTEXT + 2))
+    with pytest.raises(RecordError):
+        sender.seal_prepared(ContentType.DATA, bytearray())
+    assert sender.next_send_counter == 0, "no counter is spent on a refused record"
+
+
 @pytest.mark.parametrize("content_type", list(ContentType), ids=lambda c: c.name)
 def test_every_content_type_survives_the_roundtrip(content_type: ContentType) -> None:
     sender, receiver = layers()
