@@ -13,7 +13,7 @@ import trio
 
 from pqtunnel.errors import UntrustedPeerError, UserError
 from pqtunnel.admission import HandshakeAdmission
-from pqtunnel.errors import HandshakeBusyError
+from pqtunnel.errors import HandshakeBusyError, ReplayError
 from pqtunnel.handshake import (PROTOCOL_VERSION, Admit, CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache,
                                 ResponderHandshake, alert_frame)
 from pqtunnel.identity import Identity
@@ -42,7 +42,7 @@ from .sdnotify import keep_watchdog_fed, systemd_notifier
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, EventLogger
 from .ha import HaWiring
-from .replicas import FixedSuite, ReplicaSessions, starts_with_record
+from .replicas import FixedSuite, ReplicaSessions, first_frame_bytes, stale_after_ms, starts_with_record
 from .services import serve_stream, service_summary
 from .socks_server import exposure_warning, open_socks_listener, serve_socks_client
 from .netio import monotonic_ms, os_reason, remote_of, write_now
@@ -57,7 +57,6 @@ from .version import package_version
 DIAL_TIMEOUT = 5.0
 RESUME_TIMEOUT = 2.0
 """Seconds a RESUME to one replica may take (connect included) before the next is tried."""
-FIRST_BYTES_TIMEOUT = 10.0
 
 
 class Node:
@@ -111,6 +110,8 @@ class Node:
             nursery.start_soon(self.audit.run)
             await nursery.start(self._watch_signals, nursery.cancel_scope)  # before anything can be asked to stop
             await nursery.start(self.ha.run)
+            if self.replicas.enabled:
+                nursery.start_soon(self.replicas.sweep, self._held_session_ids, stale_after_ms(self.config.timers))
             listeners = await self._open_listeners()
             self._serve_metrics()
             nursery.start_soon(keep_watchdog_fed)
@@ -225,8 +226,7 @@ class Node:
         preread = b""
         if self.replicas.enabled:
             try:
-                with trio.move_on_after(FIRST_BYTES_TIMEOUT):
-                    preread = await stream.receive_some(65536)
+                preread = await first_frame_bytes(stream)
             except (trio.BrokenResourceError, OSError):
                 await trio.aclose_forcefully(stream)
                 return None
@@ -234,6 +234,9 @@ class Node:
                 return await self.replicas.take_over(
                     stream, remote, preread, admission=partial(self._resume_admission, host), backend=self.backend,
                     timers=self.config.timers, limits=self.resources.tunnel_limits)
+            if await self.replicas.hello_replayed(preread, self.handshake_config.replay_window_ms):
+                await self._refuse_replayed(stream, remote)
+                return None
         authorize, config, note = self._peer_admission(None, host)
         handshake = ResponderHandshake(
             self.identity, authorize, peer_address=host,
@@ -256,9 +259,20 @@ class Node:
         authorize.handshake = FixedSuite(suite)
         return authorize
 
+    def _held_session_ids(self) -> set[bytes]:
+        return {conn.result.session_id for conn in self.sessions.values() if conn.result is not None}
+
     def _admit(self, host: str) -> Admit:
         """The responder's admission hook for one connection, on the monotonic clock."""
         return lambda proven: self.admission.decide(host, proven=proven, now_ms=monotonic_ms())
+
+    async def _refuse_replayed(self, stream: trio.SocketStream, remote: str) -> None:
+        """A HELLO another replica of this node accepted already (the shared replay cache)."""
+        replay = ReplayError("HELLO replayed: another replica of this node accepted it already")
+        write_now(stream.socket.fileno(), [alert_frame(replay)])
+        await trio.aclose_forcefully(stream)
+        self.emit(events.HandshakeFailed(peer="unknown peer", addr=remote, direction="inbound",
+                                         reason=str(replay), fault=events.Fault.PEER))
 
     async def _refuse_busy(self, stream: trio.SocketStream, remote: str) -> None:
         """A source (or the node) out of handshake budget: ALERT busy and close, before reading

@@ -17,6 +17,7 @@ asks the policy again, and continues the session from the stored counter marks.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,7 +46,7 @@ from .connection import Connection
 from .ha import HaWiring
 from .leasekeeper import LeaseKeeper, takeover_lease
 from .logs import LOG
-from .netio import monotonic_ms, write_now
+from .netio import monotonic_ms, wall_ms, write_now
 from .trustpolicy import Admission
 
 RESERVE_TIMEOUT = 5.0
@@ -54,6 +55,9 @@ FIRST_FRAME_TIMEOUT = 10.0
 MAX_RESUME_FRAME = 128
 """A RESUME record is 54 bytes; anything longer that starts a connection is refused."""
 RESUME_CAS_ATTEMPTS = 8
+SWEEP_INTERVAL = 60.0
+"""Seconds between sweeps for the stored state of sessions that no replica holds any more."""
+STATE_PREFIX = "session."
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,24 @@ class FixedSuite:
 def starts_with_record(data: bytes) -> bool:
     """Whether a connection's first bytes are a RECORD frame: a RESUME, not a HELLO."""
     return len(data) > FRAME_HEADER.size - 1 and data[4] == Kind.RECORD
+
+
+async def first_frame_bytes(stream: trio.SocketStream) -> bytes:
+    """Read until the connection's first frame is complete (a HELLO or a RESUME), or it ends,
+    turns out malformed, or FIRST_FRAME_TIMEOUT passes; returns every byte read, for the
+    handshake or the takeover to use. A replica looks at that frame before either starts."""
+    decoder = FrameDecoder(max_record=MAX_RESUME_FRAME)
+    received = b""
+    with trio.move_on_after(FIRST_FRAME_TIMEOUT):
+        while True:
+            data = await stream.receive_some(65536)
+            received += data
+            try:
+                if not data or decoder.feed(data):
+                    break
+            except ProtocolError:
+                break  # whoever reads it next refuses it with the precise reason
+    return received
 
 
 async def read_first_frame(stream: trio.SocketStream, preread: bytes) -> tuple[Frame, bytes]:
@@ -111,7 +133,7 @@ class ReplicaSessions:
         session_id = session.result.session_id
         try:
             with trio.fail_after(RESERVE_TIMEOUT):
-                await self.store.put_state(state_id(session_id), self.wrapper.wrap(session.snapshot()))
+                await self.store.put_state(state_id(session_id), self.wrapper.wrap(session.snapshot(wall_ms())))
                 keeper = LeaseKeeper(await self._lease(session, session_id), self.store)
                 await conn.start_service(keeper.run)
                 await keeper.wait_ready()
@@ -125,6 +147,24 @@ class ReplicaSessions:
         if session.migrations:
             conn.emit(conn.moved_event(self.replica, session.migrations))
 
+    async def hello_replayed(self, preread: bytes, replay_window_ms: int) -> bool:
+        """The handshake's replay cache, shared by the replicas: True if a HELLO starting
+        ``preread`` reached one of them before, within the replay window. Checked before the
+        handshake spends a signature on it; each replica also keeps its own cache in memory.
+        A store that does not answer decides nothing here (the local cache still applies, and
+        no shared key is used without the store anyway)."""
+        try:
+            frames = FrameDecoder(max_record=MAX_RESUME_FRAME).feed(preread)
+        except ProtocolError:
+            return False  # the handshake itself refuses it, with the precise reason
+        if not frames or frames[0].kind is not Kind.HELLO:
+            return False
+        digest = hashlib.sha256(bytes(frames[0].body)).hexdigest()
+        try:
+            return not await self.store.use_once("hello", digest, 2 * replay_window_ms / 1000)
+        except (StoreUnavailableError, StoreDataError):
+            return False
+
     async def _lease(self, session: Session, session_id: bytes) -> CounterLease:
         key_id = counter_key_id(session_id, "r2i")
         if session.handshake is not None:  # a new session: its key id is new, the mark is created
@@ -135,7 +175,7 @@ class ReplicaSessions:
         """After a rekey: the snapshot follows the new keys (the old one is replaced)."""
         try:
             await self.store.put_state(state_id(conn.tunnel.session.result.session_id),  # type: ignore[union-attr]
-                                       self.wrapper.wrap(conn.tunnel.session.snapshot()))
+                                       self.wrapper.wrap(conn.tunnel.session.snapshot(wall_ms())))
         except (StoreUnavailableError, StoreDataError) as exc:
             LOG.warning("session %s: new keys not stored (%s): it cannot move to another replica until stored",
                         conn.peer_label, exc)
@@ -152,6 +192,34 @@ class ReplicaSessions:
                 await self.store.delete(key_id)
         except (StoreUnavailableError, StoreDataError) as exc:
             LOG.info("session %s: its stored state stays for now (%s)", session_id.hex(), exc)
+
+    async def sweep(self, held: Callable[[], set[bytes]], stale_after_ms: int) -> None:
+        """Forever, every SWEEP_INTERVAL: delete the snapshots (and marks) of sessions nobody
+        holds any more. A live session's snapshot is rewritten at every rekey, so one older
+        than ``stale_after_ms`` and not held here was lost with its replica and its peer."""
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            try:
+                await self._sweep_once(held(), stale_after_ms)
+            except (StoreUnavailableError, StoreDataError) as exc:
+                LOG.info("nonce store %s: stale sessions not swept this time (%s)", self.store.kind, exc)
+
+    async def _sweep_once(self, held: set[bytes], stale_after_ms: int) -> int:
+        swept = 0
+        for store_id in await self.store.list_states(STATE_PREFIX):
+            session_id = bytes.fromhex(store_id[len(STATE_PREFIX):])
+            blob = await self.store.get_state(store_id)
+            if session_id in held or blob is None:
+                continue
+            try:
+                snapshot = self.wrapper.unwrap(session_id, blob)
+            except StoreDataError as exc:
+                self.emit(events.StoreDataRefused(self.store.kind, store_id, str(exc)))
+                continue  # never trusted, never deleted by us: an operator looks at it
+            if snapshot.is_stale(wall_ms(), stale_after_ms):
+                await self.forget(session_id, snapshot.migrations)
+                swept += 1
+        return swept
 
     # --- a RESUME as the first frame of a connection --------------------------------------------------
 
@@ -228,6 +296,11 @@ class ReplicaSessions:
         write_now(stream.socket.fileno(), [alert_frame(ResumeRefusedError(reason))])
         await trio.aclose_forcefully(stream)
         self.emit(events.ResumeRefused(addr=remote, session_id=session_hex, reason=reason, fault=fault))
+
+
+def stale_after_ms(timers: SessionTimers) -> int:
+    """How old a snapshot may grow while its session lives: it is rewritten at every rekey."""
+    return max(4 * timers.rekey_after_ms, 2 * timers.dead_after_ms)
 
 
 class _StoreTrouble(ResumeRefusedError):

@@ -72,10 +72,16 @@ class SessionSnapshot:
     rekey_chain: bytes
     epoch: int
     migrations: int = 0
+    stored_ms: int = 0
+    """Wall-clock time of this snapshot: a live session rewrites it at every rekey, so an old
+    one belongs to a session nobody holds any more (``is_stale``)."""
+
+    def is_stale(self, wall_ms: int, after_ms: int) -> bool:
+        return wall_ms - self.stored_ms > after_ms
 
     @classmethod
     def of(cls, result: HandshakeResult, *, send_key: bytes, recv_key: bytes, rekey_chain: bytes,
-           epoch: int, migrations: int) -> SessionSnapshot:
+           epoch: int, migrations: int, wall_ms: int) -> SessionSnapshot:
         """The snapshot of a live responder session, with its current epoch's keys."""
         peer = result.peer
         wire: dict[str, Any] = {"n": peer.claimed_name, "ed": peer.ed25519, "h": dict(peer.pq_key_hashes)}
@@ -86,7 +92,7 @@ class SessionSnapshot:
         if peer.transition is not None:
             wire["tr"] = peer.transition
         return cls(result.session_id, result.suite.name, result.aead, wire, result.peer_name, result.peer_static,
-                   result.handshake_hash, send_key, recv_key, rekey_chain, epoch, migrations)
+                   result.handshake_hash, send_key, recv_key, rekey_chain, epoch, migrations, wall_ms)
 
     def result(self) -> HandshakeResult:
         """The handshake result this snapshot continues (responder side, current keys)."""
@@ -103,7 +109,7 @@ class SessionSnapshot:
             "sid": self.session_id, "suite": self.suite, "aead": int(self.aead), "peer": self.peer,
             "name": self.peer_name, "static": self.peer_static, "hh": self.handshake_hash,
             "send": self.send_key, "recv": self.recv_key, "chain": self.rekey_chain,
-            "epoch": self.epoch, "moves": self.migrations}, use_bin_type=True)
+            "epoch": self.epoch, "moves": self.migrations, "at": self.stored_ms}, use_bin_type=True)
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> SessionSnapshot:
@@ -113,7 +119,8 @@ class SessionSnapshot:
             snapshot = cls(
                 _bytes(fields, "sid", 8), _text(fields, "suite"), Aead(_int(fields, "aead")), _map(fields, "peer"),
                 _text(fields, "name"), _bytes(fields, "static"), _bytes(fields, "hh"), _bytes(fields, "send", 32),
-                _bytes(fields, "recv", 32), _bytes(fields, "chain"), _int(fields, "epoch"), _int(fields, "moves"))
+                _bytes(fields, "recv", 32), _bytes(fields, "chain"), _int(fields, "epoch"), _int(fields, "moves"),
+                _int(fields, "at"))
             snapshot.result()  # the suite exists and the peer's identity is well formed
         except (ValueError, TypeError, KeyError, ConfigError, MalformedHandshakeError, msgpack.UnpackException) as exc:
             raise StoreDataError(f"stored session state is malformed: {exc}") from None

@@ -353,13 +353,13 @@ class Session:
             self.ping(now_ms)
         return [Established(self.result)]
 
-    def snapshot(self) -> SessionSnapshot:
+    def snapshot(self, wall_ms: int) -> SessionSnapshot:
         """What another replica needs to continue this (responder) session, keys of now."""
         if self.records is None or self.result is None or self.is_initiator:
             raise SessionStateError("only an established responder session has a snapshot")
         send_key, recv_key = self.records.keys
         return SessionSnapshot.of(self.result, send_key=send_key, recv_key=recv_key, rekey_chain=self._chain,
-                                  epoch=self.epoch, migrations=self.migrations)
+                                  epoch=self.epoch, migrations=self.migrations, wall_ms=wall_ms)
 
     # --- sending ------------------------------------------------------------------------------------
 

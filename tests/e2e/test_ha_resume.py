@@ -7,11 +7,16 @@ against a real etcd cluster in tests/e2e/test_ha_failover.py.
 from __future__ import annotations
 
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pqtunnel.handshake import InitiatorHandshake
+from pqtunnel.wire import FrameDecoder, Kind, encode_frame
+from pqtunneld.stores import load_identity
 from tests.nodes import Daemon, init_node, pq
 
 
@@ -97,3 +102,28 @@ def test_a_session_closed_by_its_replica_is_not_resumed_but_handshaken_anew(lab:
     ping_bob(lab["alice_home"])
     after = only_session(lab["alice"])
     assert after["session_id"] != before["session_id"] and after["migrations"] == 0
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` to a replica and return its first answer (a handshake frame)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        return sock.recv(65536)
+
+
+def test_a_hello_one_replica_accepted_is_refused_as_a_replay_by_the_other(lab: dict) -> None:
+    r1, r2 = lab["replicas"]
+    hello = InitiatorHandshake(load_identity(lab["alice_home"]), lambda peer: "bob").start(int(time.time() * 1000))
+    assert FrameDecoder().feed(exchange(r1.port, hello))[0].kind is Kind.RESPONSE
+    answer = FrameDecoder().feed(exchange(r2.port, hello))[0]
+    assert answer.kind is Kind.ALERT and b"replay" in bytes(answer.body)
+    r2.wait_for_log("HELLO replayed: another replica of this node accepted it already")
+
+
+def test_a_resume_for_an_unknown_session_is_refused_with_a_reason_and_the_replica_serves_on(lab: dict) -> None:
+    r1, _ = lab["replicas"]
+    forged = encode_frame(Kind.RECORD, b"\x42" * 8 + (7).to_bytes(8, "big") + b"\x00" * 33)
+    answer = FrameDecoder().feed(exchange(r1.port, forged))[0]
+    assert answer.kind is Kind.ALERT and b"unknown session" in bytes(answer.body)
+    r1.wait_for_log("RESUME of session 4242424242424242")
+    ping_bob(lab["alice_home"])

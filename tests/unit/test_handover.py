@@ -87,7 +87,7 @@ def r1_session(alice: Identity, bob: Identity, marks: Marks) -> tuple[Tunnel, Tu
 
 def take_over(bob: Identity, marks: Marks, r1: Tunnel, a: Tunnel) -> tuple[Tunnel, Tunnel, bytes]:
     """r1's snapshot is wrapped into the store; alice resumes on a new connection to r2."""
-    blob = StateWrapper.for_identity(bob).wrap(r1.session.snapshot())
+    blob = StateWrapper.for_identity(bob).wrap(r1.session.snapshot(NOW_MS))
     assert a.result is not None
     snapshot = StateWrapper.for_identity(bob).unwrap(a.result.session_id, blob)
     r2 = Tunnel.around(Session.from_snapshot(snapshot, backend=r1.session.backend, entropy=r1.session.entropy,
@@ -148,14 +148,14 @@ class TestWrappedSnapshot:
     def test_a_snapshot_survives_wrapping_and_names_the_same_session_and_peer(
             self, r1_session: tuple[Tunnel, Tunnel, CounterLease], bob: Identity) -> None:
         _, r1, _ = r1_session
-        snapshot = r1.session.snapshot()
+        snapshot = r1.session.snapshot(NOW_MS)
         again = StateWrapper.for_identity(bob).unwrap(snapshot.session_id, StateWrapper.for_identity(bob).wrap(snapshot))
         assert again == snapshot
         assert again.result().peer.fingerprint == r1.result.peer.fingerprint
 
     def test_the_wrapped_blob_holds_no_key_in_plain_text(self, r1_session: tuple[Tunnel, Tunnel, CounterLease],
                                                         bob: Identity) -> None:
-        snapshot = r1_session[1].session.snapshot()
+        snapshot = r1_session[1].session.snapshot(NOW_MS)
         blob = StateWrapper.for_identity(bob).wrap(snapshot)
         for secret in (snapshot.send_key, snapshot.recv_key, snapshot.rekey_chain):
             assert secret not in blob
@@ -163,7 +163,7 @@ class TestWrappedSnapshot:
     @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
     def test_a_damaged_blob_is_refused(self, r1_session: tuple[Tunnel, Tunnel, CounterLease], bob: Identity,
                                        damage: str) -> None:
-        snapshot = r1_session[1].session.snapshot()
+        snapshot = r1_session[1].session.snapshot(NOW_MS)
         blob = bytearray(StateWrapper.for_identity(bob).wrap(snapshot))
         if damage == "flip":
             blob[-5] ^= 1
@@ -176,7 +176,7 @@ class TestWrappedSnapshot:
 
     def test_another_nodes_blob_and_a_blob_moved_to_another_session_are_refused(
             self, r1_session: tuple[Tunnel, Tunnel, CounterLease], alice: Identity, bob: Identity) -> None:
-        snapshot = r1_session[1].session.snapshot()
+        snapshot = r1_session[1].session.snapshot(NOW_MS)
         foreign = StateWrapper.for_identity(alice).wrap(snapshot)
         with pytest.raises(StoreDataError, match="fails authentication"):
             StateWrapper.for_identity(bob).unwrap(snapshot.session_id, foreign)
@@ -186,7 +186,7 @@ class TestWrappedSnapshot:
 
     def test_a_well_wrapped_but_malformed_snapshot_is_refused(self, bob: Identity) -> None:
         wrapper = StateWrapper.for_identity(bob)
-        bad = SessionSnapshot(b"\x02" * 8, "no-such-suite", r_aead(), {}, "x", b"", b"", b"k" * 32, b"k" * 32, b"", 0)
+        bad = SessionSnapshot(b"\x02" * 8, "no-such-suite", r_aead(), {}, "x", b"", b"", b"k" * 32, b"k" * 32, b"", 0, 0, 1)
         with pytest.raises(StoreDataError, match="malformed"):
             wrapper.unwrap(bad.session_id, wrapper.wrap(bad))
 
@@ -244,7 +244,7 @@ class TestResume:
         a, r1, _ = r1_session
         a2, r2, resume = take_over(bob, marks, r1, a)
         resume_at(r2, resume, marks)
-        snapshot = r2.session.snapshot()
+        snapshot = r2.session.snapshot(NOW_MS)
         r3 = Tunnel.around(Session.from_snapshot(snapshot, backend=r2.session.backend, entropy=r2.session.entropy,
                                                  now_ms=MONO), now_ms=MONO)
         with pytest.raises(CounterReplayError):
@@ -285,3 +285,12 @@ class TestResume:
         frame = a.session.records.seal(ContentType.RESUME, b"\x00" * 16)
         with pytest.raises(RecordError, match="inside an established session"):
             r1.receive_data(frame, MONO, NOW_MS)
+
+
+def test_a_snapshot_not_rewritten_for_longer_than_a_live_session_would_allow_is_stale(
+        r1_session: tuple[Tunnel, Tunnel, CounterLease], bob: Identity) -> None:
+    snapshot = r1_session[1].session.snapshot(NOW_MS)
+    again = StateWrapper.for_identity(bob).unwrap(snapshot.session_id, StateWrapper.for_identity(bob).wrap(snapshot))
+    assert again.stored_ms == NOW_MS
+    assert not again.is_stale(NOW_MS + 600_000, after_ms=600_000)
+    assert again.is_stale(NOW_MS + 600_001, after_ms=600_000)
