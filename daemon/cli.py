@@ -213,11 +213,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     from .backends import open_backend
     from .config import ConfigProblemsError
+    from .configcheck import config_problems
     from .decisions import build_policy
     from .trustpolicy import load_ca_setup
 
     home = _home(args)
     try:
+        found = config_problems(home, Path(args.config) if args.config else None)
+        if found:  # the schema's and each table's strict reader's, not only the first
+            print("\n".join(found), file=sys.stderr)
+            return 1
         config = load_config(home, Path(args.config) if args.config else None)
         identity = load_identity(home)
         ca, _ = load_ca_setup(config, identity, open_backend(config.crypto_backend))

@@ -19,7 +19,7 @@ from pqtunnel.session import SessionTimers
 
 from .configschema import problems as schema_problems
 from .cpufeatures import hardware_aeads
-from .policyconfig import parse_policy
+from .policyconfig import parse_policy, schema_lines
 from .migration import parse_deadline
 from .stores import refuse_writable_by_others
 
@@ -409,7 +409,7 @@ def load_config(home: Path, config_path: Path | None = None, *, listen: str | No
     path = config_path or home / CONFIG_FILE
     data = read_config_file(path) if (config_path is not None or path.exists()) else {}
     source = str(path)
-    found = schema_problems(data, source)
+    found = schema_problems(data, source, schema_lines(path if path.exists() else None))
     if found:
         raise ConfigProblemsError(found)
     node = _table(data, "node", source)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,23 @@ def header_line(path: Path | None, table: str, index: int) -> int | None:
             if seen == index:
                 return number
     return None
+
+
+_ARRAY_PATH = re.compile(r"^policy\.(grant|trigger|test)\[(\d+)\]")
+
+
+def schema_lines(path: Path | None) -> Callable[[str], int | None]:
+    """For configschema: the line of the ``[[policy.grant]]`` (``[policy.legacy]``, ``[policy]``)
+    header a schema problem's key path points into; None elsewhere or when not found."""
+
+    def locate(key: str) -> int | None:
+        if match := _ARRAY_PATH.match(key):
+            return header_line(path, f"[[policy.{match[1]}]]", int(match[2]))
+        if key.startswith("policy.legacy"):
+            return header_line(path, "[policy.legacy]", 1)
+        return header_line(path, "[policy]", 1) if key.startswith("policy") else None
+
+    return locate
 
 
 def parse_policy(data: dict[str, Any], source: str, path: Path | None,

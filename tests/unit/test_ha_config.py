@@ -50,7 +50,7 @@ def test_a_shared_local_file_is_relative_to_the_home(tmp_path: Path) -> None:
     ('replica = "no spaces"', "ha.replica: invalid replica name"),
     ("replica = 3", "ha.replica must be a name"),
     ('path = ""', "ha.path must be a file path"),
-    ('stor = "local"', "unknown setting(s) in [ha]: stor"),
+    ('stor = "local"', "unknown setting ha.stor (known: store, etcd, replica, path)"),
 ])
 def test_mistakes_in_ha_are_one_line_errors_naming_file_and_key(tmp_path: Path, ha: str, message: str) -> None:
     home = config_with(tmp_path, ha)
@@ -62,5 +62,5 @@ def test_mistakes_in_ha_are_one_line_errors_naming_file_and_key(tmp_path: Path, 
 
 def test_ha_must_be_a_table(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('ha = "etcd"\n')
-    with pytest.raises(ConfigError, match=r"\[ha\] must be a table"):
+    with pytest.raises(ConfigError, match=r"ha must be a table \(\[ha\]\), not str 'etcd'"):
         load_config(tmp_path)

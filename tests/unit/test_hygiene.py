@@ -152,7 +152,7 @@ def test_limits_are_read_from_the_config(home: Path) -> None:
     ("handshakes = -1", "limits.handshakes must be a positive integer"),
     ('buffered_bytes = "64 MiB"', "limits.buffered_bytes must be a positive integer"),
     ("exec_processes = true", "limits.exec_processes must be a positive integer"),
-    ("max_streams = 10", "unknown setting(s) in [limits]: max_streams"),
+    ("max_streams = 10", "unknown setting limits.max_streams (known: streams_per_session,"),
 ])
 def test_a_bad_limit_is_a_one_line_error(home: Path, line: str, message: str) -> None:
     write_config(home, f"[limits]\n{line}\n")

@@ -34,7 +34,7 @@ def test_without_the_section_the_legacy_path_has_no_deadline(tmp_path: Path) -> 
 @pytest.mark.parametrize("text, reason", [
     ('accept_until = "30/06/2027"', "is not a date"),
     ("accept_until = 2027", "must be a date"),
-    ('until = "2027-06-30"', "unknown setting(s) in [migration]: until"),
+    ('until = "2027-06-30"', "unknown setting migration.until (known: accept_until)"),
 ])
 def test_a_bad_deadline_is_a_one_line_config_error(tmp_path: Path, text: str, reason: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -85,8 +85,8 @@ def test_a_rate_alone_gets_a_one_second_burst(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("section, message", [
-    ('[policy]\nallow = 1\n', "[policy]: unknown setting(s) allow"),
-    ('[policy]\ngrant = 1\n', "[policy]: grant: write each one as a [[policy.grant]] table"),
+    ('[policy]\nallow = 1\n', ":1: unknown setting policy.allow (known: grant, trigger, legacy, test)"),
+    ('[policy]\ngrant = 1\n', ":1: policy.grant must be tables written [[policy.grant]], not int 1"),
     ('[[policy.grant]]\ndst = ["web"]\n', ":1: [[policy.grant]] #1: src: is missing"),
     ('[[policy.grant]]\nsrc = []\ndst = ["web"]\n', "[[policy.grant]] #1: src: must be a non-empty list of strings"),
     ('[[policy.grant]]\nsrc = ["*"]\ndst = ["*"]\n\n[[policy.grant]]\nsrc = ["grp:ops"]\ndst = ["web"]\n',
@@ -96,7 +96,8 @@ def test_a_rate_alone_gets_a_one_second_burst(tmp_path: Path) -> None:
     ('[[policy.grant]]\nsrc = ["*"]\ndst = ["web"]\nmin_suite = "quantum"\n',
      "min_suite: 'quantum' is not a suite; choose one of: classical, hybrid, pq-strong"),
     ('[[policy.grant]]\nsrc = ["*"]\ndst = ["web"]\nfrom = ["10.0.0.0/33"]\n', "from: '10.0.0.0/33' is not a network"),
-    ('[[policy.grant]]\nsrc = ["*"]\ndst = ["web"]\nto = ["x"]\n', "unknown setting(s) to (expected dst, from, min_suite, src)"),
+    ('[[policy.grant]]\nsrc = ["*"]\ndst = ["web"]\n\n[[policy.grant]]\nsrc = ["*"]\ndst = ["db"]\nto = ["x"]\n',
+     ":5: unknown setting policy.grant[2].to (known: src, dst, min_suite, from)"),
     ('[[policy.trigger]]\noutside = ["10.0.0.0/8"]\n', "[[policy.trigger]] #1: min_suite: is missing"),
     ('[[policy.trigger]]\nmin_suite = "hybrid"\n', "[[policy.trigger]] #1: outside: is missing"),
     ('[policy.legacy]\nrate = "fast"\n', "[policy.legacy]: rate: 'fast' is not a size such as \"256KiB/s\""),
@@ -106,7 +107,7 @@ def test_a_rate_alone_gets_a_one_second_burst(tmp_path: Path) -> None:
     ('[[policy.test]]\nsrc = "alice"\n', "[[policy.test]] #1: needs accept or deny"),
     ('[[policy.test]]\nsrc = "alice"\naccept = ["*"]\n', "accept: '*' is not a service name or port:N"),
     ('[[policy.test]]\nsrc = "alice"\naccept = ["web"]\nfrom = "here"\n', "from: 'here' is not an IP address"),
-    ('[[policy.test]]\nsrc = 7\naccept = ["web"]\n', "[[policy.test]] #1: src: must be a peer"),
+    ('[[policy.test]]\nsrc = 7\naccept = ["web"]\n', ":1: policy.test[1].src must be a string, not int 7"),
 ])
 def test_each_mistake_is_one_line_naming_file_table_and_key(tmp_path: Path, section: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
