@@ -134,7 +134,7 @@ class ReplicaSessions:
         try:
             with trio.fail_after(RESERVE_TIMEOUT):
                 await self.store.put_state(state_id(session_id), self.wrapper.wrap(session.snapshot(wall_ms())))
-                keeper = LeaseKeeper(await self._lease(session, session_id), self.store)
+                keeper = LeaseKeeper(await self._lease(session, session_id), self.store, self.emit)  # metrics
                 await conn.start_service(keeper.run)
                 await keeper.wait_ready()
         except (trio.TooSlowError, StoreUnavailableError, StoreDataError, LeaseStoppedError) as exc:

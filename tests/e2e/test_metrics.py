@@ -151,3 +151,24 @@ async def test_nonce_reservations_and_store_latency_are_counted_by_result(tmp_pa
     assert sample("pqtunnel_store_seconds_count", reserve) >= 3 and sample("pqtunnel_store_seconds_sum", reserve) > 0
     reserved = [e for e in seen if isinstance(e, events.CounterBlockReserved)]
     assert {e.result for e in reserved} == {"granted", "unanswered"} and all(e.key == "k" for e in reserved)
+
+
+def test_a_replica_counts_the_counter_blocks_its_sessions_reserve(tmp_path: Path) -> None:
+    """With [ha], a session seals only with reserved counters: bob's /metrics shows the
+    reservations granted by the local store and how long the store took."""
+    bob_home, fp_bob = init_node(tmp_path, "bob")
+    alice_home, fp_alice = init_node(tmp_path, "alice")
+    pq("trust", "alice", fp_alice, home=bob_home)
+    pq("trust", "bob", fp_bob, home=alice_home)
+    port = free_port()
+    (bob_home / "config.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n[ha]\nstore = "local"\n')
+    bob = Daemon(bob_home).start()
+    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+    try:
+        assert pq("ping", "bob", home=alice_home).returncode == 0
+        values = scrape(port)
+        assert values['pqtunnel_nonce_reservations_total{result="granted",store="local"}'] >= 1
+        assert values['pqtunnel_store_seconds_count{operation="reserve",store="local"}'] >= 1
+    finally:
+        alice.kill()
+        bob.kill()
