@@ -169,7 +169,22 @@ def cmd_sessions(args: argparse.Namespace) -> int:
               f"received {s['bytes_received']} B | age {s['age_s']:.0f} s | rekeys {s['rekeys']}")
         print(f"  latest handshake: {_ago(s.get('latest_handshake'))}; "
               f"last received: {_ago(s.get('last_received'))}")
+        print(f"  session {s['session_id']}{_replica_line(s)}")
     return 0
+
+
+def _replica_line(session: dict) -> str:
+    """`` | replica r2 | moved 1 time | counter block [65536, 131072)`` for HA sessions."""
+    parts = []
+    if session.get("replica"):
+        parts.append(f"replica {session['replica']}")
+    if session.get("migrations"):
+        moves = session["migrations"]
+        parts.append(f"moved {moves} time{'s' if moves != 1 else ''}")
+    if session.get("block"):
+        start, end = session["block"]
+        parts.append(f"counter block [{start}, {end})")
+    return "".join(f" | {part}" for part in parts)
 
 
 def _ago(stamp: str | None) -> str:

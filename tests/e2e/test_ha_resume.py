@@ -90,6 +90,8 @@ def test_when_the_serving_replica_is_killed_the_session_continues_on_the_other(l
     assert after["replica"] == only_session(live)["replica"]
     taken = only_session(live)
     assert taken["session_id"] == before["session_id"] and taken["migrations"] == 1
+    shown = pq("sessions", home=live.home).stdout
+    assert f"session {before['session_id']} | replica {taken['replica']} | moved 1 time | counter block [" in shown
     assert "Traceback" not in lab["alice"].logs() + live.logs()
 
 
