@@ -472,10 +472,12 @@ class Node:
         return False
 
     def _resumable(self, conn: Connection) -> Session | None:
-        """The session of an ended outbound connection, if only its connection was lost:
-        neither side closed it (CLOSE), so a replica of the peer may continue it."""
+        """The session of an ended outbound connection, if only its connection was lost
+        (neither side closed it) and the peer said it is a replica (REPLICA), so another
+        replica of the peer may continue it."""
         session = conn.tunnel.session
-        return session if session.state is SessionState.ESTABLISHED and session.is_initiator else None
+        resumable = session.state is SessionState.ESTABLISHED and session.is_initiator and bool(session.replica)
+        return session if resumable else None
 
     async def _attempt(self, link: PeerLink, address: Address, delay: float, race: _Race, *,
                        resume_from: Session | None = None, within: float = math.inf) -> None:

@@ -38,6 +38,9 @@ class ContentType(IntEnum):
     """Initiator, first record on a new connection to another replica: continue this session."""
     RESUMED = 0x21
     """Replica's answer to RESUME: it holds the session keys and took over the session."""
+    REPLICA = 0x22
+    """Responder to initiator, after key confirmation: I am replica <name> of an HA node, so a
+    lost connection may be resumed at the node's other addresses."""
 
 
 class CounterSource(Protocol):

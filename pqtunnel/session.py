@@ -34,7 +34,7 @@ from noise.functions.hash import hkdf
 from .crypto import backend as prim
 from .crypto.backend import CryptographyBackend
 from .entropy import Entropy
-from .handover import CHALLENGE_SIZE, SessionSnapshot, parse_resume, parse_resumed, resume_body, resumed_body
+from .handover import CHALLENGE_SIZE, MAX_REPLICA_NAME, SessionSnapshot, parse_resume, parse_resumed, resume_body, resumed_body
 from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
 from .errors import HandshakeError, ProtocolError, RecordError, RekeyError, SessionStateError
 from .records import ContentType, CounterSource, RecordLayer
@@ -351,6 +351,7 @@ class Session:
             self._queue(self.records.seal(ContentType.RESUMED, resumed_body(self._challenge, replica)), now_ms)
         else:
             self.ping(now_ms)
+            self._queue(self.records.seal(ContentType.REPLICA, replica.encode()[:MAX_REPLICA_NAME]), now_ms)
         return [Established(self.result)]
 
     def snapshot(self, wall_ms: int) -> SessionSnapshot:
@@ -455,7 +456,10 @@ class Session:
             self._close()
             reason = data[:MAX_CLOSE_REASON].decode(errors="replace")  # the peer's text, bounded as sent
             return [PeerClosed(reason or "no reason given")]
-        if content_type in (ContentType.RESUME, ContentType.RESUMED):
+        if content_type is ContentType.REPLICA and self.is_initiator:
+            self.replica = data[:MAX_REPLICA_NAME].decode(errors="replace")
+            return []
+        if content_type in (ContentType.RESUME, ContentType.RESUMED, ContentType.REPLICA):
             raise RecordError(f"{content_type.name} inside an established session")
         return self._on_rekey(content_type, data, now_ms)
 

@@ -294,3 +294,21 @@ def test_a_snapshot_not_rewritten_for_longer_than_a_live_session_would_allow_is_
     assert again.stored_ms == NOW_MS
     assert not again.is_stale(NOW_MS + 600_000, after_ms=600_000)
     assert again.is_stale(NOW_MS + 600_001, after_ms=600_000)
+
+
+def test_a_replica_names_itself_after_confirming_and_only_replicas_sessions_are_resumable(
+        r1_session: tuple[Tunnel, Tunnel, CounterLease], alice: Identity, bob: Identity) -> None:
+    a, _, _ = r1_session
+    assert a.session.replica == "r1"
+    plain_a = Tunnel(InitiatorHandshake(alice, accept_as("bob")), now_ms=MONO)
+    plain_b = Tunnel(ResponderHandshake(bob, accept_as("alice"), peer_address=PEER_ADDRESS), now_ms=MONO)
+    plain_a.start(MONO, NOW_MS)
+    pump(plain_a, plain_b)
+    assert plain_a.session.replica == ""
+
+
+def test_a_replica_record_from_the_initiator_is_refused(r1_session: tuple[Tunnel, Tunnel, CounterLease]) -> None:
+    a, r1, _ = r1_session
+    frame = a.session.records.seal(ContentType.REPLICA, b"r9")
+    with pytest.raises(RecordError, match="REPLICA inside an established session"):
+        r1.receive_data(frame, MONO, NOW_MS)
