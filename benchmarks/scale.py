@@ -26,7 +26,12 @@ Figures:
   session (round robin over the sessions) to ``web``, ``GET /1``, timed to the last body
   byte (p50/p99/max). Unlike streams.py there is no SOCKS hop and no second daemon.
 
-Linux only (``/proc``); needs the project's dependencies, not root.
+With ``--profile``, py-spy samples the node while it handshakes (all N, attempts turned
+away included) and while it serves the new streams, and the top functions are printed
+(``profiling.py``).
+
+Linux only (``/proc``); needs the project's dependencies, not root (``--profile``: py-spy,
+and the right to trace the node, which root has).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import trio  # noqa: E402
 
 from cpu import ForeignCpu  # noqa: E402
 from httpserver import bulk_http_server  # noqa: E402
+from profiling import ProfilerMissing, format_profiles, py_spy_path, sampling  # noqa: E402
 from pqlab.process import Daemon, init_node  # noqa: E402
 from pqtunnel.admission import AdmissionLimits  # noqa: E402
 from pqtunnel.errors import PqtunnelError, UntrustedPeerError  # noqa: E402
@@ -340,21 +346,26 @@ def node(root: Path, identities: list[Identity], http_port: int) -> Iterator[tup
         daemon.kill()
 
 
-async def measure(cfg: Config, bob: Daemon, fingerprint: str, identities: list[Identity]) -> Result:
+async def measure(cfg: Config, bob: Daemon, fingerprint: str, identities: list[Identity], profile: bool) -> Result:
     pid = bob.process.pid if bob.process else 0
+    targets = [("bob", pid)] if profile else []
     port = bob.port
     await trio.sleep(1.0)
     rss_before = rss_kib(pid)
     limits = AdmissionLimits()
     burst = min(len(identities), int(limits.cookie_below * limits.node_burst))  # admitted without a cookie
     async with trio.open_nursery() as nursery:
-        cpu0, t0 = cpu_s(pid), time.perf_counter()
-        sessions, stats = await establish_all(identities[:burst], port, fingerprint, cfg.in_flight, nursery)
-        burst_wall, cpu = time.perf_counter() - t0, cpu_s(pid) - cpu0
-        print(f"   {burst} sessions in {burst_wall:.2f} s within the admission burst, node CPU {cpu * 1000:.0f} ms, "
-              f"{stats.refused} attempts turned away", flush=True)
-        rest, rest_stats = await establish_all(identities[burst:], port, fingerprint, cfg.in_flight, nursery)
-        wall = time.perf_counter() - t0
+        with sampling(targets) as handshake_profile:
+            cpu0, t0 = cpu_s(pid), time.perf_counter()
+            sessions, stats = await establish_all(identities[:burst], port, fingerprint, cfg.in_flight, nursery)
+            burst_wall, cpu = time.perf_counter() - t0, cpu_s(pid) - cpu0
+            print(f"   {burst} sessions in {burst_wall:.2f} s within the admission burst, node CPU {cpu * 1000:.0f} "
+                  f"ms, {stats.refused} attempts turned away", flush=True)
+            rest, rest_stats = await establish_all(identities[burst:], port, fingerprint, cfg.in_flight, nursery)
+            wall = time.perf_counter() - t0
+        if profile:
+            print(format_profiles(f"{len(identities)} handshakes (attempts turned away included)",
+                                  handshake_profile), flush=True)
         sessions += rest
         stats.latencies_ms += rest_stats.latencies_ms
         stats.refused += rest_stats.refused
@@ -364,7 +375,10 @@ async def measure(cfg: Config, bob: Daemon, fingerprint: str, identities: list[I
         rss_idle = rss_kib(pid)
         held = await trio.to_thread.run_sync(lambda: bob.status()["sessions"])
         print(f"   node holds {held} sessions, RSS {rss_before / 1024:.1f} -> {rss_idle / 1024:.1f} MiB", flush=True)
-        latencies = await stream_latencies(sessions, cfg.latency_samples)
+        with sampling(targets) as stream_profile:
+            latencies = await stream_latencies(sessions, cfg.latency_samples)
+        if profile:
+            print(format_profiles(f"{cfg.latency_samples} new streams", stream_profile), flush=True)
         result = sessions[0].tunnel.result
         await close_all(sessions)
         nursery.cancel_scope.cancel()
@@ -419,7 +433,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK.sessions} sessions, a bounded smoke run")
     ap.add_argument("--sessions", type=int, help=f"number of client sessions (default {FULL.sessions})")
     ap.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the node with py-spy while it handshakes and while it serves the new streams")
     args = ap.parse_args()
+    if args.profile:
+        try:
+            py_spy_path()
+        except ProfilerMissing as exc:
+            print(exc, file=sys.stderr)
+            return 2
     cfg = QUICK if args.quick else FULL
     if args.sessions is not None:
         if args.sessions < 1:
@@ -440,7 +462,7 @@ def main() -> int:
     foreign = ForeignCpu()
     with tempfile.TemporaryDirectory(prefix="pqbench-scale-") as tmp, bulk_http_server(1 << 20) as srv, \
             node(Path(tmp), identities, srv.port) as (bob, fingerprint):
-        result = trio.run(measure, cfg, bob, fingerprint, identities)
+        result = trio.run(measure, cfg, bob, fingerprint, identities, args.profile)
     other = foreign.fraction()
     print_table(result, cfg)
     print(f"CPU used by other processes during the run: {other:.0%} of the machine")

@@ -6,6 +6,7 @@ alternative backend (liboqs) can supply the same operations.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,10 +72,10 @@ class CryptographyBackend:
         return key.encapsulate()
 
     def mldsa_public_key(self, algorithm: str, seed: bytes) -> bytes:
-        return _MLDSA_PRIVATE[algorithm].from_seed_bytes(seed).public_key().public_bytes_raw()
+        return mldsa_signing_key(algorithm, bytes(seed)).public_key().public_bytes_raw()
 
     def mldsa_sign(self, algorithm: str, seed: bytes, message: bytes, context: bytes) -> bytes:
-        return _MLDSA_PRIVATE[algorithm].from_seed_bytes(seed).sign(message, context)
+        return mldsa_signing_key(algorithm, bytes(seed)).sign(message, context)
 
     def mldsa_verify(self, algorithm: str, public_key: bytes, signature: bytes, message: bytes, context: bytes) -> bool:
         try:
@@ -82,6 +83,14 @@ class CryptographyBackend:
         except (InvalidSignature, ValueError):
             return False
         return True
+
+
+@functools.lru_cache(maxsize=4)
+def mldsa_signing_key(algorithm: str, seed: bytes) -> mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey:
+    """The expanded ML-DSA key of a seed, kept: expanding it costs about a quarter of a
+    signature, and a responder signs with the same identity in every handshake. Bounded to
+    the few identities a process signs with (a node has one)."""
+    return _MLDSA_PRIVATE[algorithm].from_seed_bytes(seed)
 
 
 def x25519_public(private: bytes) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pqtunnel.crypto import CryptographyBackend, load_backend
+from pqtunnel.crypto.backend import mldsa_signing_key
 from pqtunnel.errors import BackendUnavailableError, ConfigError, UserError
 from pqtunneld.backends import find_liboqs, liboqs_status, open_backend
 from pqtunneld.config import BACKEND_ENV, load_config
@@ -30,6 +31,18 @@ def test_default_backend_runs_ml_kem_and_ml_dsa() -> None:
     signature = backend.mldsa_sign("ML-DSA-65", b"\x02" * 32, b"msg", b"ctx")
     assert backend.mldsa_verify("ML-DSA-65", public, signature, b"msg", b"ctx")
     assert not backend.mldsa_verify("ML-DSA-65", public, signature, b"other", b"ctx")
+
+
+def test_a_signing_key_is_expanded_once_per_seed_and_still_signs_for_that_seed_only() -> None:
+    backend = CryptographyBackend()
+    seed, other = bytes(range(32)), bytes(range(1, 33))
+    assert mldsa_signing_key("ML-DSA-65", seed) is mldsa_signing_key("ML-DSA-65", seed)
+    for message in (b"first", b"second"):
+        signature = backend.mldsa_sign("ML-DSA-65", seed, message, b"ctx")
+        assert backend.mldsa_verify("ML-DSA-65", backend.mldsa_public_key("ML-DSA-65", seed), signature, message, b"ctx")
+        assert not backend.mldsa_verify("ML-DSA-65", backend.mldsa_public_key("ML-DSA-65", other), signature,
+                                        message, b"ctx")
+    assert backend.mldsa_public_key("ML-DSA-87", seed) != backend.mldsa_public_key("ML-DSA-65", seed)
 
 
 def test_unknown_backend_is_a_config_error() -> None:
