@@ -78,6 +78,22 @@ class ResumeRefusedError(HandshakeError):
     """A replica cannot continue the session a RESUME names (unknown, replayed, or its state unusable)."""
 
 
+class TicketError(HandshakeError):
+    """A resumption ticket cannot be used: unknown, already used, expired, or not this peer's."""
+
+
+class TicketExpiredError(TicketError):
+    """The ticket's lifetime is over: the initiator makes a full handshake instead."""
+
+
+class TicketMismatchError(TicketError):
+    """The ticket was issued for another ticket id, peer, node, suite or AEAD than this resumption."""
+
+
+class TicketAuthError(TicketError):
+    """A RESUME_HELLO or RESUME_ACCEPT MAC did not verify (tampered, or a key the ticket does not hold)."""
+
+
 class MalformedHandshakeError(HandshakeError):
     """A handshake message has the wrong length or an undecodable payload."""
 

@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from .crypto.backend import InvalidTag, make_aead
-from .crypto.suites import Aead, suite_by_name
+from .crypto.suites import Aead, Suite, suite_by_name
 from .entropy import SYSTEM_ENTROPY, Entropy
 from .errors import ConfigError, MalformedHandshakeError, RecordError, StoreDataError
 from .handshake import HandshakeResult
@@ -75,6 +75,9 @@ class SessionSnapshot:
     stored_ms: int = 0
     """Wall-clock time of this snapshot: a live session rewrites it at every rekey, so an old
     one belongs to a session nobody holds any more (``is_stale``)."""
+    resumption_secret: bytes = b""
+    """The session's ticket secret (pqtunnel/tickets.py), so a replica that took the session
+    over can still issue tickets; empty (and not stored) when the session has none."""
 
     def is_stale(self, wall_ms: int, after_ms: int) -> bool:
         return wall_ms - self.stored_ms > after_ms
@@ -83,33 +86,28 @@ class SessionSnapshot:
     def of(cls, result: HandshakeResult, *, send_key: bytes, recv_key: bytes, rekey_chain: bytes,
            epoch: int, migrations: int, wall_ms: int) -> SessionSnapshot:
         """The snapshot of a live responder session, with its current epoch's keys."""
-        peer = result.peer
-        wire: dict[str, Any] = {"n": peer.claimed_name, "ed": peer.ed25519, "h": dict(peer.pq_key_hashes)}
-        if peer.pq_key is not None:
-            wire["pq"] = peer.pq_key
-        if peer.certificate is not None:
-            wire["cert"] = peer.certificate
-        if peer.transition is not None:
-            wire["tr"] = peer.transition
-        return cls(result.session_id, result.suite.name, result.aead, wire, result.peer_name, result.peer_static,
-                   result.handshake_hash, send_key, recv_key, rekey_chain, epoch, migrations, wall_ms)
+        return cls(result.session_id, result.suite.name, result.aead, peer_to_wire(result.peer), result.peer_name,
+                   result.peer_static, result.handshake_hash, send_key, recv_key, rekey_chain, epoch, migrations,
+                   wall_ms, result.resumption_secret)
 
     def result(self) -> HandshakeResult:
         """The handshake result this snapshot continues (responder side, current keys)."""
         suite = suite_by_name(self.suite)
-        peer = WireIdentity.from_wire(self.peer, suite)
-        peer = replace(peer, certificate=self.peer.get("cert"), transition=self.peer.get("tr"))
-        return HandshakeResult(is_initiator=False, suite=suite, aead=self.aead, peer=peer, peer_name=self.peer_name,
-                               peer_static=self.peer_static, handshake_hash=self.handshake_hash,
-                               session_id=self.session_id, send_key=self.send_key, recv_key=self.recv_key,
-                               rekey_chain=self.rekey_chain)
+        return HandshakeResult(is_initiator=False, suite=suite, aead=self.aead, peer=peer_from_wire(self.peer, suite),
+                               peer_name=self.peer_name, peer_static=self.peer_static,
+                               handshake_hash=self.handshake_hash, session_id=self.session_id,
+                               send_key=self.send_key, recv_key=self.recv_key, rekey_chain=self.rekey_chain,
+                               resumption_secret=self.resumption_secret)
 
     def to_msgpack(self) -> bytes:
-        return msgpack.packb({
+        fields: dict[str, Any] = {
             "sid": self.session_id, "suite": self.suite, "aead": int(self.aead), "peer": self.peer,
             "name": self.peer_name, "static": self.peer_static, "hh": self.handshake_hash,
             "send": self.send_key, "recv": self.recv_key, "chain": self.rekey_chain,
-            "epoch": self.epoch, "moves": self.migrations, "at": self.stored_ms}, use_bin_type=True)
+            "epoch": self.epoch, "moves": self.migrations, "at": self.stored_ms}
+        if self.resumption_secret:
+            fields["res"] = self.resumption_secret
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> SessionSnapshot:
@@ -120,11 +118,30 @@ class SessionSnapshot:
                 _bytes(fields, "sid", 8), _text(fields, "suite"), Aead(_int(fields, "aead")), _map(fields, "peer"),
                 _text(fields, "name"), _bytes(fields, "static"), _bytes(fields, "hh"), _bytes(fields, "send", 32),
                 _bytes(fields, "recv", 32), _bytes(fields, "chain"), _int(fields, "epoch"), _int(fields, "moves"),
-                _int(fields, "at"))
+                _int(fields, "at"), _bytes(fields, "res", 32) if "res" in fields else b"")
             snapshot.result()  # the suite exists and the peer's identity is well formed
         except (ValueError, TypeError, KeyError, ConfigError, MalformedHandshakeError, msgpack.UnpackException) as exc:
             raise StoreDataError(f"stored session state is malformed: {exc}") from None
         return snapshot
+
+
+def peer_to_wire(peer: WireIdentity) -> dict[str, Any]:
+    """A peer's identity as the store keeps it: the handshake's map (``n``, ``ed``, ``h``,
+    ``pq``), plus ``cert``/``tr`` when the peer presented them."""
+    wire: dict[str, Any] = {"n": peer.claimed_name, "ed": peer.ed25519, "h": dict(peer.pq_key_hashes)}
+    if peer.pq_key is not None:
+        wire["pq"] = peer.pq_key
+    if peer.certificate is not None:
+        wire["cert"] = peer.certificate
+    if peer.transition is not None:
+        wire["tr"] = peer.transition
+    return wire
+
+
+def peer_from_wire(wire: dict[str, Any], suite: Suite) -> WireIdentity:
+    """The inverse of ``peer_to_wire``; MalformedHandshakeError if the map is not an identity."""
+    peer = WireIdentity.from_wire(wire, suite)
+    return replace(peer, certificate=wire.get("cert"), transition=wire.get("tr"))
 
 
 def _field(fields: Any, name: str, kind: type) -> Any:
@@ -158,7 +175,8 @@ def _map(fields: Any, name: str) -> dict[str, Any]:
 
 
 class StateWrapper:
-    """Wraps and unwraps session snapshots for the store, for one node."""
+    """Wraps and unwraps session snapshots (and, with another format label, other state such
+    as resumption tickets: pqtunnel/tickets.py) for the store, for one node."""
 
     def __init__(self, namespace: str, key: bytes, entropy: Entropy = SYSTEM_ENTROPY) -> None:
         self.namespace = namespace
@@ -171,28 +189,34 @@ class StateWrapper:
         seeds = identity.ed25519_seed + b"".join(identity.pq_seeds[a] for a in sorted(identity.pq_seeds))
         return cls(identity.fingerprint, hmac.new(seeds, WRAP_KEY_LABEL, hashlib.sha256).digest(), entropy)
 
-    def _aad(self, store_id: str) -> bytes:
-        return STATE_FORMAT + b"\x00" + self.namespace.encode() + b"\x00" + store_id.encode()
+    def _aad(self, fmt: bytes, store_id: str) -> bytes:
+        return fmt + b"\x00" + self.namespace.encode() + b"\x00" + store_id.encode()
 
     def _aead(self, salt: bytes) -> Any:
         return make_aead(Aead.CHACHA20_POLY1305, hmac.new(self._key, salt, hashlib.sha256).digest())
 
-    def wrap(self, snapshot: SessionSnapshot) -> bytes:
-        store_id = state_id(snapshot.session_id)
+    def wrap_bytes(self, fmt: bytes, store_id: str, plain: bytes) -> bytes:
+        """``fmt | salt | sealed plain``, bound to this node, ``fmt`` and ``store_id``."""
         salt = self._entropy.random_bytes(SALT_SIZE)
-        return STATE_FORMAT + salt + self._aead(salt).encrypt(ZERO_NONCE, snapshot.to_msgpack(), self._aad(store_id))
+        return fmt + salt + self._aead(salt).encrypt(ZERO_NONCE, plain, self._aad(fmt, store_id))
+
+    def unwrap_bytes(self, fmt: bytes, store_id: str, blob: bytes, what: str) -> bytes:
+        """The plain bytes wrapped under ``fmt`` for ``store_id``; StoreDataError unless ours."""
+        if not blob.startswith(fmt) or len(blob) < len(fmt) + SALT_SIZE + 16:
+            raise StoreDataError(f"stored state of {store_id} is not a {what} ({len(blob)} bytes)")
+        salt = blob[len(fmt) : len(fmt) + SALT_SIZE]
+        try:
+            return self._aead(salt).decrypt(ZERO_NONCE, blob[len(fmt) + SALT_SIZE :], self._aad(fmt, store_id))
+        except InvalidTag:
+            raise StoreDataError(f"stored state of {store_id} fails authentication (corrupt, or another node's)") from None
+
+    def wrap(self, snapshot: SessionSnapshot) -> bytes:
+        return self.wrap_bytes(STATE_FORMAT, state_id(snapshot.session_id), snapshot.to_msgpack())
 
     def unwrap(self, session_id: bytes, blob: bytes) -> SessionSnapshot:
         """The snapshot stored for ``session_id``; StoreDataError unless it is genuinely ours."""
         store_id = state_id(session_id)
-        if not blob.startswith(STATE_FORMAT) or len(blob) < len(STATE_FORMAT) + SALT_SIZE + 16:
-            raise StoreDataError(f"stored state of {store_id} is not a pqtunnel session state ({len(blob)} bytes)")
-        salt = blob[len(STATE_FORMAT) : len(STATE_FORMAT) + SALT_SIZE]
-        try:
-            plain = self._aead(salt).decrypt(ZERO_NONCE, blob[len(STATE_FORMAT) + SALT_SIZE :], self._aad(store_id))
-        except InvalidTag:
-            raise StoreDataError(f"stored state of {store_id} fails authentication (corrupt, or another node's)") from None
-        snapshot = SessionSnapshot.from_msgpack(plain)
+        snapshot = SessionSnapshot.from_msgpack(self.unwrap_bytes(STATE_FORMAT, store_id, blob, "pqtunnel session state"))
         if snapshot.session_id != session_id:
             raise StoreDataError(f"stored state of {store_id} names session {snapshot.session_id.hex()}")
         return snapshot

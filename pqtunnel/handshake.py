@@ -42,6 +42,8 @@ from .errors import (
     NoCommonSuiteError,
     ReplayError,
     ResumeRefusedError,
+    TicketAuthError,
+    TicketError,
     UnsupportedVersionError,
     UntrustedPeerError,
 )
@@ -56,6 +58,7 @@ PROLOGUE_LABEL = b"pqtunnel/1 prologue\x00"
 SIGNATURE_LABEL = b"pqtunnel/1 transcript signature\x00"
 SESSION_ID_LABEL = b"pqtunnel/1 session id"
 REKEY_LABEL = b"pqtunnel/1 rekey chain"
+RESUMPTION_LABEL = b"pqtunnel/1 resumption"
 COOKIE_LABEL = b"pqtunnel/1 cookie\x00"
 COOKIE_LIFETIME_MS = 120_000
 """A cookie is good this long either side of the moment it was issued (wall clock)."""
@@ -127,6 +130,10 @@ class AlertCode(IntEnum):
     BUSY = 7
     UNKNOWN_SESSION = 8
     """A RESUME this replica cannot continue: the initiator falls back to a full handshake."""
+    UNKNOWN_TICKET = 9
+    """A RESUME_HELLO whose ticket is unknown, already used or expired (pqtunnel/tickets.py)."""
+    BAD_TICKET = 10
+    """A RESUME_HELLO whose MAC does not verify under its ticket."""
 
 
 _ALERT_FOR: list[tuple[type[HandshakeError], AlertCode]] = [
@@ -138,6 +145,8 @@ _ALERT_FOR: list[tuple[type[HandshakeError], AlertCode]] = [
     (CookieError, AlertCode.BAD_COOKIE),
     (HandshakeBusyError, AlertCode.BUSY),
     (ResumeRefusedError, AlertCode.UNKNOWN_SESSION),
+    (TicketAuthError, AlertCode.BAD_TICKET),
+    (TicketError, AlertCode.UNKNOWN_TICKET),
 ]
 
 
@@ -181,6 +190,9 @@ class HandshakeResult:
     send_key: bytes = field(repr=False)
     recv_key: bytes = field(repr=False)
     rekey_chain: bytes = field(repr=False)
+    resumption_secret: bytes = field(default=b"", repr=False)
+    """Where this session's resumption tickets draw their secrets (pqtunnel/tickets.py);
+    empty for a result that cannot issue tickets."""
 
 
 @dataclass(frozen=True)
@@ -339,6 +351,7 @@ def _finish(state: NoiseState, *, initiator: bool, suite: Suite, aead: Aead, pee
             peer_name: str) -> HandshakeResult:
     i2r, r2i = state.split()
     (rekey_chain,) = state.hkdf(state.ck, REKEY_LABEL, 2)[:1]
+    (resumption_secret,) = state.hkdf(state.ck, RESUMPTION_LABEL, 2)[:1]
     session_id = hashlib.blake2s(SESSION_ID_LABEL + state.h, digest_size=8).digest()
     assert state.rs is not None
     return HandshakeResult(
@@ -353,6 +366,7 @@ def _finish(state: NoiseState, *, initiator: bool, suite: Suite, aead: Aead, pee
         send_key=i2r if initiator else r2i,
         recv_key=r2i if initiator else i2r,
         rekey_chain=rekey_chain,
+        resumption_secret=resumption_secret,
     )
 
 

@@ -22,10 +22,13 @@ class Kind(IntEnum):
     FINISH = 0x03
     RETRY = 0x04
     ALERT = 0x05
+    RESUME_HELLO = 0x06
+    RESUME_ACCEPT = 0x07
     RECORD = 0x10
 
 
-HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.RESPONSE, Kind.FINISH, Kind.RETRY, Kind.ALERT})
+HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.RESPONSE, Kind.FINISH, Kind.RETRY, Kind.ALERT,
+                             Kind.RESUME_HELLO, Kind.RESUME_ACCEPT})
 MAX_HANDSHAKE_FRAME = 32 * 1024
 MAX_RECORD_PLAINTEXT = 256 * 1024
 RECORD_OVERHEAD = 8 + 8 + 16 + 1  # session id, counter, AEAD tag, content type

@@ -274,7 +274,7 @@ def test_an_oversized_length_is_refused_from_the_header_alone(kind: Kind, limit:
     assert decoder.buffered == FRAME_HEADER.size
 
 
-@pytest.mark.parametrize("kind", [0x00, 0x06, 0x0F, 0x11, 0xFF])
+@pytest.mark.parametrize("kind", [0x00, 0x08, 0x0F, 0x11, 0xFF])
 def test_an_unknown_frame_kind_is_refused(kind: int) -> None:
     with pytest.raises(FramingError, match="unknown frame kind"):
         FrameDecoder().feed(FRAME_HEADER.pack(5, kind) + b"hello")
