@@ -101,7 +101,10 @@ async def read_first_frame(stream: trio.SocketStream, preread: bytes) -> tuple[F
                 used = FRAME_HEADER.size + len(frames[0].body)
                 rest = preread[used:] if len(frames) == 1 and len(preread) >= used else b""
                 return frames[0], rest
-            data = await stream.receive_some(4096)
+            try:
+                data = await stream.receive_some(4096)
+            except (trio.BrokenResourceError, OSError):
+                data = b""  # reset by the peer: refused like an end, never a crash of the node
             if not data:
                 raise ResumeRefusedError("the connection ended inside its first frame")
             preread += data
@@ -231,7 +234,7 @@ class ReplicaSessions:
         session_hex = "?"
         try:
             frame, rest = await read_first_frame(stream, preread)
-            session_hex = bytes(frame.body[:8]).hex()
+            session_hex = bytes(frame.body[:8]).hex() if len(frame.body) >= 8 else "?"
             session, authorize = await self._resumable(frame, admission, backend, timers)
         except (ResumeRefusedError, ProtocolError, UntrustedPeerError, trio.TooSlowError) as exc:
             reason = "no RESUME arrived in time" if isinstance(exc, trio.TooSlowError) else str(exc)

@@ -1,0 +1,195 @@
+"""Hostile handover: attacks on moving a session between replicas of bob (docs/ha.md,
+PROTOCOL.md 5.2), against real daemons on loopback.
+
+Two replicas of bob share one identity and one SQLite nonce store; alice reaches each
+through a capturing relay (pqlab/relay.py), so a test can cut her connection (a move),
+capture her RESUME and records, and replay them. Each test names the attack it makes and
+what must hold: a refusal in one log line, no traceback, the replicas serving on, and no
+(session, direction, counter) sealed twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sqlite3
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pqlab.relay import C2R, Relay, repeated_nonces, scan_frames
+from pqtunnel.wire import FrameDecoder, Kind, encode_frame
+from tests.nodes import Daemon, init_node, pq
+
+ALICE_TIMERS = "[timers]\nkeepalive = 1\ndead_after = 4\n"
+"""alice notices a frozen replica after 4 s (not 35), so a move happens within a test."""
+
+
+def replica_home(root: Path, source: Path, name: str) -> Path:
+    """Another replica of the node in ``source``: the same identity in its own home."""
+    home = root / name
+    home.mkdir(mode=0o700)
+    for file in ("identity.key", "identity.pub"):
+        shutil.copy2(source / file, home / file)
+    return home
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Lab:
+    root: Path
+    store: Path
+    homes: list[Path]
+    ports: list[int]
+    replicas: list[Daemon]
+    relays: list[Relay]
+    alice: Daemon
+    alice_home: Path
+    fp_alice: str
+    extra: list[Daemon] = field(default_factory=list)
+
+    def ping(self) -> None:
+        result = pq("ping", "bob", home=self.alice_home)
+        assert result.returncode == 0, result.stderr
+
+    def alice_session(self) -> dict:
+        sessions = self.alice.sessions()
+        assert len(sessions) == 1, sessions
+        return sessions[0]
+
+    def serving(self) -> int:
+        """The index of the replica holding alice's session now."""
+        replica = self.alice_session()["replica"]
+        return int(replica[1:]) - 1
+
+    def move(self) -> int:
+        """Cut alice's connection to the serving replica (a network failure): she resumes at
+        the other one. Returns the index of the replica serving afterwards."""
+        before = self.alice_session()["migrations"]
+        self.relays[self.serving()].cut()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            sessions = self.alice.sessions()
+            if sessions and sessions[0]["migrations"] > before:
+                return self.serving()
+            time.sleep(0.05)
+        raise AssertionError(f"the session did not move:\n{self.alice.logs()}")
+
+    def resumes(self) -> list[bytes]:
+        """Every RESUME frame alice sent so far, in order (the first frame of a connection
+        whose first frame is a RECORD)."""
+        found = []
+        for relay in self.relays:
+            for connection in relay.connections():
+                frames = list(scan_frames(connection.captured(C2R)))
+                if frames and frames[0].kind == Kind.RECORD and frames[0].complete:
+                    found.append((connection.opened, frames[0].data))
+        return [data for _, data in sorted(found)]
+
+    def no_traceback(self) -> None:
+        for daemon in [self.alice, *self.replicas, *self.extra]:
+            assert "Traceback" not in daemon.logs(), daemon.logs()
+
+
+def start_lab(root: Path, replica_config: str = "") -> Lab:
+    bob_home, fp_bob = init_node(root, "bob")
+    alice_home, fp_alice = init_node(root, "alice")
+    store = root / "shared-nonces.sqlite"
+    homes = [bob_home, replica_home(root, bob_home, "bob-r2")]
+    ports = [free_port(), free_port()]
+    replicas, relays = [], []
+    for index, (home, port) in enumerate(zip(homes, ports), start=1):
+        pq("trust", "alice", fp_alice, home=home)
+        (home / "config.toml").write_text(
+            f'[ha]\nstore = "local"\npath = "{store}"\nreplica = "r{index}"\n' + replica_config)
+        replicas.append(Daemon(home, ["--listen", f"127.0.0.1:{port}"]).start())
+        relays.append(Relay(f"r{index}", ("127.0.0.1", port)).start())
+    pq("trust", "bob", fp_bob, home=alice_home)
+    (alice_home / "config.toml").write_text(ALICE_TIMERS)
+    alice = Daemon(alice_home, ["--peer", "bob=" + ",".join(r.address for r in relays)]).start()
+    return Lab(root, store, homes, ports, replicas, relays, alice, alice_home, fp_alice)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = start_lab(tmp_path)
+    try:
+        lab.ping()
+        yield lab
+    finally:
+        for daemon in [lab.alice, *lab.replicas, *lab.extra]:
+            daemon.kill()
+        for relay in lab.relays:
+            relay.close()
+
+
+def answer_to(port: int, data: bytes, *, timeout: float = 10) -> bytes:
+    """Send ``data`` as the first bytes of a connection to a replica; its answer (or b"")."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        try:
+            return sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            return b""
+
+
+def alert_of(answer: bytes) -> bytes:
+    frames = FrameDecoder().feed(answer)
+    assert frames and frames[0].kind is Kind.ALERT, answer
+    return bytes(frames[0].body)
+
+
+def reset(sock: socket.socket) -> None:
+    """Abort with RST, as a peer that vanished mid-frame."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# --- malformed first frames ----------------------------------------------------------------------------
+
+
+def test_a_connection_reset_while_a_replica_waits_for_the_rest_of_a_first_record_costs_one_line(lab: Lab) -> None:
+    """6 bytes of a RECORD header, silence past the first read's 10 s, then RST: the second
+    read of the first frame meets the reset. The replica must refuse it in one line and live."""
+    r1 = lab.replicas[0]
+    sock = socket.create_connection(("127.0.0.1", lab.ports[0]))
+    sock.sendall(struct.pack(">IB", 60, Kind.RECORD) + b"x")
+    time.sleep(11)
+    reset(sock)
+    r1.wait_for_log("refused: the connection ended inside its first frame")
+    time.sleep(0.5)
+    assert r1.process is not None and r1.process.poll() is None, r1.logs()
+    assert answer_to(lab.ports[0], encode_frame(Kind.RECORD, b"\x42" * 40))  # still answering
+    lab.ping()
+    lab.no_traceback()
+
+
+MALFORMED = {
+    "an empty RECORD": (encode_frame(Kind.RECORD, b""), "RESUME of session ? from"),
+    "a RECORD shorter than a session id": (encode_frame(Kind.RECORD, b"abcde"), "RESUME of session ? from"),
+    "a RECORD shorter than a record": (encode_frame(Kind.RECORD, b"\x01" * 20), "no session 0101010101010101"),
+    "a RECORD of 127 bytes for no session": (encode_frame(Kind.RECORD, b"\x01" * 126), "no session 0101010101010101"),
+    "an oversized RECORD": (encode_frame(Kind.RECORD, b"\x01" * 200), "exceeds the limit of 128"),
+    "a RECORD claiming 4 GiB": (struct.pack(">IB", 0xFFFFFFFF, Kind.RECORD), "exceeds the limit of 128"),
+    "a frame of length 0": (struct.pack(">IB", 0, Kind.RECORD), "frame length 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_first_record_is_refused_in_one_line_and_the_replica_serves_on(lab: Lab, name: str) -> None:
+    data, logged = MALFORMED[name]
+    assert b"unknown session" in alert_of(answer_to(lab.ports[0], data))
+    lab.replicas[0].wait_for_log(logged)
+    refusals = [line for line in lab.replicas[0].logs().splitlines() if "RESUME of session" in line]
+    assert len(refusals) == 1, refusals
+    lab.ping()
+    lab.no_traceback()
