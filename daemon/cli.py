@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_home(p)
     p = command("ping", cmd_ping, "handshake if needed, then time round trips through the tunnel")
     p.add_argument("peer", help="a peer name; one that is pinned (or any, with a network CA) but not found by "
-                   "mDNS yet is queried for first, for up to 5 s, as for connect and SOCKS")
+                   "mDNS yet is queried for first, for up to 8 s, as for connect and SOCKS")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
     p.add_argument("--count", type=int, default=1, metavar="N", help="round trips (default 1)")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",

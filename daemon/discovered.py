@@ -23,9 +23,11 @@ from .links import PeerLink, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
 from .mdns import DiscoveryError, MdnsDiscovery
 
-LOOKUP_TIMEOUT: Final = 5.0
+LOOKUP_TIMEOUT: Final = 8.0
 """How long a request for an expected name (pinned, or any name with a network CA) that has
-no address yet waits for mDNS to find it, querying actively, before "unknown peer"."""
+no address yet waits for mDNS to find it, querying actively, before "unknown peer". A peer
+daemon that is just starting needs 2-3 s before it listens and ~1 s more before it answers
+mDNS (probing), so a request made as a fleet boots still finds its peers."""
 
 
 SESSION_POLL: Final = 0.2

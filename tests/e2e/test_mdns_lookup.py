@@ -142,7 +142,7 @@ def test_the_request_itself_queries_mdns_and_finds_a_node_that_never_announced(l
     try:
         result, elapsed = timed([*CLI, "ping", names["bob"], "--home", str(lab["alice_home"])])
         assert result.returncode == 0, result.stderr
-        assert elapsed < LOOKUP_TIMEOUT + 3, elapsed
+        assert elapsed < LOOKUP_TIMEOUT / 2, elapsed  # the first question is answered at once
     finally:
         zc.close()
 
