@@ -148,6 +148,14 @@ def alert_of(answer: bytes) -> bytes:
     return bytes(frames[0].body)
 
 
+def wait_count(daemon: Daemon, text: str, count: int, timeout: float = 10) -> None:
+    """Wait until ``text`` appears ``count`` times in the daemon's log (never more)."""
+    deadline = time.monotonic() + timeout
+    while daemon.logs().count(text) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.logs().count(text) == count, daemon.logs()
+
+
 def reset(sock: socket.socket) -> None:
     """Abort with RST, as a peer that vanished mid-frame."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -192,4 +200,63 @@ def test_a_malformed_first_record_is_refused_in_one_line_and_the_replica_serves_
     refusals = [line for line in lab.replicas[0].logs().splitlines() if "RESUME of session" in line]
     assert len(refusals) == 1, refusals
     lab.ping()
+    lab.no_traceback()
+
+
+# --- replays ------------------------------------------------------------------------------------------
+
+
+def test_a_captured_resume_replayed_to_either_replica_after_the_move_is_refused(lab: Lab) -> None:
+    """The RESUME that moved the session, replayed as the first frame of a new connection to
+    the replica it reached and to the one it left: each RESUME is usable once, across replicas."""
+    lab.move()
+    (resume,) = lab.resumes()
+    session = resume[5:13].hex()
+    for index, port in enumerate(lab.ports):
+        assert b"unknown session" in alert_of(answer_to(port, resume))
+        lab.replicas[index].wait_for_log(f"RESUME of session {session} from")
+        assert "was used before (replay)" in lab.replicas[index].logs()
+    lab.ping()
+    assert lab.alice_session()["migrations"] == 1
+    lab.no_traceback()
+
+
+def test_an_older_resume_replayed_after_a_later_move_is_refused(lab: Lab) -> None:
+    """Two moves (r -> other -> r); the first RESUME replayed after the second is older than
+    the used mark at every replica."""
+    lab.move()
+    lab.move()
+    first, second = lab.resumes()
+    for port in lab.ports:
+        for resume in (first, second):
+            assert b"unknown session" in alert_of(answer_to(port, resume))
+    for replica in lab.replicas:
+        wait_count(replica, "was used before (replay)", 2)
+    lab.ping()
+    lab.no_traceback()
+
+
+def test_no_nonce_is_sealed_twice_across_quick_moves_and_a_frozen_replica(lab: Lab) -> None:
+    """Moves in quick succession, then the serving replica frozen (SIGSTOP) until alice moves
+    away, woken (SIGCONT) to send with its old block: every (session, direction, counter)
+    on the wire is unique."""
+    for _ in range(3):
+        lab.move()
+        lab.ping()
+    frozen = lab.replicas[lab.serving()]
+    assert frozen.process is not None
+    frozen.process.send_signal(19)  # SIGSTOP
+    try:
+        deadline = time.monotonic() + 30
+        while lab.alice_session()["migrations"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lab.ping()
+    finally:
+        frozen.process.send_signal(18)  # SIGCONT
+    time.sleep(3)  # the woken replica sends what it had queued, then finds its peer gone
+    lab.ping()
+    records = [record for relay in lab.relays for record in relay.records()]
+    assert len(records) > 20
+    assert repeated_nonces(records) == {}
+    assert lab.alice_session()["migrations"] == 4
     lab.no_traceback()
