@@ -113,6 +113,43 @@ def main() -> None:
     for name, suite, p50, p99, cpu_i, cpu_r, sizes in rows:
         print(f"{name:<10} {suite.kem_label:<20} {suite.signature_label:<18} {p50:7.2f} {p99:7.2f} "
               f"{p50 / base[2]:6.1f} {cpu_i:8.2f} {cpu_r:8.2f} {sizes[0]:6d} {sizes[1]:6d} {sizes[2]:6d} {sum(sizes):8d}")
+    cpu_i, cpu_r, sizes = cpu_resumed(max(20, args.rounds // 4))
+    print(f"{'resumed':<10} {'X25519 + hybrid PSK':<20} {'(MAC)':<18} {'-':>7} {'-':>7} {'-':>6} "
+          f"{cpu_i:8.2f} {cpu_r:8.2f} {sizes[0]:6d} {sizes[1]:6d} {'-':>6} {sum(sizes):8d}")
+    print("\nresumed: RESUME_HELLO and RESUME_ACCEPT with a ticket from a hybrid session (docs/PROTOCOL.md "
+          "4.10), CPU in process only: the daemon does not resume with tickets yet, so no latency")
+
+
+def cpu_resumed(rounds: int) -> tuple[float, float, list[int]]:
+    """Median CPU milliseconds per resumed handshake for each role, in process, no I/O."""
+    from pqtunnel.tickets import ResumeInitiator, ResumeResponder, accept_ticket_grant, issue_ticket
+
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    now = int(time.time() * 1000)
+    full_i = InitiatorHandshake(alice, lambda p: "bob")
+    full_r = ResponderHandshake(bob, lambda p: "alice", peer_address="127.0.0.1")
+    decoder = FrameDecoder()
+    response = full_r.receive(decoder.feed(full_i.start(now))[0], now).to_send
+    step = full_i.receive(decoder.feed(response)[0], now)
+    at_bob = full_r.receive(decoder.feed(step.to_send)[0], now).result
+    assert step.result is not None and at_bob is not None
+    initiator_cpu, responder_cpu, sizes = [], [], []
+    for _ in range(rounds):
+        state, grant = issue_ticket(at_bob, now)
+        ticket = accept_ticket_grant(step.result, grant, now)
+        initiator = ResumeInitiator(alice, ticket, lambda p: "bob")
+        responder = ResumeResponder(bob, state, lambda p: "alice")
+        t0 = time.process_time()
+        hello = initiator.start(now)
+        t1 = time.process_time()
+        accept = responder.receive(decoder.feed(hello)[0], now).to_send
+        t2 = time.process_time()
+        initiator.receive(decoder.feed(accept)[0], now)
+        t3 = time.process_time()
+        initiator_cpu.append((t1 - t0 + t3 - t2) * 1000)
+        responder_cpu.append((t2 - t1) * 1000)
+        sizes = [len(hello), len(accept)]
+    return statistics.median(initiator_cpu), statistics.median(responder_cpu), sizes
 
 
 if __name__ == "__main__":
