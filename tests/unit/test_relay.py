@@ -81,7 +81,7 @@ def capture(alice: Identity, bob: Identity) -> dict:
         r1.send_data(stream, b"r" * size)
         pump(a, r1, first)
     wrapper = StateWrapper.for_identity(bob)
-    snapshot = wrapper.unwrap(session_id, wrapper.wrap(r1.session.snapshot()))
+    snapshot = wrapper.unwrap(session_id, wrapper.wrap(r1.session.snapshot(NOW_MS)))
     r2 = Tunnel.around(Session.from_snapshot(snapshot, backend=r1.session.backend, entropy=r1.session.entropy,
                                              now_ms=MONO), now_ms=MONO)
     a2 = Tunnel.around(Session.resuming(a.session, MONO), now_ms=MONO)
