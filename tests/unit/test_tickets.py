@@ -40,6 +40,7 @@ from pqtunnel.tickets import (
     DEFAULT_TICKET_LIFETIME_S,
     GRANT_SIZE,
     MAX_TICKET_LIFETIME_S,
+    TICKET_FORMAT,
     ClientTicket,
     ResumeInitiator,
     ResumeResponder,
@@ -52,6 +53,7 @@ from pqtunnel.tickets import (
     issue_ticket,
     parse_resume_hello,
     parse_ticket_grant,
+    ticket_state_id,
     unwrap_client_ticket,
     unwrap_ticket,
     wrap_client_ticket,
@@ -468,8 +470,6 @@ class TestStoredTickets:
             fields.update(change)
             plain = msgpack.packb(fields, use_bin_type=True)
         wrapper = StateWrapper.for_identity(bob)
-        from pqtunnel.tickets import TICKET_FORMAT, ticket_state_id
-
         blob = wrapper.wrap_bytes(TICKET_FORMAT, ticket_state_id(state.ticket_id), plain)
         with pytest.raises(StoreDataError, match="ticket state is malformed"):
             unwrap_ticket(wrapper, state.ticket_id, blob)
