@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from noise.functions.hash import hkdf as noise_hkdf
 
 from pqtunnel.crypto.suites import CLASSICAL, HYBRID, PQ_STRONG, Aead
@@ -511,3 +513,20 @@ def test_frames_of_the_resumed_handshake_are_handshake_frames() -> None:
     decoder = FrameDecoder(max_record=64)
     frames = decoder.feed(encode_frame(Kind.RESUME_HELLO, bytes(89)) + encode_frame(Kind.RESUME_ACCEPT, bytes(64)))
     assert [f.kind for f in frames] == [Kind.RESUME_HELLO, Kind.RESUME_ACCEPT]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=200))
+def test_any_resume_hello_body_is_refused_cleanly(bob: Identity, ticket: tuple[ClientTicket, TicketState, bytes],
+                                                  body: bytes) -> None:
+    """Random bytes as RESUME_HELLO: a HandshakeError naming the fault, never a crash."""
+    with pytest.raises(HandshakeError):
+        ResumeResponder(bob, ticket[1], accept_as("alice")).check(Frame(Kind.RESUME_HELLO, body), LATER_MS)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=300), st.dictionaries(st.text(max_size=8), st.integers(-2**63, 2**64 - 1) | st.binary(max_size=40))))
+def test_any_stored_bytes_that_are_no_ticket_state_are_refused_cleanly(data: bytes | dict[str, object]) -> None:
+    plain = data if isinstance(data, bytes) else msgpack.packb(data, use_bin_type=True)
+    with pytest.raises(StoreDataError):
+        TicketState.from_msgpack(plain)
