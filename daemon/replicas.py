@@ -137,6 +137,8 @@ class ReplicaSessions:
         try:
             with trio.fail_after(RESERVE_TIMEOUT):
                 await self.store.put_state(state_id(session_id), self.wrapper.wrap(session.snapshot(wall_ms())))
+                if session.handshake is not None:
+                    await self._create_resume_mark(session_id)
                 keeper = LeaseKeeper(await self._lease(session, session_id), self.store, self.emit)  # metrics
                 await conn.start_service(keeper.run)
                 await keeper.wait_ready()
@@ -149,6 +151,12 @@ class ReplicaSessions:
         conn.apply(conn.tunnel.attach_counters(keeper.counters(), monotonic_ms(), self.replica))
         if session.migrations:
             conn.emit(conn.moved_event(self.replica, session.migrations))
+
+    async def _create_resume_mark(self, session_id: bytes) -> None:
+        """A new session's used-RESUME mark, created at 0 with it. A RESUME is taken only while
+        the mark exists, so deleting it from the store cannot make a used RESUME new again."""
+        if not isinstance(await self.store.reserve(resume_key_id(session_id), None, 0), Granted):
+            raise StoreDataError(f"the RESUME mark of new session {session_id.hex()} exists already")
 
     async def hello_replayed(self, preread: bytes, replay_window_ms: int) -> bool:
         """The handshake's replay cache, shared by the replicas: True if a HELLO starting
@@ -277,12 +285,15 @@ class ReplicaSessions:
 
     async def _use_resume_counter(self, session_id: bytes, counter: int) -> None:
         """Record, atomically across replicas, that the RESUME with ``counter`` was used: the
-        mark moves to ``counter + 1`` only from below it, so a replayed RESUME is refused."""
+        mark moves to ``counter + 1`` only from below it, so a replayed RESUME is refused. The
+        mark is never created here: a missing one refuses the RESUME."""
         key_id = resume_key_id(session_id)
         try:
             expected = await self.store.read_mark(key_id)
+            if expected is None:  # created with the session: gone means ended, or deleted by someone
+                raise ResumeRefusedError(f"session {session_id.hex()} has no RESUME mark in the store")
             for _ in range(RESUME_CAS_ATTEMPTS):
-                if expected is not None and expected > counter:
+                if expected > counter:
                     raise ResumeRefusedError(f"RESUME {counter} of session {session_id.hex()} was used before (replay)")
                 outcome = await self.store.reserve(key_id, expected, counter + 1)
                 if isinstance(outcome, Granted):

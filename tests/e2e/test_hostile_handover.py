@@ -260,3 +260,56 @@ def test_no_nonce_is_sealed_twice_across_quick_moves_and_a_frozen_replica(lab: L
     assert repeated_nonces(records) == {}
     assert lab.alice_session()["migrations"] == 4
     lab.no_traceback()
+
+
+# --- the store's data ------------------------------------------------------------------------------
+
+
+def store_rows(lab: Lab, sql: str, args: tuple = ()) -> list[tuple]:
+    """Run one statement on the replicas' SQLite store, as someone with write access to it."""
+    with sqlite3.connect(lab.store, timeout=10) as db:
+        rows = db.execute(sql, args).fetchall()
+    return rows
+
+
+def test_a_resume_replayed_after_its_used_mark_was_deleted_from_the_store_is_refused(lab: Lab) -> None:
+    """Someone who can write the store deletes ``<sid>.resume`` (the used-RESUME mark) and
+    replays the captured RESUME: it must not open the session again (the captured records
+    that followed it would then be accepted a second time)."""
+    lab.move()
+    (resume,) = lab.resumes()
+    session = resume[5:13].hex()
+    store_rows(lab, "DELETE FROM marks WHERE key_id = ?", (f"{session}.resume",))
+    other = 1 - lab.serving()
+    assert b"unknown session" in alert_of(answer_to(lab.ports[other], resume))
+    lab.replicas[other].wait_for_log(f"RESUME of session {session} from")
+    assert lab.alice_session()["migrations"] == 1
+    lab.no_traceback()
+
+
+def test_a_snapshot_swapped_for_another_sessions_is_refused_as_store_data(lab: Lab) -> None:
+    """Two sessions on the replicas (alice's and carol's); the store's snapshot rows swapped:
+    a move finds a blob bound to another state id, refuses it, and alice handshakes anew."""
+    carol_home, fp_carol = init_node(lab.root, "carol")
+    for home in lab.homes:
+        pq("trust", "carol", fp_carol, home=home)
+    bob_fp = pq("id", home=lab.homes[0]).stdout.split()[-1]
+    pq("trust", "bob", bob_fp, home=carol_home)
+    carol = Daemon(carol_home, ["--peer", "bob=" + ",".join(r.address for r in lab.relays)]).start()
+    lab.extra.append(carol)
+    assert pq("ping", "bob", home=carol_home).returncode == 0
+    rows = store_rows(lab, "SELECT state_id, blob FROM states ORDER BY state_id")
+    assert len(rows) == 2, rows
+    (first, blob_a), (second, blob_b) = rows
+    store_rows(lab, "UPDATE states SET blob = ? WHERE state_id = ?", (blob_b, first))
+    store_rows(lab, "UPDATE states SET blob = ? WHERE state_id = ?", (blob_a, second))
+    before = lab.alice_session()["session_id"]
+    lab.relays[lab.serving()].cut()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and lab.alice.sessions()[:1] and lab.alice_session()["session_id"] == before:
+        time.sleep(0.1)
+    lab.ping()
+    assert lab.alice_session()["session_id"] != before and lab.alice_session()["migrations"] == 0
+    refused = "\n".join(r.logs() for r in lab.replicas)
+    assert "fails authentication (corrupt, or another node's)" in refused, refused
+    lab.no_traceback()
