@@ -313,3 +313,49 @@ def test_a_snapshot_swapped_for_another_sessions_is_refused_as_store_data(lab: L
     refused = "\n".join(r.logs() for r in lab.replicas)
     assert "fails authentication (corrupt, or another node's)" in refused, refused
     lab.no_traceback()
+
+
+# --- policy ---------------------------------------------------------------------------------------------
+
+
+def refuse_alice_at(lab: Lab, index: int, config_tail: str = "", unpin: bool = False) -> None:
+    """Change the policy of replica ``index`` (not the serving one) and reload it."""
+    home = lab.homes[index]
+    if unpin:
+        pins = home / "known_peers"
+        pins.write_text("".join(line for line in pins.read_text().splitlines(keepends=True) if "alice" not in line))
+    if config_tail:
+        with (home / "config.toml").open("a") as config:
+            config.write(config_tail)
+    result = pq("reload", home=home)
+    assert result.returncode == 0, result.stderr
+
+
+def move_refused_at(lab: Lab, index: int, reason: str) -> None:
+    """Cut alice's connection: her RESUME at replica ``index`` is refused for ``reason``, and the
+    session goes back to the replica it came from (tried last)."""
+    served_by = lab.serving()
+    assert served_by != index
+    session = lab.alice_session()["session_id"]
+    assert lab.move() == served_by
+    logs = lab.replicas[index].wait_for_log(f"RESUME of session {session} from")
+    refusal = [line for line in logs.splitlines() if f"RESUME of session {session}" in line]
+    assert len(refusal) == 1 and reason in refusal[0], refusal
+    assert lab.replicas[index].sessions() == []
+    lab.ping()
+
+
+def test_a_peer_unpinned_at_a_replica_cannot_move_its_session_there(lab: Lab) -> None:
+    other = 1 - lab.serving()
+    refuse_alice_at(lab, other, unpin=True)
+    move_refused_at(lab, other, lab.fp_alice)
+    lab.no_traceback()
+
+
+def test_a_session_whose_suite_a_replica_no_longer_allows_cannot_move_there(lab: Lab) -> None:
+    other = 1 - lab.serving()
+    assert lab.alice_session()["suite"] == "hybrid"
+    refuse_alice_at(lab, other, '[policy]\n[[policy.grant]]\nsrc = ["*"]\ndst = ["*"]\n'
+                    '[[policy.trigger]]\noutside = ["10.0.0.0/8"]\nmin_suite = "pq-strong"\n')
+    move_refused_at(lab, other, "suite hybrid is no longer allowed")
+    lab.no_traceback()
