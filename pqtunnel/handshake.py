@@ -394,6 +394,8 @@ def _verify_peer(state: NoiseState, backend: prim.CryptographyBackend, suite: Su
 class InitiatorHandshake:
     """The dialling side. It reveals its identity only after authenticating the responder."""
 
+    is_initiator = True
+
     def __init__(self, identity: Identity, authorize: Authorizer, *, config: HandshakeConfig | None = None,
                  backend: prim.CryptographyBackend | None = None, entropy: Entropy | None = None,
                  certificate: bytes | None = None, transition: bytes | None = None) -> None:
@@ -509,6 +511,8 @@ class ResponderHandshake:
     that passes the checks is answered. ``require_cookie`` makes every stranger echo a
     cookie first, whatever ``admit`` says.
     """
+
+    is_initiator = False
 
     def __init__(self, identity: Identity, authorize: Authorizer, *, peer_address: str,
                  config: HandshakeConfig | None = None, backend: prim.CryptographyBackend | None = None,

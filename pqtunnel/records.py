@@ -41,6 +41,8 @@ class ContentType(IntEnum):
     REPLICA = 0x22
     """Responder to initiator, after key confirmation: I am replica <name> of an HA node, so a
     lost connection may be resumed at the node's other addresses."""
+    TICKET = 0x23
+    """Responder to initiator: a resumption ticket grant (pqtunnel/tickets.py)."""
 
 
 class CounterSource(Protocol):

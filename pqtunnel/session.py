@@ -36,6 +36,7 @@ from .crypto.backend import CryptographyBackend
 from .entropy import Entropy
 from .handover import CHALLENGE_SIZE, MAX_REPLICA_NAME, SessionSnapshot, parse_resume, parse_resumed, resume_body, resumed_body
 from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
+from .tickets import ResumeInitiator, ResumeResponder
 from .errors import HandshakeError, ProtocolError, RecordError, RekeyError, SessionStateError
 from .records import ContentType, CounterSource, RecordLayer
 from .wire import MAX_HANDSHAKE_FRAME, MAX_RECORD_FRAME, MAX_RECORD_PLAINTEXT, Frame, FrameDecoder, Kind
@@ -106,6 +107,13 @@ class PeerClosed:
 
 
 @dataclass(frozen=True)
+class TicketGranted:
+    """Initiator: the responder granted a resumption ticket (``tickets.accept_ticket_grant``)."""
+
+    body: bytes
+
+
+@dataclass(frozen=True)
 class CountersNeeded:
     """A replica's keys are ready: reserve the first counter block, then ``attach_counters``."""
 
@@ -120,7 +128,11 @@ class Resumed:
     migrations: int
 
 
-Event = Union[Established, RecordDataReceived, PongReceived, Rekeyed, PeerClosed, CountersNeeded, Resumed]
+Event = Union[Established, RecordDataReceived, PongReceived, Rekeyed, PeerClosed, CountersNeeded, Resumed,
+              TicketGranted]
+
+HandshakeMachine = Union[InitiatorHandshake, ResponderHandshake, ResumeInitiator, ResumeResponder]
+"""A full handshake, or a resumption with a ticket (one round trip): the same result either way."""
 
 
 class KeepaliveTimeout(ProtocolError):
@@ -151,10 +163,12 @@ class _PendingRekey:
 class Session:
     """A session from the first handshake byte to close."""
 
-    def __init__(self, handshake: InitiatorHandshake | ResponderHandshake, *, now_ms: int,
+    def __init__(self, handshake: HandshakeMachine, *, now_ms: int,
                  timers: SessionTimers | None = None, shared_keys: bool = False) -> None:
-        self._setup(isinstance(handshake, InitiatorHandshake), handshake.backend, handshake.entropy, now_ms, timers)
-        self.handshake: InitiatorHandshake | ResponderHandshake | None = handshake
+        self._setup(handshake.is_initiator, handshake.backend, handshake.entropy, now_ms, timers)
+        self.handshake: HandshakeMachine | None = handshake
+        self.with_ticket = isinstance(handshake, (ResumeInitiator, ResumeResponder))
+        """Established by a resumption ticket rather than a full handshake (``sessions``)."""
         self.shared_keys = shared_keys
         """Responder on a replica: its keys may move to another replica, so it seals only with
         reserved counters (``CountersNeeded``, then ``attach_counters``)."""
@@ -190,6 +204,7 @@ class Session:
     def _setup(self, is_initiator: bool, backend: CryptographyBackend, entropy: Entropy, now_ms: int,
                timers: SessionTimers | None) -> None:
         self.handshake = None
+        self.with_ticket = False
         self.shared_keys = False
         self.is_initiator = is_initiator
         self.state = SessionState.HANDSHAKING
@@ -250,7 +265,7 @@ class Session:
             self._challenge = self.entropy.random_bytes(CHALLENGE_SIZE)
             self._queue(self._require_records().seal(ContentType.RESUME, resume_body(self._challenge)), now_ms)
             return
-        if not isinstance(self.handshake, InitiatorHandshake):
+        if self.handshake is None or not self.handshake.is_initiator:
             raise SessionStateError("only the initiator starts a handshake")
         self._queue(self.handshake.start(now_ms if wall_ms is None else wall_ms), now_ms)
 
@@ -353,6 +368,12 @@ class Session:
             self.ping(now_ms)
             self._queue(self.records.seal(ContentType.REPLICA, replica.encode()[:MAX_REPLICA_NAME]), now_ms)
         return [Established(self.result)]
+
+    def send_ticket(self, grant: bytes, now_ms: int) -> None:
+        """Responder: send a ticket grant (``tickets.issue_ticket``) inside the session."""
+        if self.is_initiator:
+            raise SessionStateError("only the responder grants tickets")
+        self._queue(self._require_records().seal(ContentType.TICKET, grant), now_ms)
 
     def snapshot(self, wall_ms: int) -> SessionSnapshot:
         """What another replica needs to continue this (responder) session, keys of now."""
@@ -459,7 +480,9 @@ class Session:
         if content_type is ContentType.REPLICA and self.is_initiator:
             self.replica = data[:MAX_REPLICA_NAME].decode(errors="replace")
             return []
-        if content_type in (ContentType.RESUME, ContentType.RESUMED, ContentType.REPLICA):
+        if content_type is ContentType.TICKET and self.is_initiator:
+            return [TicketGranted(data)]
+        if content_type in (ContentType.RESUME, ContentType.RESUMED, ContentType.REPLICA, ContentType.TICKET):
             raise RecordError(f"{content_type.name} inside an established session")
         return self._on_rekey(content_type, data, now_ms)
 

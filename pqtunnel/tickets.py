@@ -386,13 +386,18 @@ class ResumeInitiator:
     was issued) and names it, as in the full handshake.
     """
 
+    is_initiator = True
+
     def __init__(self, identity: Identity, ticket: ClientTicket, authorize: Authorizer, *,
-                 config: HandshakeConfig | None = None, entropy: Entropy | None = None) -> None:
+                 config: HandshakeConfig | None = None, entropy: Entropy | None = None,
+                 backend: prim.CryptographyBackend | None = None) -> None:
         self.identity = identity
         self.ticket = ticket
         self.authorize = authorize
         self.config = config or HandshakeConfig()
         self.entropy = entropy or SYSTEM_ENTROPY
+        self.backend = backend or prim.CryptographyBackend()
+        """The session's primitives after the resumption (its rekeys' ML-KEM)."""
         self.state = ResumeState.START
         self._ephemeral = b""
         self._schedule: _Schedule | None = None
@@ -456,13 +461,19 @@ class ResumeResponder:
     whatever ``authorize`` raises. ``alert_frame`` turns each into the initiator's ALERT.
     """
 
+    is_initiator = False
+
     def __init__(self, identity: Identity, ticket: TicketState, authorize: Authorizer, *,
-                 config: HandshakeConfig | None = None, entropy: Entropy | None = None) -> None:
+                 config: HandshakeConfig | None = None, entropy: Entropy | None = None,
+                 backend: prim.CryptographyBackend | None = None) -> None:
         self.identity = identity
         self.ticket = ticket
         self.authorize = authorize
         self.config = config or HandshakeConfig()
         self.entropy = entropy or SYSTEM_ENTROPY
+        self.backend = backend or prim.CryptographyBackend()
+        """The session's primitives after the resumption (its rekeys' ML-KEM)."""
+        self._checked_body = b""
         self.state = ResumeState.START
         self._hello: ResumeHello | None = None
         self._schedule: _Schedule | None = None
@@ -494,6 +505,7 @@ class ResumeResponder:
         self._peer = ticket.peer_identity()
         self._peer_name = self.authorize(self._peer)
         self._hello, self._schedule = hello, schedule
+        self._checked_body = bytes(frame.body)
         return hello
 
     def accept(self) -> HandshakeStep:
@@ -509,6 +521,11 @@ class ResumeResponder:
         return HandshakeStep(to_send=encode_frame(Kind.RESUME_ACCEPT, public + mac), result=result)
 
     def receive(self, frame: Frame, now_ms: int) -> HandshakeStep:
-        """``check`` then ``accept``, for an application that recorded the ticket's use already."""
+        """``check`` then ``accept``. After the application's own ``check`` (and the single-use
+        record), the same RESUME_HELLO fed again is accepted without checking twice."""
+        if self.state is ResumeState.CHECKED and self._checked_body:
+            if bytes(frame.body) != self._checked_body:
+                raise LocalProtocolError("a RESUME_HELLO other than the one checked was fed")
+            return self.accept()
         self.check(frame, now_ms)
         return self.accept()

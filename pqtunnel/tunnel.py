@@ -51,20 +51,22 @@ from .session import (
     RecordDataReceived,
     Rekeyed,
     Resumed,
+    HandshakeMachine,
     Session,
     SessionState,
     SessionTimers,
+    TicketGranted,
 )
 
 __all__ = [
     "CountersNeeded", "CreditAvailable", "DataReceived", "ErrorCode", "Established", "Event", "GoAwayReceived",
-    "KeepaliveTimeout", "PeerClosed", "PeerNotReadingError", "PongReceived", "Rekeyed", "Resumed",
+    "KeepaliveTimeout", "PeerClosed", "PeerNotReadingError", "PongReceived", "Rekeyed", "Resumed", "TicketGranted",
     "StreamAccepted", "StreamClosed", "StreamEnded", "StreamOpenRequested", "StreamProtocolError",
     "StreamRefused", "StreamReset", "Tunnel", "TunnelLimits",
 ]
 
 Event = Union[
-    Established, PongReceived, Rekeyed, PeerClosed, CountersNeeded, Resumed,
+    Established, PongReceived, Rekeyed, PeerClosed, CountersNeeded, Resumed, TicketGranted,
     StreamOpenRequested, StreamAccepted, StreamRefused, DataReceived, StreamEnded,
     StreamReset, CreditAvailable, StreamClosed, GoAwayReceived,
 ]
@@ -102,7 +104,7 @@ class TunnelLimits:
 class Tunnel:
     """A session and its streams, from the first handshake byte to close."""
 
-    def __init__(self, handshake: InitiatorHandshake | ResponderHandshake, *, now_ms: int,
+    def __init__(self, handshake: HandshakeMachine, *, now_ms: int,
                  timers: SessionTimers | None = None, limits: TunnelLimits | None = None,
                  shared_keys: bool = False) -> None:
         self._attach(Session(handshake, now_ms=now_ms, timers=timers, shared_keys=shared_keys), now_ms, limits)
@@ -205,6 +207,11 @@ class Tunnel:
         self.session.tick(now_ms)
 
     # --- session calls ------------------------------------------------------------------------
+
+    def send_ticket(self, grant: bytes, now_ms: int) -> None:
+        """Responder: a resumption ticket grant for the peer (pqtunnel/tickets.py)."""
+        self._now_ms = now_ms
+        self.session.send_ticket(grant, now_ms)
 
     def attach_counters(self, counters: CounterSource, now_ms: int, replica: str = "") -> list[Event]:
         """A replica reserved its first counter block: the session may send (see Session)."""

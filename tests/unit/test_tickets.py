@@ -530,3 +530,66 @@ def test_any_stored_bytes_that_are_no_ticket_state_are_refused_cleanly(data: byt
     plain = data if isinstance(data, bytes) else msgpack.packb(data, use_bin_type=True)
     with pytest.raises(StoreDataError):
         TicketState.from_msgpack(plain)
+
+
+class TestTicketsInTheTunnel:
+    """The grant travels in a TICKET record; a resumed session is an ordinary tunnel."""
+
+    def test_a_granted_ticket_resumes_a_new_tunnel_in_one_round_trip(self, alice: Identity, bob: Identity) -> None:
+        from pqtunnel.handshake import InitiatorHandshake, ResponderHandshake
+        from pqtunnel.session import SessionState
+        from pqtunnel.tickets import ResumeInitiator, ResumeResponder, accept_ticket_grant, issue_ticket
+        from pqtunnel.tunnel import DataReceived, Established, StreamOpenRequested, TicketGranted, Tunnel
+        from tests.conftest import NOW_MS, PEER_ADDRESS
+
+        def pump(a: Tunnel, b: Tunnel) -> tuple[list, list, int]:
+            at_a: list = []
+            at_b: list = []
+            trips = 0
+            while True:
+                from_a, from_b = b"".join(a.buffers_to_send()), b"".join(b.buffers_to_send())
+                if not from_a and not from_b:
+                    return at_a, at_b, trips
+                trips += 1
+                at_b += b.receive_data(from_a, 0, NOW_MS) if from_a else []
+                at_a += a.receive_data(from_b, 0, NOW_MS) if from_b else []
+
+        a = Tunnel(InitiatorHandshake(alice, accept_as("bob")), now_ms=0)
+        b = Tunnel(ResponderHandshake(bob, accept_as("alice"), peer_address=PEER_ADDRESS), now_ms=0)
+        a.start(0, NOW_MS)
+        pump(a, b)
+        state, grant = issue_ticket(b.result, NOW_MS)
+        b.send_ticket(grant, 0)
+        at_a, _, _ = pump(a, b)
+        granted = [e for e in at_a if isinstance(e, TicketGranted)]
+        assert len(granted) == 1 and not a.session.with_ticket
+        client = accept_ticket_grant(a.result, granted[0].body, NOW_MS)
+
+        a2 = Tunnel(ResumeInitiator(alice, client, accept_as("bob")), now_ms=0)
+        b2 = Tunnel(ResumeResponder(bob, state, accept_as("alice")), now_ms=0)
+        a2.start(0, NOW_MS)
+        at_a, at_b, _ = pump(a2, b2)
+        assert [type(e) for e in at_a] == [Established] and type(at_b[0]) is Established
+        assert a2.state is SessionState.ESTABLISHED and a2.session.with_ticket and b2.session.with_ticket
+        assert a2.result.session_id == b2.result.session_id != a.result.session_id
+        stream_id = a2.open_stream({"service": "after-a-ticket"})
+        _, at_b, _ = pump(a2, b2)
+        assert StreamOpenRequested(stream_id, {"service": "after-a-ticket"}) in at_b
+        b2.accept_stream(stream_id)
+        b2.send_data(stream_id, b"pong")
+        at_a, _, _ = pump(a2, b2)
+        assert DataReceived(stream_id, b"pong") in at_a
+
+    def test_a_ticket_record_from_the_initiator_is_refused(self, alice: Identity, bob: Identity) -> None:
+        from pqtunnel.handshake import InitiatorHandshake, ResponderHandshake
+        from pqtunnel.tunnel import Tunnel
+        from tests.conftest import NOW_MS, PEER_ADDRESS
+
+        a = Tunnel(InitiatorHandshake(alice, accept_as("bob")), now_ms=0)
+        b = Tunnel(ResponderHandshake(bob, accept_as("alice"), peer_address=PEER_ADDRESS), now_ms=0)
+        a.start(0, NOW_MS)
+        for _ in range(3):
+            b.receive_data(b"".join(a.buffers_to_send()), 0, NOW_MS)
+            a.receive_data(b"".join(b.buffers_to_send()), 0, NOW_MS)
+        with pytest.raises(RecordError, match="TICKET inside an established session"):
+            b.receive_data(a.session.records.seal(ContentType.TICKET, b"\x01" * 21), 0, NOW_MS)
