@@ -87,6 +87,8 @@ class Connection:
         """Bytes read from the socket before this connection took it over (fed first)."""
         self.on_counters_needed: Callable[[Connection], None] = lambda conn: None
         """A replica's session waits for its first reserved counter block (daemon/replicas.py)."""
+        self.on_ticket: Callable[[Connection, bytes], None] = lambda conn, body: None
+        """The peer granted a resumption ticket (daemon/tickets.py keeps it)."""
         self.counter_block: Callable[[], list[int] | None] = lambda: None
         """The counter block a replica's session holds now, for ``sessions`` (None: no HA)."""
         set_nodelay(stream)
@@ -261,6 +263,8 @@ class Connection:
             self.handshake_wall = time.time()
             self.emit(events.Rekeyed(self.peer, self.result.peer.fingerprint, self.result.session_id.hex(), event.epoch))
             self.on_rekeyed(self)
+        elif isinstance(event, core.TicketGranted):
+            self.on_ticket(self, bytes(event.body))
         elif isinstance(event, core.Resumed) and self.result is not None:
             self.emit(self.moved_event(event.replica, event.migrations))
         elif isinstance(event, core.PeerClosed):
@@ -587,7 +591,8 @@ class Connection:
             "latest_handshake": iso_time(self.handshake_wall),
             "last_received": iso_time(self.received_wall),
             "replica": session.replica or None,
-            "resumed": session.migrations > 0,
+            "resumed": session.migrations > 0 or session.with_ticket,
+            "handshake": "ticket" if session.with_ticket else "full",
             "migrations": session.migrations,
             "block": self.counter_block(),
         }

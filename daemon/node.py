@@ -13,7 +13,7 @@ import trio
 
 from pqtunnel.errors import UntrustedPeerError, UserError
 from pqtunnel.admission import HandshakeAdmission
-from pqtunnel.errors import HandshakeBusyError, ReplayError
+from pqtunnel.errors import HandshakeBusyError, HandshakeError, ReplayError
 from pqtunnel.handshake import (PROTOCOL_VERSION, Admit, CookieJar, HandshakeConfig, InitiatorHandshake, ReplayCache,
                                 ResponderHandshake, alert_frame)
 from pqtunnel.identity import Identity
@@ -21,7 +21,9 @@ from pqtunnel import events
 from pqtunnel.audit import audit_required_rule
 from pqtunnel.peers import RACE_STAGGER_MS, Direction, SessionFacts, SessionTable
 from pqtunnel.bandwidth import ByteBucket
-from pqtunnel.crypto.suites import Suite
+from pqtunnel.crypto.suites import Suite, suite_by_name
+from pqtunnel.tickets import ResumeInitiator
+from pqtunnel.wire import FrameDecoder, Kind
 from pqtunnel.session import Session, SessionState
 from pqtunnel.tunnel import Tunnel
 from pqtunnel.trust import TrustStore
@@ -42,7 +44,9 @@ from .sdnotify import keep_watchdog_fed, systemd_notifier
 from .links import PeerAuthenticationError, PeerLink, PeerUnreachableError, UnknownPeerError
 from .eventlog import EventBus, EventLogger
 from .ha import HaWiring
-from .replicas import FixedSuite, ReplicaSessions, first_frame_bytes, stale_after_ms, starts_with_record
+from .firstframe import first_frame_bytes, first_frame_kind
+from .tickets import TicketBook
+from .replicas import FixedSuite, ReplicaSessions, stale_after_ms
 from .services import serve_stream, service_summary
 from .socks_server import exposure_warning, open_socks_listener, serve_socks_client
 from .netio import monotonic_ms, os_reason, remote_of, write_now
@@ -89,6 +93,7 @@ class Node:
         self.emit = self.events.emit
         self.ha = HaWiring(config, identity, self.emit)  # the nonce store replicas share (docs/ha.md)
         self.replicas = ReplicaSessions(self.ha, identity, self.emit)
+        self.tickets = TicketBook(self.ha, identity, self.backend, self.emit)
         self.started = time.monotonic()
         self.listen_address: Address | None = None
         self._nursery: trio.Nursery | None = None
@@ -110,6 +115,7 @@ class Node:
             nursery.start_soon(self.audit.run)
             await nursery.start(self._watch_signals, nursery.cancel_scope)  # before anything can be asked to stop
             await nursery.start(self.ha.run)
+            await nursery.start(self.tickets.run)
             if self.replicas.enabled:
                 nursery.start_soon(self.replicas.sweep, self._held_session_ids, stale_after_ms(self.config.timers))
             listeners = await self._open_listeners()
@@ -223,14 +229,16 @@ class Node:
     async def _inbound_connection(self, stream: trio.SocketStream, remote: str, host: str) -> Connection | None:
         """The connection for a new inbound socket: a handshake, or on a replica whose first
         frame is a RESUME, a session taken over from another replica (None: refused)."""
-        preread = b""
+        accepted_ms = monotonic_ms()  # the handshake timeout counts from here
+        try:
+            preread = await first_frame_bytes(stream, self.config.timers.handshake_timeout_ms / 1000)
+        except (trio.BrokenResourceError, OSError):
+            await trio.aclose_forcefully(stream)
+            return None
+        if first_frame_kind(preread) is Kind.RESUME_HELLO:
+            return await self._ticket_connection(stream, remote, host, preread, accepted_ms)
         if self.replicas.enabled:
-            try:
-                preread = await first_frame_bytes(stream)
-            except (trio.BrokenResourceError, OSError):
-                await trio.aclose_forcefully(stream)
-                return None
-            if starts_with_record(preread):
+            if first_frame_kind(preread) is Kind.RECORD:
                 return await self.replicas.take_over(
                     stream, remote, preread, admission=partial(self._resume_admission, host), backend=self.backend,
                     timers=self.config.timers, limits=self.resources.tunnel_limits)
@@ -244,9 +252,30 @@ class Node:
             cookies=self.cookies, admit=self._admit(host), certificate=self.certificate, transition=self.transition,
         )
         authorize.handshake = handshake
-        conn = Connection(stream, Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers,
+        conn = Connection(stream, Tunnel(handshake, now_ms=accepted_ms, timers=self.config.timers,
                                          limits=self.resources.tunnel_limits, shared_keys=self.replicas.enabled),
                           remote)
+        conn.admission, conn.handshake_note, conn.preread = authorize, note, preread
+        return conn
+
+    async def _ticket_connection(self, stream: trio.SocketStream, remote: str, host: str, preread: bytes,
+                                 accepted_ms: int) -> Connection | None:
+        """A session resumed with a ticket (RESUME_HELLO): the ticket is checked and its single
+        use recorded before the answer; a refusal is an ALERT and one log line."""
+        authorize, config, note = self._peer_admission(None, host)
+        frame = FrameDecoder().feed(preread)[0]
+        try:
+            responder = await self.tickets.redeem(frame, authorize, config)
+        except (HandshakeError, UntrustedPeerError) as exc:
+            write_now(stream.socket.fileno(), [alert_frame(exc)])
+            await trio.aclose_forcefully(stream)
+            fault = events.Fault.LOCAL if "did not answer" in str(exc) else events.Fault.PEER
+            self.emit(events.HandshakeFailed(peer="unknown peer", addr=remote, direction="inbound",
+                                             reason=f"ticket refused: {exc}", fault=fault))
+            return None
+        tunnel = Tunnel(responder, now_ms=accepted_ms, timers=self.config.timers, limits=self.resources.tunnel_limits,
+                        shared_keys=self.replicas.enabled)
+        conn = Connection(stream, tunnel, remote)
         conn.admission, conn.handshake_note, conn.preread = authorize, note, preread
         return conn
 
@@ -292,6 +321,8 @@ class Node:
                 self.resources.handshake_ended(c.remote)
             self._apply_rate_limit(c)
             self._register(c)
+            if c.direction == "inbound" and c.tunnel.session.handshake is not None:
+                c.start_task(self.tickets.issue, c)  # after a full or a ticket handshake
 
         conn.inbound = self._serve_stream
         conn.buffers = self.resources.buffers.session()
@@ -300,6 +331,7 @@ class Node:
         conn.on_finished = self._unregister
         conn.on_rekeyed = self._rekeyed
         conn.on_counters_needed = self.replicas.counters_needed
+        conn.on_ticket = lambda c, body: c.start_task(self.tickets.granted, c, body)
         await conn.run()
 
     def _rekeyed(self, conn: Connection) -> None:
@@ -453,7 +485,8 @@ class Node:
         race = _Race()
         async with trio.open_nursery() as nursery:
             for index, address in enumerate(link.race_order()):
-                nursery.start_soon(self._attempt, link, address, index * RACE_STAGGER_MS / 1000, race)
+                nursery.start_soon(partial(self._attempt, link, address, index * RACE_STAGGER_MS / 1000, race,
+                                           with_ticket=index == 0))
         if race.winner is None and not link.dropped:
             link.failed(race.reason or "no candidate answered", handshake=race.handshake_failed)
         return race.winner is not None
@@ -480,8 +513,9 @@ class Node:
         return session if resumable else None
 
     async def _attempt(self, link: PeerLink, address: Address, delay: float, race: _Race, *,
-                       resume_from: Session | None = None, within: float = math.inf) -> None:
-        """One candidate of a race: connect, handshake (or resume), and if first, run the session."""
+                       resume_from: Session | None = None, within: float = math.inf, with_ticket: bool = False) -> None:
+        """One candidate of a race: connect, handshake (with a ticket if one is held, and if it
+        is refused, at once again without), or resume; if first, run the session."""
         with trio.CancelScope(deadline=trio.current_time() + delay + within) as scope:
             race.pending.add(scope)
             link.attempts.add(scope)
@@ -489,9 +523,6 @@ class Node:
                 scope.cancel()
             try:
                 await trio.sleep(delay)
-                conn = await self._dial(link, address, race, resume_from)
-                if conn is None:
-                    return
 
                 def won(c: Connection) -> None:
                     race.won(c, scope)
@@ -499,18 +530,26 @@ class Node:
                     link.attempts.discard(scope)  # a live session is never cut by drop_link
                     link.connected(address)
 
-                await self._run_connection(conn, won)
-                if race.winner is conn:
-                    link.resumable = self._resumable(conn)
-                if not conn.established.is_set():
-                    race.lost(f"{address}: {conn.close_reason}" if len(link.candidates) > 1 else conn.close_reason,
-                              handshake=True)
+                while True:
+                    conn = await self._dial(link, address, race, resume_from, with_ticket=with_ticket)
+                    if conn is None:
+                        return
+                    await self._run_connection(conn, won)
+                    if race.winner is conn:
+                        link.resumable = self._resumable(conn)
+                    if not conn.established.is_set() and conn.tunnel.session.with_ticket:
+                        with_ticket = False  # that ticket would not do: a full handshake now
+                        continue
+                    if not conn.established.is_set():
+                        race.lost(f"{address}: {conn.close_reason}" if len(link.candidates) > 1
+                                  else conn.close_reason, handshake=True)
+                    return
             finally:
                 race.pending.discard(scope)
                 link.attempts.discard(scope)
 
     async def _dial(self, link: PeerLink, address: Address, race: _Race,
-                    resume_from: Session | None = None) -> Connection | None:
+                    resume_from: Session | None = None, *, with_ticket: bool = False) -> Connection | None:
         try:
             with trio.fail_after(DIAL_TIMEOUT):
                 stream = await trio.open_tcp_stream(address.host, address.port)
@@ -524,10 +563,16 @@ class Node:
         authorize, config, note = self._peer_admission(link.name, remote_of(stream).rpartition(":")[0])
         if resume_from is not None:
             return await self._resuming_connection(link, address, stream, authorize, resume_from, race)
-        handshake = InitiatorHandshake(self.identity, authorize, config=config,
-                                       backend=self.backend, certificate=self.certificate,
-                                       transition=self.transition)
-        authorize.handshake = handshake
+        ticket = self.tickets.take(link.name) if with_ticket else None
+        handshake: InitiatorHandshake | ResumeInitiator
+        if ticket is not None:
+            handshake = ResumeInitiator(self.identity, ticket, authorize, config=config, backend=self.backend)
+            authorize.handshake = FixedSuite(suite_by_name(ticket.suite))
+        else:
+            handshake = InitiatorHandshake(self.identity, authorize, config=config,
+                                           backend=self.backend, certificate=self.certificate,
+                                           transition=self.transition)
+            authorize.handshake = handshake
         tunnel = Tunnel(handshake, now_ms=monotonic_ms(), timers=self.config.timers)
         conn = Connection(stream, tunnel, str(address), dialled=link.name)
         conn.admission, conn.handshake_note = authorize, note
@@ -606,6 +651,7 @@ class Node:
             "liboqs": self.liboqs,
             "handshakes": self._admission_summary(),
             "ha": self.ha.status(),
+            "tickets": self.tickets.status(),
         }
 
     def _admission_summary(self) -> dict[str, Any]:
