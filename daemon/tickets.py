@@ -49,6 +49,9 @@ from .replicas import FixedSuite
 from .trustpolicy import Admission
 
 CLIENT_PREFIX = "client-ticket."
+TICKET_PREFIX = "ticket."
+SWEEP_INTERVAL = 600.0
+"""Seconds between sweeps for ticket states that expired unused."""
 MAX_TICKETS_PER_PEER = 2
 """Tickets kept per peer on the dialling side: the newest ones; older ones are deleted."""
 
@@ -77,11 +80,36 @@ class TicketBook:
         except (StoreUnavailableError, StoreDataError) as exc:
             LOG.warning("resumption tickets not loaded from the %s store: %s", self.store.kind, exc)
         task_status.started()
-        async for store_id in self._to_forget:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweep_expired)
+            async for store_id in self._to_forget:
+                try:
+                    await self.store.delete_state(store_id)
+                except (StoreUnavailableError, StoreDataError) as exc:
+                    LOG.info("used ticket %s not deleted from the store: %s", store_id, exc)
+
+    async def _sweep_expired(self) -> None:
+        """Every SWEEP_INTERVAL: delete the states of tickets granted but never used in time."""
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
             try:
-                await self.store.delete_state(store_id)
+                await self.sweep_once()
             except (StoreUnavailableError, StoreDataError) as exc:
-                LOG.info("used ticket %s not deleted from the store: %s", store_id, exc)
+                LOG.info("expired tickets not swept this time: %s", exc)
+
+    async def sweep_once(self) -> int:
+        """Queue the deletion of every expired ticket state of ours; returns how many."""
+        now, expired = wall_ms(), 0
+        for store_id in await self.store.list_states(TICKET_PREFIX):
+            blob = await self.store.get_state(store_id)
+            try:
+                state = unwrap_ticket(self.wrapper, bytes.fromhex(store_id[len(TICKET_PREFIX):]), blob or b"")
+            except (StoreDataError, ValueError):
+                continue  # not ours to judge: never trusted, never deleted by us
+            if state.is_expired(now):
+                self._forget_soon(store_id)
+                expired += 1
+        return expired
 
     async def _load(self) -> None:
         now = wall_ms()

@@ -78,3 +78,25 @@ async def test_a_snapshot_the_replica_cannot_vouch_for_is_reported_and_left_alon
     refused = [e for e in replica.seen if isinstance(e, StoreDataRefused)]  # type: ignore[attr-defined]
     assert refused and refused[0].key == state_id(foreign.session_id)
 
+
+
+async def test_ticket_states_that_expired_unused_are_swept_and_live_ones_stay(tmp_path: Path, alice: Identity,
+                                                                             bob: Identity) -> None:
+    from pqtunnel.handshake import InitiatorHandshake as Initiator
+    from pqtunnel.tickets import issue_ticket, ticket_state_id, wrap_ticket
+    from pqtunneld.tickets import TicketBook
+
+    config = NodeConfig(home=tmp_path, ha=HaSettings(store="local", path=tmp_path / "nonces.sqlite", enabled=True))
+    book = TicketBook(HaWiring(config, bob, lambda e: None), bob, None, lambda e: None)
+    a = Tunnel(Initiator(alice, accept_as("bob")), now_ms=0)
+    b = Tunnel(ResponderHandshake(bob, accept_as("alice"), peer_address=PEER_ADDRESS), now_ms=0)
+    a.start(0, NOW_MS)
+    for _ in range(4):
+        b.receive_data(b"".join(a.buffers_to_send()), 0, NOW_MS)
+        a.receive_data(b"".join(b.buffers_to_send()), 0, NOW_MS)
+    live, _ = issue_ticket(b.result, wall_ms())
+    old, _ = issue_ticket(b.result, wall_ms() - 25 * 3600 * 1000)  # 24 h lifetime, issued 25 h ago
+    for state in (live, old):
+        await book.store.put_state(ticket_state_id(state.ticket_id), wrap_ticket(book.wrapper, state))
+    assert await book.sweep_once() == 1
+    assert book._to_forget.receive_nowait() == ticket_state_id(old.ticket_id)
