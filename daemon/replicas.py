@@ -21,10 +21,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgpack
 import trio
 
 from pqtunnel import events
-from pqtunnel.crypto.suites import Suite
+from pqtunnel.crypto.backend import KEM_SIZES
+from pqtunnel.crypto.suites import SUITES_BY_WIRE_ID, Suite
 from pqtunnel.entropy import SYSTEM_ENTROPY
 from pqtunnel.errors import (
     LeaseStoppedError,
@@ -35,9 +37,11 @@ from pqtunnel.errors import (
     UntrustedPeerError,
 )
 from pqtunnel.handover import StateWrapper, resume_key_id, state_id
-from pqtunnel.handshake import alert_frame
+from pqtunnel.handshake import PROTOCOL_VERSION, alert_frame
 from pqtunnel.identity import Identity
 from pqtunnel.leases import CounterLease, Granted, MarkMoved, counter_key_id
+from pqtunnel.noisestate import DHLEN
+from pqtunnel.ratelimit import TokenBucket
 from pqtunnel.session import Session, SessionTimers
 from pqtunnel.tunnel import Tunnel, TunnelLimits
 from pqtunnel.wire import FRAME_HEADER, Frame, FrameDecoder, Kind
@@ -58,6 +62,12 @@ RESUME_CAS_ATTEMPTS = 8
 SWEEP_INTERVAL = 60.0
 """Seconds between sweeps for the stored state of sessions that no replica holds any more."""
 STATE_PREFIX = "session."
+SHARED_HELLO_BURST = 40
+SHARED_HELLO_INTERVAL = 0.05
+"""The node-wide budget of HELLOs recorded in the shared replay cache (each one a durable
+store write): 40 at once, then 20 a second, the handshakes admission lets a node sign
+(pqtunnel/admission.py). Past it a replica relies on its own cache, as when the store does
+not answer: a flood of fresh HELLOs cannot crowd out the counter reservations in the store."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,21 @@ class FixedSuite:
     """The suite of a session being resumed, as the admission reads it from a handshake."""
 
     suite: Suite
+
+
+def plausible_hello(body: bytes, now_wall_ms: int, replay_window_ms: int) -> bool:
+    """Whether a HELLO passes the handshake's first cheap checks (version, suite, a payload
+    whose timestamp is inside the replay window): only such a HELLO is worth a store write.
+    The handshake refuses the others itself, with the precise reason, before any signing."""
+    suite = SUITES_BY_WIRE_ID.get(body[1]) if len(body) > 1 and body[0] == PROTOCOL_VERSION else None
+    if suite is None:
+        return False
+    try:  # version, suite, e (32), e1 (the KEM key, hybrid suites), then the payload in clear
+        payload = msgpack.unpackb(body[2 + DHLEN + (KEM_SIZES[suite.kem].public_key if suite.kem else 0):], raw=False)
+    except (ValueError, msgpack.UnpackException):
+        return False
+    stamp = payload.get("ts") if isinstance(payload, dict) else None
+    return isinstance(stamp, int) and not isinstance(stamp, bool) and abs(now_wall_ms - stamp) <= replay_window_ms
 
 
 def starts_with_record(data: bytes) -> bool:
@@ -119,6 +144,7 @@ class ReplicaSessions:
         self.replica = ha.settings.replica
         self.wrapper = StateWrapper.for_identity(identity, SYSTEM_ENTROPY)
         self.emit = emit
+        self._hello_budget = TokenBucket.full(SHARED_HELLO_BURST, monotonic_ms())
 
     @property
     def store(self):  # noqa: ANN201 - SqliteNonceStore | EtcdNonceStore
@@ -170,7 +196,12 @@ class ReplicaSessions:
             return False  # the handshake itself refuses it, with the precise reason
         if not frames or frames[0].kind is not Kind.HELLO:
             return False
-        digest = hashlib.sha256(bytes(frames[0].body)).hexdigest()
+        body = bytes(frames[0].body)
+        if not plausible_hello(body, wall_ms(), replay_window_ms):
+            return False  # no store write for what the handshake refuses on its first bytes
+        if not self._hello_budget.take(monotonic_ms(), SHARED_HELLO_BURST, SHARED_HELLO_INTERVAL * 1000):
+            return False  # a flood: this replica's own cache decides, the store stays free
+        digest = hashlib.sha256(body).hexdigest()
         try:
             return not await self.store.use_once("hello", digest, 2 * replay_window_ms / 1000)
         except (StoreUnavailableError, StoreDataError):

@@ -10,6 +10,7 @@ what must hold: a refusal in one log line, no traceback, the replicas serving on
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sqlite3
@@ -22,7 +23,10 @@ from pathlib import Path
 import pytest
 
 from pqlab.relay import C2R, Relay, repeated_nonces, scan_frames
+from pqtunnel.handshake import InitiatorHandshake
+from pqtunnel.identity import Identity
 from pqtunnel.wire import FrameDecoder, Kind, encode_frame
+from pqtunneld.replicas import SHARED_HELLO_BURST, SHARED_HELLO_INTERVAL
 from tests.nodes import Daemon, init_node, pq
 
 ALICE_TIMERS = "[timers]\nkeepalive = 1\ndead_after = 4\n"
@@ -132,9 +136,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             relay.close()
 
 
-def answer_to(port: int, data: bytes, *, timeout: float = 10) -> bytes:
+def answer_to(port: int, data: bytes, *, timeout: float = 10, source: str = "127.0.0.1") -> bytes:
     """Send ``data`` as the first bytes of a connection to a replica; its answer (or b"")."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as sock:
         sock.sendall(data)
         try:
             return sock.recv(65536)
@@ -358,4 +362,45 @@ def test_a_session_whose_suite_a_replica_no_longer_allows_cannot_move_there(lab:
     refuse_alice_at(lab, other, '[policy]\n[[policy.grant]]\nsrc = ["*"]\ndst = ["*"]\n'
                     '[[policy.trigger]]\noutside = ["10.0.0.0/8"]\nmin_suite = "pq-strong"\n')
     move_refused_at(lab, other, "suite hybrid is no longer allowed")
+    lab.no_traceback()
+
+
+# --- denial of service ------------------------------------------------------------------------------------
+
+
+def hello_records(lab: Lab) -> int:
+    """HELLO hashes in the shared replay cache: one store write (fsync'd) each."""
+    return store_rows(lab, "SELECT count(*) FROM used_once WHERE kind = 'hello'")[0][0]
+
+
+def test_garbage_hellos_cost_the_shared_store_nothing(lab: Lab) -> None:
+    """A stranger's HELLO frames that the handshake refuses on their first bytes (wrong
+    version, unknown suite, no payload, stale timestamp) spend no admission budget: they
+    must not cost a write to the store the replicas share either."""
+    before = hello_records(lab)
+    stale = InitiatorHandshake(Identity.generate("mallory"), lambda peer: "bob").start(int(time.time() * 1000) - 3_600_000)
+    for _ in range(50):
+        for frame in (encode_frame(Kind.HELLO, os.urandom(100)), encode_frame(Kind.HELLO, b"\x01\xee" + os.urandom(60)),
+                      encode_frame(Kind.HELLO, b"\x01\x02" + os.urandom(1300)), stale):
+            answer_to(lab.ports[0], frame)
+    assert hello_records(lab) == before
+    lab.ping()
+    lab.no_traceback()
+
+
+def test_a_flood_of_fresh_hellos_writes_the_shared_store_at_a_bounded_rate(lab: Lab) -> None:
+    """Well-formed, fresh HELLOs (cheap to make: no signature) each ask for a write to the
+    shared replay cache; past a node-wide budget a replica relies on its own cache instead,
+    so a flood cannot saturate the store the counter reservations of every session need."""
+    before = hello_records(lab)
+    mallory = Identity.generate("mallory")
+    started = time.monotonic()
+    for index in range(400):  # from 100 addresses, as an attacker with a network of them
+        hello = InitiatorHandshake(mallory, lambda peer: "bob").start(int(time.time() * 1000))
+        answer_to(lab.ports[0], hello, source=f"127.0.1.{1 + index % 100}")
+    elapsed = time.monotonic() - started
+    written = hello_records(lab) - before
+    assert written <= SHARED_HELLO_BURST + elapsed / SHARED_HELLO_INTERVAL + 1, (written, elapsed)
+    lab.move()  # the store still serves a move
+    lab.ping()
     lab.no_traceback()
