@@ -70,6 +70,8 @@ class ChaosRun:
     alice_session_ids: set[str] = field(default_factory=set)
     records: list[RecordSeen] = field(default_factory=list)
     logs: dict[str, str] = field(default_factory=dict)
+    serving_at_end: tuple[list[str], str] = ([], "")
+    """(``replica`` of alice's sessions, the replica whose relay carried her traffic), at the end."""
 
 
 def curl_fetch(socks_port: int, max_time: float = 20) -> Fetch:
@@ -202,6 +204,8 @@ def chaos(cluster: EtcdCluster, web: list[int], tmp_path_factory: pytest.TempPat
                 inflict(fault, lab, cluster, run)
             wait_for_progress(run, since=run.faults[-1][0] if run.faults else started)
             note_alice(lab, run)
+            serving = wait_for_serving(lab)
+            run.serving_at_end = ([s.get("replica") for s in alice_sessions(lab)], serving.name if serving else "")
         finally:
             stop.set()
             for fetcher in fetchers:
@@ -253,6 +257,11 @@ def test_a_session_moved_through_two_replicas(chaos: ChaosRun) -> None:
 
 def test_alice_counted_the_migrations(chaos: ChaosRun) -> None:
     assert chaos.migrations_seen >= 1, f"alice's sessions never showed migrations >= 1 ({chaos.alice_session_ids})"
+
+
+def test_alice_names_the_replica_her_traffic_crosses(chaos: ChaosRun) -> None:
+    names, serving = chaos.serving_at_end
+    assert serving and names == [serving]
 
 
 def test_no_daemon_died_of_a_traceback(chaos: ChaosRun) -> None:
