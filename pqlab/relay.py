@@ -195,6 +195,7 @@ class Connection:
     def start(self) -> None:
         if self._upstream is None:
             _abort(self._client)
+            self._client.close()
             for pipe in self.pipes.values():
                 pipe.ended = time.monotonic()
             return
