@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pqlab.relay import C2R, Relay, repeated_nonces, scan_frames
+from pqlab.relay import C2R, R2C, Relay, repeated_nonces, scan_frames
 from pqtunnel.handshake import InitiatorHandshake
 from pqtunnel.identity import Identity
 from pqtunnel.wire import FrameDecoder, Kind, encode_frame
@@ -402,5 +402,39 @@ def test_a_flood_of_fresh_hellos_writes_the_shared_store_at_a_bounded_rate(lab: 
     written = hello_records(lab) - before
     assert written <= SHARED_HELLO_BURST + elapsed / SHARED_HELLO_INTERVAL + 1, (written, elapsed)
     lab.move()  # the store still serves a move
+    lab.ping()
+    lab.no_traceback()
+
+
+def test_a_move_after_the_counter_mark_was_deleted_from_the_store_is_refused_in_one_line(lab: Lab) -> None:
+    """Without ``<sid>.r2i`` nothing tells a replica which counters the session used: the
+    taking-over replica seals nothing, refuses in one line, and alice handshakes anew."""
+    session = lab.alice_session()["session_id"]
+    store_rows(lab, "DELETE FROM marks WHERE key_id = ?", (f"{session}.r2i",))
+    lab.relays[lab.serving()].cut()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not lab.alice.sessions() or lab.alice_session()["session_id"] == session):
+        time.sleep(0.1)
+    lab.ping()
+    assert lab.alice_session()["session_id"] != session and lab.alice_session()["migrations"] == 0
+    refusals = "\n".join(r.logs() for r in lab.replicas)
+    assert "no counter mark is stored for this key" in refusals, refusals
+    for relay in lab.relays:
+        for connection in relay.connections():
+            frames = list(scan_frames(connection.captured(C2R)))
+            if frames and frames[0].kind == Kind.RECORD:  # a RESUME: the replica sealed nothing back
+                assert [r for r in connection.records() if r.direction == R2C] == []
+    lab.no_traceback()
+
+
+def test_resumes_for_random_sessions_write_nothing_and_cost_no_admission_budget(lab: Lab) -> None:
+    """A stranger's RESUMEs for sessions that do not exist cost one store read each: no write,
+    nothing kept, the replica serves on."""
+    marks, states = (store_rows(lab, f"SELECT count(*) FROM {table}")[0][0] for table in ("marks", "states"))
+    for index in range(200):
+        forged = encode_frame(Kind.RECORD, os.urandom(8) + (3).to_bytes(8, "big") + os.urandom(33))
+        assert b"unknown session" in alert_of(answer_to(lab.ports[0], forged, source=f"127.0.2.{1 + index % 50}"))
+    assert (store_rows(lab, "SELECT count(*) FROM marks")[0][0], store_rows(lab, "SELECT count(*) FROM states")[0][0]) \
+        == (marks, states)
     lab.ping()
     lab.no_traceback()
