@@ -438,3 +438,45 @@ def test_resumes_for_random_sessions_write_nothing_and_cost_no_admission_budget(
         == (marks, states)
     lab.ping()
     lab.no_traceback()
+
+
+# --- rekeys and moves ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rekeying_lab(tmp_path: Path) -> Iterator[Lab]:
+    """The lab with replicas that rekey every second: every move is near a rekey."""
+    lab = start_lab(tmp_path, "[timers]\nrekey_after = 1\n")
+    try:
+        lab.ping()
+        yield lab
+    finally:
+        for daemon in [lab.alice, *lab.replicas]:
+            daemon.kill()
+        for relay in lab.relays:
+            relay.close()
+
+
+def test_moves_between_rekeys_continue_with_the_current_keys_and_no_nonce_twice(rekeying_lab: Lab) -> None:
+    """Moves of a session rekeyed every second: the snapshot follows each rekey, so a move
+    continues with the keys of now (or, cut inside a rekey, fails over to a handshake), and
+    no (session, direction, counter) is ever on the wire twice."""
+    lab = rekeying_lab
+    moved = 0
+    for _ in range(6):
+        time.sleep(1.2)
+        before = lab.alice_session()
+        lab.relays[lab.serving()].cut()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = lab.alice.sessions()
+            if now and (now[0]["session_id"] != before["session_id"] or now[0]["migrations"] > before["migrations"]):
+                break
+            time.sleep(0.05)
+        lab.ping()
+        moved += lab.alice_session()["session_id"] == before["session_id"]
+    assert moved >= 3, moved
+    assert "rekeyed" in lab.replicas[0].logs() + lab.replicas[1].logs()
+    records = [record for relay in lab.relays for record in relay.records()]
+    assert repeated_nonces(records) == {}
+    lab.no_traceback()
