@@ -15,6 +15,7 @@ import shutil
 import socket
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -479,4 +480,44 @@ def test_moves_between_rekeys_continue_with_the_current_keys_and_no_nonce_twice(
     assert "rekeyed" in lab.replicas[0].logs() + lab.replicas[1].logs()
     records = [record for relay in lab.relays for record in relay.records()]
     assert repeated_nonces(records) == {}
+    lab.no_traceback()
+
+
+def test_a_resumed_from_an_earlier_move_answered_to_alice_by_an_impostor_is_refused(lab: Lab) -> None:
+    """Someone in the path answers alice's next RESUME with the RESUMED captured at the first
+    move (a genuine record under the session's key): its counter is behind alice's, and its
+    challenge is not hers. Alice refuses it and moves to a real replica."""
+    first = lab.serving()
+    second = lab.move()
+    (moved,) = [c for c in lab.relays[second].connections()  # the connection alice's RESUME opened
+                if next(scan_frames(c.captured(C2R))).kind == Kind.RECORD]
+    resumed = next(scan_frames(moved.captured(R2C))).data
+    lab.relays[first].close()
+    impostor = socket.create_server(("127.0.0.1", lab.relays[first].port))
+    answered = []
+
+    def answer() -> None:
+        conn, _ = impostor.accept()
+        answered.append(conn.recv(4096))
+        conn.sendall(resumed)
+        time.sleep(1)
+        conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        session = lab.alice_session()
+        lab.relays[second].cut()
+        thread.join(20)
+        assert answered and answered[0][4] == Kind.RECORD  # alice's RESUME reached the impostor
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and lab.alice_session()["migrations"] < 2:
+            time.sleep(0.05)
+    finally:
+        impostor.close()
+    after = lab.alice_session()
+    assert after["session_id"] == session["session_id"] and after["migrations"] == 2
+    assert after["replica"] == f"r{second + 1}"
+    assert "is not above" in lab.alice.logs()  # the replayed RESUMED, refused by its counter
+    lab.ping()
     lab.no_traceback()
