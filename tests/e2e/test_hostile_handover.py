@@ -81,7 +81,11 @@ class Lab:
         the other one. Returns the index of the replica serving afterwards."""
         before = self.alice_session()["migrations"]
         self.relays[self.serving()].cut()
-        deadline = time.monotonic() + 20
+        return self.wait_moved(before)
+
+    def wait_moved(self, before: int, timeout: float = 20) -> int:
+        """Wait until alice's session counts more than ``before`` moves; the serving replica."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             sessions = self.alice.sessions()
             if sessions and sessions[0]["migrations"] > before:
@@ -252,9 +256,7 @@ def test_no_nonce_is_sealed_twice_across_quick_moves_and_a_frozen_replica(lab: L
     assert frozen.process is not None
     frozen.process.send_signal(19)  # SIGSTOP
     try:
-        deadline = time.monotonic() + 30
-        while lab.alice_session()["migrations"] < 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        lab.wait_moved(3, timeout=30)  # alice finds it silent (dead_after 4 s) and moves
         lab.ping()
     finally:
         frozen.process.send_signal(18)  # SIGCONT
@@ -303,7 +305,7 @@ def test_a_snapshot_swapped_for_another_sessions_is_refused_as_store_data(lab: L
     carol = Daemon(carol_home, ["--peer", "bob=" + ",".join(r.address for r in lab.relays)]).start()
     lab.extra.append(carol)
     assert pq("ping", "bob", home=carol_home).returncode == 0
-    rows = store_rows(lab, "SELECT state_id, blob FROM states ORDER BY state_id")
+    rows = store_rows(lab, "SELECT state_id, blob FROM states WHERE state_id LIKE 'session.%' ORDER BY state_id")
     assert len(rows) == 2, rows
     (first, blob_a), (second, blob_b) = rows
     store_rows(lab, "UPDATE states SET blob = ? WHERE state_id = ?", (blob_b, first))
@@ -520,4 +522,27 @@ def test_a_resumed_from_an_earlier_move_answered_to_alice_by_an_impostor_is_refu
     assert after["replica"] == f"r{second + 1}"
     assert "is not above" in lab.alice.logs()  # the replayed RESUMED, refused by its counter
     lab.ping()
+    lab.no_traceback()
+
+
+def test_a_resume_that_reaches_a_frozen_replica_is_refused_there_once_alice_moved_elsewhere(lab: Lab) -> None:
+    """alice's RESUME to a frozen replica times out (2 s) and she resumes at the replica she
+    lost instead; when the frozen one wakes and reads the stale RESUME, the used mark is past
+    it: refused, and the session stays where it is, no nonce twice."""
+    serving = lab.serving()
+    frozen = lab.replicas[1 - serving]
+    assert frozen.process is not None
+    session = lab.alice_session()
+    frozen.process.send_signal(19)  # SIGSTOP: the kernel still accepts and buffers
+    try:
+        lab.relays[serving].cut()
+        assert lab.wait_moved(session["migrations"], timeout=30) == serving
+    finally:
+        frozen.process.send_signal(18)  # SIGCONT
+    frozen.wait_for_log("was used before (replay)")
+    assert frozen.sessions() == []
+    after = lab.alice_session()
+    assert after["session_id"] == session["session_id"] and after["replica"] == f"r{serving + 1}"
+    lab.ping()
+    assert repeated_nonces([record for relay in lab.relays for record in relay.records()]) == {}
     lab.no_traceback()
