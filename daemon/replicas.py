@@ -18,6 +18,7 @@ asks the policy again, and continues the session from the stored counter marks.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -59,6 +60,15 @@ FIRST_FRAME_TIMEOUT = 10.0
 MAX_RESUME_FRAME = 128
 """A RESUME record is 54 bytes; anything longer that starts a connection is refused."""
 RESUME_CAS_ATTEMPTS = 8
+MOVE_BURST = 4
+MOVE_INTERVAL = 10.0
+"""How often one session may move to this replica: 4 times at once, then once every 10 s.
+Sessions move when a replica or a path fails, rarely; a peer RESUMEing its own session over
+and over (each time durable store writes, and no admission budget) is refused past that and
+must handshake, which admission rations. Only a RESUME that was used counts: a replayed one
+spends nothing of its session's allowance."""
+MAX_MOVING_SESSIONS = 4096
+"""Sessions whose recent moves a replica remembers (the least recent are forgotten)."""
 SWEEP_INTERVAL = 60.0
 """Seconds between sweeps for the stored state of sessions that no replica holds any more."""
 STATE_PREFIX = "session."
@@ -145,6 +155,7 @@ class ReplicaSessions:
         self.wrapper = StateWrapper.for_identity(identity, SYSTEM_ENTROPY)
         self.emit = emit
         self._hello_budget = TokenBucket.full(SHARED_HELLO_BURST, monotonic_ms())
+        self._moves: OrderedDict[bytes, TokenBucket] = OrderedDict()
 
     @property
     def store(self):  # noqa: ANN201 - SqliteNonceStore | EtcdNonceStore
@@ -302,8 +313,20 @@ class ReplicaSessions:
         if authorize(session.result.peer) != session.result.peer_name:
             raise UntrustedPeerError(f"the policy no longer names {session.result.peer.fingerprint} "
                                      f"{session.result.peer_name}")
+        moves = self._moves_of(session_id)
+        if not moves.available(monotonic_ms(), MOVE_BURST, MOVE_INTERVAL * 1000):
+            raise ResumeRefusedError(f"session {session_id.hex()} moved too often; it must handshake anew")
         await self._use_resume_counter(session_id, counter)
+        moves.take(monotonic_ms(), MOVE_BURST, MOVE_INTERVAL * 1000)
         return session, authorize
+
+    def _moves_of(self, session_id: bytes) -> TokenBucket:
+        """The allowance of moves to this replica left to a session (MOVE_BURST, MOVE_INTERVAL)."""
+        moves = self._moves.pop(session_id, None) or TokenBucket.full(MOVE_BURST, monotonic_ms())
+        self._moves[session_id] = moves
+        while len(self._moves) > MAX_MOVING_SESSIONS:
+            self._moves.popitem(last=False)
+        return moves
 
     async def _stored(self, session_id: bytes) -> bytes:
         try:

@@ -17,17 +17,20 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from pqlab.relay import C2R, R2C, Relay, repeated_nonces, scan_frames
+from pqtunnel.errors import ProtocolError
 from pqtunnel.handshake import InitiatorHandshake
 from pqtunnel.identity import Identity
+from pqtunnel.session import Session, SessionState
 from pqtunnel.wire import FrameDecoder, Kind, encode_frame
-from pqtunneld.replicas import SHARED_HELLO_BURST, SHARED_HELLO_INTERVAL
+from pqtunneld.replicas import MOVE_BURST, SHARED_HELLO_BURST, SHARED_HELLO_INTERVAL
+from pqtunneld.stores import load_identity
 from tests.nodes import Daemon, init_node, pq
 
 ALICE_TIMERS = "[timers]\nkeepalive = 1\ndead_after = 4\n"
@@ -546,3 +549,55 @@ def test_a_resume_that_reaches_a_frozen_replica_is_refused_there_once_alice_move
     lab.ping()
     assert repeated_nonces([record for relay in lab.relays for record in relay.records()]) == {}
     lab.no_traceback()
+
+
+def test_a_peer_resuming_its_own_session_over_and_over_is_refused_past_a_few_moves(lab: Lab) -> None:
+    """An authenticated peer holds its session's keys, so every RESUME it makes is genuine;
+    each one costs the replicas durable store writes (used mark, snapshot, a counter block)
+    and no admission budget. Past a few moves in a row a replica refuses the session's next
+    RESUME (the peer must handshake, which admission rations); alice's own session is untouched."""
+    session = handshake_as_alice(lab)
+    taken = refused = 0
+    for index in range(len(lab.ports) * MOVE_BURST + 6):  # to each replica in turn
+        session, resumed = resume_as_alice(lab, session, lab.ports[index % 2])
+        taken, refused = taken + resumed, refused + (not resumed)
+        if not resumed:
+            break
+    assert taken == len(lab.ports) * MOVE_BURST and refused == 1, (taken, refused)
+    lab.replicas[len(lab.ports) * MOVE_BURST % 2].wait_for_log("moved too often; it must handshake anew")
+    lab.no_traceback()
+
+
+def handshake_as_alice(lab: Lab) -> Session:
+    """A session with replica r1 under alice's identity, driven by the library over a socket."""
+    session = Session(InitiatorHandshake(load_identity(lab.alice_home), lambda peer: "bob"), now_ms=mono_ms())
+    session.start(mono_ms(), int(time.time() * 1000))
+    with socket.create_connection(("127.0.0.1", lab.ports[0]), timeout=10) as sock:
+        drive(sock, session, lambda s: s.confirmed and bool(s.replica))
+    return session
+
+
+def resume_as_alice(lab: Lab, old: Session, port: int) -> tuple[Session, bool]:
+    """RESUME ``old`` at ``port``: (the continuing session, whether the replica took it)."""
+    session = Session.resuming(old, mono_ms())
+    session.start(mono_ms())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            drive(sock, session, lambda s: s.state is SessionState.ESTABLISHED)
+        except (ProtocolError, ConnectionError):
+            return session, False
+    return session, True
+
+
+def drive(sock: socket.socket, session: Session, done: Callable[[Session], bool]) -> None:
+    sock.sendall(session.data_to_send())
+    while not done(session):
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the replica closed the connection")
+        session.receive_data(data, mono_ms(), int(time.time() * 1000))
+        sock.sendall(session.data_to_send())
+
+
+def mono_ms() -> int:
+    return int(time.monotonic() * 1000)
