@@ -601,3 +601,17 @@ def drive(sock: socket.socket, session: Session, done: Callable[[Session], bool]
 
 def mono_ms() -> int:
     return int(time.monotonic() * 1000)
+
+
+def test_a_resume_naming_a_live_session_with_a_garbage_body_is_refused_in_one_line(lab: Lab) -> None:
+    """Session ids travel in clear in every record header: a stranger can name alice's live
+    session. A RESUME that does not open under its keys is refused, and the session stays."""
+    session = lab.alice_session()["session_id"]
+    for index, port in enumerate(lab.ports):
+        forged = encode_frame(Kind.RECORD, bytes.fromhex(session) + (1 << 40).to_bytes(8, "big") + os.urandom(40))
+        assert b"unknown session" in alert_of(answer_to(port, forged))
+        lab.replicas[index].wait_for_log(f"RESUME of session {session} from")
+        assert "failed authentication" in lab.replicas[index].logs()
+    assert lab.alice_session()["session_id"] == session and lab.alice_session()["migrations"] == 0
+    lab.ping()
+    lab.no_traceback()
