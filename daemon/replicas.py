@@ -48,6 +48,7 @@ from pqtunnel.tunnel import Tunnel, TunnelLimits
 from pqtunnel.wire import FRAME_HEADER, Frame, FrameDecoder, Kind
 
 from .connection import Connection
+from .firstframe import MAX_FIRST_RECORD
 from .ha import HaWiring
 from .leasekeeper import LeaseKeeper, takeover_lease
 from .logs import LOG
@@ -57,8 +58,6 @@ from .trustpolicy import Admission
 RESERVE_TIMEOUT = 5.0
 """Seconds a new or taken-over session may wait for its snapshot and first counter block."""
 FIRST_FRAME_TIMEOUT = 10.0
-MAX_RESUME_FRAME = 128
-"""A RESUME record is 54 bytes; anything longer that starts a connection is refused."""
 RESUME_CAS_ATTEMPTS = 8
 MOVE_BURST = 4
 MOVE_INTERVAL = 10.0
@@ -102,32 +101,9 @@ def plausible_hello(body: bytes, now_wall_ms: int, replay_window_ms: int) -> boo
     return isinstance(stamp, int) and not isinstance(stamp, bool) and abs(now_wall_ms - stamp) <= replay_window_ms
 
 
-def starts_with_record(data: bytes) -> bool:
-    """Whether a connection's first bytes are a RECORD frame: a RESUME, not a HELLO."""
-    return len(data) > FRAME_HEADER.size - 1 and data[4] == Kind.RECORD
-
-
-async def first_frame_bytes(stream: trio.SocketStream) -> bytes:
-    """Read until the connection's first frame is complete (a HELLO or a RESUME), or it ends,
-    turns out malformed, or FIRST_FRAME_TIMEOUT passes; returns every byte read, for the
-    handshake or the takeover to use. A replica looks at that frame before either starts."""
-    decoder = FrameDecoder(max_record=MAX_RESUME_FRAME)
-    received = b""
-    with trio.move_on_after(FIRST_FRAME_TIMEOUT):
-        while True:
-            data = await stream.receive_some(65536)
-            received += data
-            try:
-                if not data or decoder.feed(data):
-                    break
-            except ProtocolError:
-                break  # whoever reads it next refuses it with the precise reason
-    return received
-
-
 async def read_first_frame(stream: trio.SocketStream, preread: bytes) -> tuple[Frame, bytes]:
     """The first frame of a connection (a RESUME) and whatever bytes followed it."""
-    decoder = FrameDecoder(max_record=MAX_RESUME_FRAME)
+    decoder = FrameDecoder(max_record=MAX_FIRST_RECORD)
     data = preread
     with trio.fail_after(FIRST_FRAME_TIMEOUT):
         while True:
@@ -202,7 +178,7 @@ class ReplicaSessions:
         A store that does not answer decides nothing here (the local cache still applies, and
         no shared key is used without the store anyway)."""
         try:
-            frames = FrameDecoder(max_record=MAX_RESUME_FRAME).feed(preread)
+            frames = FrameDecoder(max_record=MAX_FIRST_RECORD).feed(preread)
         except ProtocolError:
             return False  # the handshake itself refuses it, with the precise reason
         if not frames or frames[0].kind is not Kind.HELLO:
