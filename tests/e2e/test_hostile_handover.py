@@ -384,7 +384,8 @@ def test_garbage_hellos_cost_the_shared_store_nothing(lab: Lab) -> None:
     version, unknown suite, no payload, stale timestamp) spend no admission budget: they
     must not cost a write to the store the replicas share either."""
     before = hello_records(lab)
-    stale = InitiatorHandshake(Identity.generate("mallory"), lambda peer: "bob").start(int(time.time() * 1000) - 3_600_000)
+    an_hour_ago = int(time.time() * 1000) - 3_600_000
+    stale = InitiatorHandshake(Identity.generate("mallory"), lambda peer: "bob").start(an_hour_ago)
     for _ in range(50):
         for frame in (encode_frame(Kind.HELLO, os.urandom(100)), encode_frame(Kind.HELLO, b"\x01\xee" + os.urandom(60)),
                       encode_frame(Kind.HELLO, b"\x01\x02" + os.urandom(1300)), stale):
