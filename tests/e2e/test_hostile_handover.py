@@ -616,3 +616,16 @@ def test_a_resume_naming_a_live_session_with_a_garbage_body_is_refused_in_one_li
     assert lab.alice_session()["session_id"] == session and lab.alice_session()["migrations"] == 0
     lab.ping()
     lab.no_traceback()
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: a store writer who puts back an older genuine <sid>.resume mark "
+                   "makes a used RESUME acceptable again (docs/ha.md, what a stolen store reveals)")
+def test_a_resume_replayed_after_its_used_mark_was_rolled_back_in_the_store_is_refused(lab: Lab) -> None:
+    """The used-RESUME mark as it was when the session started (a genuine value, 0), put back
+    after a move; the captured RESUME replayed to the other replica must still be refused."""
+    session = lab.alice_session()["session_id"]
+    ((genuine,),) = store_rows(lab, "SELECT value FROM marks WHERE key_id = ?", (f"{session}.resume",))
+    lab.move()
+    (resume,) = lab.resumes()
+    store_rows(lab, "UPDATE marks SET value = ? WHERE key_id = ?", (genuine, f"{session}.resume"))
+    assert b"unknown session" in alert_of(answer_to(lab.ports[1 - lab.serving()], resume))
