@@ -110,7 +110,7 @@ async def read_first_frame(stream: trio.SocketStream, preread: bytes) -> tuple[F
             frames = decoder.feed(data)  # FramingError if oversized: the caller refuses it
             if frames:
                 used = FRAME_HEADER.size + len(frames[0].body)
-                rest = preread[used:] if len(frames) == 1 and len(preread) >= used else b""
+                rest = preread[used:]
                 return frames[0], rest
             try:
                 data = await stream.receive_some(4096)

@@ -236,13 +236,23 @@ def parse_resume(body: bytes | memoryview) -> bytes:
     return bytes(body)
 
 
-def resumed_body(challenge: bytes, replica: str) -> bytes:
-    """RESUMED: the challenge echoed, then the replica's name (for ``sessions``)."""
-    return challenge + replica.encode()[:MAX_REPLICA_NAME]
+def resumed_body(challenge: bytes, own_challenge: bytes, replica: str) -> bytes:
+    """RESUMED: the initiator's challenge echoed, the replica's own fresh challenge (echoed in
+    RESUME_CONFIRM), then the replica's name (for ``sessions``)."""
+    return challenge + own_challenge + replica.encode()[:MAX_REPLICA_NAME]
 
 
-def parse_resumed(body: bytes | memoryview, challenge: bytes) -> str:
-    """The replica's name; RecordError unless the challenge is the one we sent."""
-    if len(body) < CHALLENGE_SIZE or not hmac.compare_digest(bytes(body[:CHALLENGE_SIZE]), challenge):
+def parse_resumed(body: bytes | memoryview, challenge: bytes) -> tuple[bytes, str]:
+    """(the replica's challenge, its name); RecordError unless our challenge is echoed."""
+    if len(body) < 2 * CHALLENGE_SIZE or not hmac.compare_digest(bytes(body[:CHALLENGE_SIZE]), challenge):
         raise RecordError("RESUMED does not echo our challenge")
-    return bytes(body[CHALLENGE_SIZE : CHALLENGE_SIZE + MAX_REPLICA_NAME]).decode(errors="replace")
+    replica_challenge = bytes(body[CHALLENGE_SIZE : 2 * CHALLENGE_SIZE])
+    return replica_challenge, bytes(body[2 * CHALLENGE_SIZE : 2 * CHALLENGE_SIZE + MAX_REPLICA_NAME]).decode(
+        errors="replace")
+
+
+def check_resume_confirm(body: bytes | memoryview, challenge: bytes) -> None:
+    """RESUME_CONFIRM must echo the replica's challenge: replayed records cannot, so a
+    replayed RESUME (even after the store was rolled back) moves no data."""
+    if len(body) != CHALLENGE_SIZE or not hmac.compare_digest(bytes(body), challenge):
+        raise RecordError("RESUME_CONFIRM does not echo this replica's challenge (a replayed RESUME?)")

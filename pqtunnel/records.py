@@ -43,6 +43,8 @@ class ContentType(IntEnum):
     lost connection may be resumed at the node's other addresses."""
     TICKET = 0x23
     """Responder to initiator: a resumption ticket grant (pqtunnel/tickets.py)."""
+    RESUME_CONFIRM = 0x24
+    """Initiator, first record after RESUMED: the replica's challenge echoed (freshness)."""
 
 
 class CounterSource(Protocol):

@@ -34,7 +34,7 @@ from noise.functions.hash import hkdf
 from .crypto import backend as prim
 from .crypto.backend import CryptographyBackend
 from .entropy import Entropy
-from .handover import CHALLENGE_SIZE, MAX_REPLICA_NAME, SessionSnapshot, parse_resume, parse_resumed, resume_body, resumed_body
+from .handover import CHALLENGE_SIZE, MAX_REPLICA_NAME, SessionSnapshot, check_resume_confirm, parse_resume, parse_resumed, resume_body, resumed_body
 from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake, alert_frame, parse_alert
 from .tickets import ResumeInitiator, ResumeResponder
 from .errors import HandshakeError, ProtocolError, RecordError, RekeyError, SessionStateError
@@ -218,6 +218,8 @@ class Session:
         self.replica = ""
         """The peer replica's name it announced in RESUMED (initiator), or ours (replica)."""
         self._challenge = b""
+        self._confirm_challenge = b""
+        """A replica after RESUMED: the challenge the peer's next record (RESUME_CONFIRM) must echo."""
         self.result: HandshakeResult | None = None
         self.records: RecordLayer | None = None
         self._decoder = FrameDecoder(max_record=MAX_HANDSHAKE_FRAME)  # no big records before keys exist
@@ -363,7 +365,9 @@ class Session:
         self.replica = replica
         self._enter(SessionState.ESTABLISHED)
         if self._challenge:
-            self._queue(self.records.seal(ContentType.RESUMED, resumed_body(self._challenge, replica)), now_ms)
+            self._confirm_challenge = self.entropy.random_bytes(CHALLENGE_SIZE)
+            body = resumed_body(self._challenge, self._confirm_challenge, replica)
+            self._queue(self.records.seal(ContentType.RESUMED, body), now_ms)
         else:
             self.ping(now_ms)
             self._queue(self.records.seal(ContentType.REPLICA, replica.encode()[:MAX_REPLICA_NAME]), now_ms)
@@ -441,19 +445,26 @@ class Session:
             raise RecordError("record before this replica confirmed the session")
         content_type, data = self.records.open(body)
         if self.state is SessionState.RESUMING:
-            return self._on_resumed(content_type, data)
+            return self._on_resumed(content_type, data, now_ms)
+        if self._confirm_challenge:
+            if content_type is not ContentType.RESUME_CONFIRM:
+                raise RecordError(f"expected RESUME_CONFIRM after RESUMED, got {content_type.name} (a replayed RESUME?)")
+            check_resume_confirm(data, self._confirm_challenge)
+            self._confirm_challenge = b""
+            return []
         if self.state is SessionState.CONFIRMING:
             self._enter(SessionState.ESTABLISHED)
             assert self.result is not None
             return [Established(self.result), *self._on_content(content_type, data, now_ms)]
         return self._on_content(content_type, data, now_ms)
 
-    def _on_resumed(self, content_type: ContentType, data: memoryview) -> list[Event]:
+    def _on_resumed(self, content_type: ContentType, data: memoryview, now_ms: int) -> list[Event]:
         if content_type is not ContentType.RESUMED:
             raise RecordError(f"expected RESUMED, got {content_type.name}")
-        self.replica = parse_resumed(data, self._challenge)
+        replica_challenge, self.replica = parse_resumed(data, self._challenge)
         self.migrations += 1
         self._enter(SessionState.ESTABLISHED)
+        self._queue(self._require_records().seal(ContentType.RESUME_CONFIRM, replica_challenge), now_ms)
         assert self.result is not None
         return [Established(self.result), Resumed(self.replica, self.migrations)]
 
@@ -482,7 +493,8 @@ class Session:
             return []
         if content_type is ContentType.TICKET and self.is_initiator:
             return [TicketGranted(data)]
-        if content_type in (ContentType.RESUME, ContentType.RESUMED, ContentType.REPLICA, ContentType.TICKET):
+        if content_type in (ContentType.RESUME, ContentType.RESUMED, ContentType.REPLICA, ContentType.TICKET,
+                            ContentType.RESUME_CONFIRM):
             raise RecordError(f"{content_type.name} inside an established session")
         return self._on_rekey(content_type, data, now_ms)
 

@@ -107,6 +107,17 @@ class Lab:
                     found.append((connection.opened, frames[0].data))
         return [data for _, data in sorted(found)]
 
+    def resumed_streams(self) -> list[bytes]:
+        """Everything alice sent on each connection that began with a RESUME, in order."""
+        found = []
+        for relay in self.relays:
+            for connection in relay.connections():
+                captured = connection.captured(C2R)
+                frames = list(scan_frames(captured))
+                if frames and frames[0].kind == Kind.RECORD and frames[0].complete:
+                    found.append((connection.opened, captured))
+        return [data for _, data in sorted(found)]
+
     def no_traceback(self) -> None:
         for daemon in [self.alice, *self.replicas, *self.extra]:
             assert "Traceback" not in daemon.logs(), daemon.logs()
@@ -618,14 +629,26 @@ def test_a_resume_naming_a_live_session_with_a_garbage_body_is_refused_in_one_li
     lab.no_traceback()
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a store writer who puts back an older genuine <sid>.resume mark "
-                   "makes a used RESUME acceptable again (docs/ha.md, what a stolen store reveals)")
-def test_a_resume_replayed_after_its_used_mark_was_rolled_back_in_the_store_is_refused(lab: Lab) -> None:
-    """The used-RESUME mark as it was when the session started (a genuine value, 0), put back
-    after a move; the captured RESUME replayed to the other replica must still be refused."""
+def test_a_resume_and_its_records_replayed_after_the_store_was_rolled_back_move_no_data(lab: Lab) -> None:
+    """The used-RESUME mark put back to an older genuine value (0, as when the session
+    started), then everything alice sent on her resumed connection (RESUME, RESUME_CONFIRM,
+    her stream records) replayed to the other replica: the RESUME is answered again, but
+    the replayed RESUME_CONFIRM cannot echo the new RESUMED's challenge, so no replayed
+    record is accepted and alice's session is untouched."""
     session = lab.alice_session()["session_id"]
     ((genuine,),) = store_rows(lab, "SELECT value FROM marks WHERE key_id = ?", (f"{session}.resume",))
     lab.move()
-    (resume,) = lab.resumes()
+    lab.ping()
+    (stream,) = lab.resumed_streams()
     store_rows(lab, "UPDATE marks SET value = ? WHERE key_id = ?", (genuine, f"{session}.resume"))
-    assert b"unknown session" in alert_of(answer_to(lab.ports[1 - lab.serving()], resume))
+    other = 1 - lab.serving()
+    resume = next(scan_frames(stream))
+    with socket.create_connection(("127.0.0.1", lab.ports[other]), timeout=10) as sock:
+        sock.sendall(resume.data)
+        assert FrameDecoder().feed(sock.recv(65536))[0].kind is Kind.RECORD  # RESUMED: answered again
+        sock.sendall(stream[len(resume.data):])  # alice's RESUME_CONFIRM and records, replayed
+        lab.replicas[other].wait_for_log("does not echo this replica's challenge (a replayed RESUME?)")
+    assert "stream" not in lab.replicas[other].logs().split("moved to replica")[-1]
+    assert lab.alice_session()["session_id"] == session
+    lab.ping()
+    lab.no_traceback()

@@ -18,7 +18,7 @@ from pqtunnel.identity import Identity
 from pqtunnel.leases import CounterLease, Granted, counter_key_id
 from pqtunnel.records import ContentType
 from pqtunnel.session import Session, SessionState
-from pqtunnel.tunnel import CountersNeeded, DataReceived, Established, Event, Resumed, Tunnel
+from pqtunnel.tunnel import CountersNeeded, DataReceived, Established, Event, Resumed, StreamOpenRequested, Tunnel
 from pqtunnel.wire import FrameDecoder, Kind
 from tests.conftest import NOW_MS, PEER_ADDRESS, accept_as
 
@@ -312,3 +312,22 @@ def test_a_replica_record_from_the_initiator_is_refused(r1_session: tuple[Tunnel
     frame = a.session.records.seal(ContentType.REPLICA, b"r9")
     with pytest.raises(RecordError, match="REPLICA inside an established session"):
         r1.receive_data(frame, MONO, NOW_MS)
+
+
+def test_a_replayed_resume_and_its_records_move_no_data_even_if_the_store_was_rolled_back(
+        r1_session: tuple[Tunnel, Tunnel, CounterLease], bob: Identity, marks: Marks) -> None:
+    """The store's used-RESUME mark put back to an older genuine value lets a captured RESUME
+    be answered again, but the records captured after it cannot echo the new challenge."""
+    a, r1, _ = r1_session
+    a2, r2, resume = take_over(bob, marks, r1, a)
+    resume_at(r2, resume, marks)
+    a2.receive_data(b"".join(r2.buffers_to_send()), MONO, NOW_MS)  # RESUMED: alice confirms
+    a2.open_stream({"service": "secret"})
+    captured = b"".join(a2.buffers_to_send())  # RESUME_CONFIRM and the stream's OPEN
+    assert r2.receive_data(captured, MONO, NOW_MS) == [StreamOpenRequested(1, {"service": "secret"})]
+    marks.marks[resume_key_id(a.result.session_id)] = 0  # rolled back
+    r3 = Tunnel.around(Session.from_snapshot(r2.session.snapshot(NOW_MS), backend=r2.session.backend,
+                                             entropy=r2.session.entropy, now_ms=MONO), now_ms=MONO)
+    resume_at(r3, resume, marks)  # the replayed RESUME itself gets an answer ...
+    with pytest.raises(RecordError, match="RESUME_CONFIRM"):
+        r3.receive_data(captured, MONO, NOW_MS)  # ... but its replayed records are refused

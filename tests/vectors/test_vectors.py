@@ -265,14 +265,19 @@ def test_the_rekey_keys_follow_the_documented_derivation() -> None:
 HANDOVER_VECTORS = {
     "resume": (9, "RESUME", bytes(range(16)),
                "00000032107af42160e00a9e0800000000000000090edd7612f6443dd185a6beeba8ba79f736854c5183f80a7b09145105ebdd80bd52"),
-    "resumed": (65536, "RESUMED", bytes(range(16)) + b"r2",
-                "00000034107af42160e00a9e080000000000010000c85dd59dfa201c7816d9dbe5f501f6eaa99a98eab0d78054a4cbbdfca11dad264a1fd5"),
+    "resumed": (65536, "RESUMED", bytes(range(32)) + b"r2",
+                "00000044107af42160e00a9e080000000000010000c85dd59dfa201c7816d9dbe5f501f6eaa9f8bb372df07efa7649"
+                "10978e2f02e6bb325a35c25f2658ac36411be4ebeaf750cc4a"),
+    "resume_confirm": (10, "RESUME_CONFIRM", bytes(range(16, 32)),
+                       "00000032107af42160e00a9e08000000000000000a6aae74b3dc9a1cfe780e8c8aea136f91cb5760cb36332c967201"
+                       "c4a2636f5a6cc6"),
 }
 
 
 @pytest.mark.parametrize("name", list(HANDOVER_VECTORS))
 def test_resume_record_vectors_from_docs(name: str) -> None:
-    """RESUME (challenge 00..0f, counter 9) and RESUMED (the echo and "r2", counter 65536)."""
+    """RESUME (challenge 00..0f, counter 9), RESUMED (the echo, the replica's challenge 10..1f
+    and "r2", counter 65536) and RESUME_CONFIRM (10..1f echoed, counter 10)."""
     from pqtunnel.crypto.suites import Aead
     from pqtunnel.records import ContentType, RecordLayer
 
