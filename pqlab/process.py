@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,15 @@ def init_node(root: Path, name: str) -> tuple[Path, str]:
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip())
     return home, result.stdout.strip().splitlines()[-1]
+
+
+def replica_home(root: Path, source: Path, name: str) -> Path:
+    """Another replica of the node in ``source``: the same identity in its own home."""
+    home = root / name
+    home.mkdir(mode=0o700)
+    for file in ("identity.key", "identity.pub"):
+        shutil.copy2(source / file, home / file)
+    return home
 
 
 @dataclass

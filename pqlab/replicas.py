@@ -12,14 +12,13 @@ again by its relay. Used by tests/e2e/test_ha_failover.py and benchmarks/failove
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .etcd import free_port
-from .process import Daemon, init_node, pq
+from .process import Daemon, init_node, pq, replica_home
 from .relay import RecordSeen, Relay, serving
 
 STORES = ("etcd", "local", "none")
@@ -108,7 +107,7 @@ class ReplicaLab:
         alice_home, fp_alice = init_node(self.root, "alice")
         first, fp_bob = init_node(self.root, "bob")
         for index in range(1, self.replicas + 1):
-            home = first if index == 1 else self._copy_identity(first, self.root / f"bob-r{index}")
+            home = first if index == 1 else replica_home(self.root, first, f"bob-r{index}")
             self._trust(home, "alice", fp_alice)
             (home / "config.toml").write_text(self._replica_config(index))
             replica = Replica(f"r{index}", home, free_port())
@@ -124,13 +123,6 @@ class ReplicaLab:
         self.alice = Daemon(alice_home, ["--socks", f"127.0.0.1:{self.socks_port}", "--peer", f"bob={addresses}"])
         self.alice.start()
         return self
-
-    @staticmethod
-    def _copy_identity(source: Path, home: Path) -> Path:
-        home.mkdir(mode=0o700)
-        for name in ("identity.key", "identity.pub"):
-            shutil.copy2(source / name, home / name)
-        return home
 
     @staticmethod
     def _trust(home: Path, name: str, fingerprint: str) -> None:

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pqlab.process import Daemon, init_node, pq
+from pqlab.process import Daemon, init_node, pq, replica_home
 from pqtunneld.stores import load_identity
 
-__all__ = ["Daemon", "hostile_lab", "init_node", "pq"]
+__all__ = ["Daemon", "hostile_lab", "init_node", "local_replicas", "pq", "replica_home"]
 
 
 @contextmanager
@@ -32,3 +32,15 @@ def hostile_lab(tmp_path: Path, bob_config: str) -> Iterator[dict]:
     finally:
         alice.kill()
         daemon.kill()
+
+
+def local_replicas(root: Path, client: tuple[str, str], count: int = 2) -> tuple[list[Path], str]:
+    """Homes of ``count`` replicas of bob sharing one local nonce store (``[ha] path``), each
+    trusting ``client`` (name, fingerprint); returns the homes and bob's fingerprint."""
+    bob_home, fp_bob = init_node(root, "bob")
+    homes = [bob_home, *(replica_home(root, bob_home, f"bob-r{n}") for n in range(2, count + 1))]
+    store = root / "shared-nonces.sqlite"
+    for index, home in enumerate(homes, start=1):
+        pq("trust", *client, home=home)
+        (home / "config.toml").write_text(f'[ha]\nstore = "local"\npath = "{store}"\nreplica = "r{index}"\n')
+    return homes, fp_bob

@@ -6,7 +6,6 @@ against a real etcd cluster in tests/e2e/test_ha_failover.py.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -17,28 +16,14 @@ import pytest
 from pqtunnel.handshake import InitiatorHandshake
 from pqtunnel.wire import FrameDecoder, Kind, encode_frame
 from pqtunneld.stores import load_identity
-from tests.nodes import Daemon, init_node, pq
-
-
-def replica_home(root: Path, source: Path, name: str) -> Path:
-    """Another replica of the node in ``source``: the same identity in its own home."""
-    home = root / name
-    home.mkdir(mode=0o700)
-    for file in ("identity.key", "identity.pub"):
-        shutil.copy2(source / file, home / file)
-    return home
+from tests.nodes import Daemon, init_node, local_replicas, pq
 
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[dict]:
-    bob_home, fp_bob = init_node(tmp_path, "bob")
     alice_home, fp_alice = init_node(tmp_path, "alice")
-    store = tmp_path / "shared-nonces.sqlite"
-    replicas = []
-    for index, home in enumerate([bob_home, replica_home(tmp_path, bob_home, "bob-r2")], start=1):
-        pq("trust", "alice", fp_alice, home=home)
-        (home / "config.toml").write_text(f'[ha]\nstore = "local"\npath = "{store}"\nreplica = "r{index}"\n')
-        replicas.append(Daemon(home).start())
+    homes, fp_bob = local_replicas(tmp_path, ("alice", fp_alice))
+    replicas = [Daemon(home).start() for home in homes]
     pq("trust", "bob", fp_bob, home=alice_home)
     addresses = ",".join(f"127.0.0.1:{r.port}" for r in replicas)
     alice = Daemon(alice_home, ["--peer", f"bob={addresses}"]).start()

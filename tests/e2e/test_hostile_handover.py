@@ -11,7 +11,6 @@ what must hold: a refusal in one log line, no traceback, the replicas serving on
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sqlite3
 import struct
@@ -31,19 +30,10 @@ from pqtunnel.session import Session, SessionState
 from pqtunnel.wire import FrameDecoder, Kind, encode_frame
 from pqtunneld.replicas import MOVE_BURST, SHARED_HELLO_BURST, SHARED_HELLO_INTERVAL
 from pqtunneld.stores import load_identity
-from tests.nodes import Daemon, init_node, pq
+from tests.nodes import Daemon, init_node, pq, replica_home
 
 ALICE_TIMERS = "[timers]\nkeepalive = 1\ndead_after = 4\n"
 """alice notices a frozen replica after 4 s (not 35), so a move happens within a test."""
-
-
-def replica_home(root: Path, source: Path, name: str) -> Path:
-    """Another replica of the node in ``source``: the same identity in its own home."""
-    home = root / name
-    home.mkdir(mode=0o700)
-    for file in ("identity.key", "identity.pub"):
-        shutil.copy2(source / file, home / file)
-    return home
 
 
 def free_port() -> int:

@@ -24,8 +24,7 @@ from pqtunnel.tickets import ClientTicket, ResumeInitiator, unwrap_client_ticket
 from pqtunnel.wire import FrameDecoder, Kind
 from pqtunneld.noncestore import SqliteNonceStore
 from pqtunneld.stores import load_identity
-from tests.e2e.test_ha_resume import replica_home
-from tests.nodes import Daemon, init_node, pq
+from tests.nodes import Daemon, init_node, local_replicas, pq
 
 
 def wait_for(check, timeout: float = 10.0) -> None:  # noqa: ANN001 - a predicate
@@ -114,14 +113,9 @@ def alice_ticket(alice_home: Path) -> ClientTicket:
 
 
 def test_one_ticket_offered_to_two_replicas_at_once_is_accepted_by_exactly_one(tmp_path: Path) -> None:
-    bob_home, fp_bob = init_node(tmp_path, "bob")
     alice_home, fp_alice = init_node(tmp_path, "alice")
-    store = tmp_path / "shared.sqlite"
-    replicas = []
-    for index, home in enumerate([bob_home, replica_home(tmp_path, bob_home, "bob-r2")], start=1):
-        pq("trust", "alice", fp_alice, home=home)
-        (home / "config.toml").write_text(f'[ha]\nstore = "local"\npath = "{store}"\nreplica = "r{index}"\n')
-        replicas.append(Daemon(home).start())
+    homes, fp_bob = local_replicas(tmp_path, ("alice", fp_alice))
+    replicas = [Daemon(home).start() for home in homes]
     pq("trust", "bob", fp_bob, home=alice_home)
     alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{replicas[0].port}"]).start()
     try:
