@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import time
-from typing import Any
 
 import trio
 
 IOV_BATCH = 512  # below the kernel's IOV_MAX (1024)
-RECEIVE_SIZE = 64 * 1024  # what trio reads when asked for "some"
-YIELD_EVERY = 256 * 1024
-"""A ``DirectStream`` lets other tasks run at least once per this many bytes it moved
-without waiting, so a bulk copy never starves the session's reader or other streams."""
-_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 def monotonic_ms() -> int:
@@ -61,75 +54,6 @@ def write_now(fd: int, buffers: list[bytes | memoryview]) -> list[bytes | memory
             break
         index = _consume(views, index, sent)
     return list(views[index:])
-
-
-class DirectStream:
-    """A local TCP socket (SOCKS client, service) with trio's stream interface, minus the
-    trip through the scheduler after every read and write that did not have to wait.
-
-    trio yields to the scheduler on every socket call, ready or not: a new stream's few
-    small messages cost a pass of the run loop (and an epoll_wait) each. Here a call that
-    the socket answers at once returns at once; only a call that would block waits (for
-    readability or writability, a checkpoint). Fairness is kept by yielding once per
-    ``YIELD_EVERY`` bytes moved without waiting. Errors are trio's (BrokenResourceError
-    with the OSError as cause, ClosedResourceError), so callers see no difference.
-    """
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.socket = stream.socket
-        self._unyielded = 0
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        size = RECEIVE_SIZE if max_bytes is None else max_bytes
-        if size < 1:
-            raise ValueError("max_bytes must be >= 1")
-        while True:
-            try:
-                data = os.read(self.socket.fileno(), size)  # -1 once closed: EBADF
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.socket)
-                self._unyielded = 0
-                continue
-            except OSError as exc:
-                raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
-            await self._moved(len(data))
-            return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
-                try:
-                    sent += os.write(self.socket.fileno(), view[sent:])
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.socket)
-                    self._unyielded = 0
-                except OSError as exc:
-                    raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
-            await self._moved(sent)
-
-    async def _moved(self, size: int) -> None:
-        self._unyielded += size
-        if self._unyielded >= YIELD_EVERY:
-            self._unyielded = 0
-            await trio.lowlevel.checkpoint()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-    def setsockopt(self, level: int, option: int, value: Any) -> None:
-        self.stream.setsockopt(level, option, value)
-
-
-def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    """The error trio's SocketStream raises for ``exc``."""
-    if exc.errno in _CLOSED_ERRNOS:
-        return trio.ClosedResourceError("this socket was already closed")
-    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 def set_nodelay(stream: trio.SocketStream) -> None:

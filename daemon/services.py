@@ -29,7 +29,6 @@ from .config import Address, ExecService
 from .eventlog import Emit
 from .logs import LOG
 from .splice import EXPECTED_ERRORS, Duplex, bridge
-from .netio import DirectStream
 from .netio import os_reason as _os_reason
 from .resources import NodeResources
 from .streams import TunnelStream
@@ -201,7 +200,7 @@ async def _serve_tcp(stream: TunnelStream, address: Address, what: str) -> None:
     async with target:
         stream.accept()
         LOG.debug("stream %d: %s -> %s (%s)", stream.stream_id, stream.peer, what, address)
-        await bridge(stream, DirectStream(target))  # no scheduler pass after each ready read and write
+        await bridge(stream, target)
 
 
 async def connect_tcp(host: str, port: int) -> trio.SocketStream:

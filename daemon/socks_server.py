@@ -15,7 +15,6 @@ from pqtunnel.policy import Policy, SocksAccountRequest, SocksClientRequest
 from .config import Address
 from .links import PeerAuthenticationError, PeerUnreachableError, UnknownPeerError
 from .logs import LOG
-from .netio import DirectStream
 from .peercred import local_peer_uid
 from .splice import bridge
 from .streams import StreamError, StreamRefusedError, TunnelStream
@@ -101,9 +100,8 @@ async def serve_socks_client(node: SocksHost, client: trio.SocketStream) -> None
         LOG.warning("SOCKS client failed: %s: %s", type(exc).__name__, exc)
 
 
-async def _serve(node: SocksHost, accepted: trio.SocketStream) -> None:
-    async with accepted:
-        client = DirectStream(accepted)  # no scheduler pass after each ready read and write
+async def _serve(node: SocksHost, client: trio.SocketStream) -> None:
+    async with client:
         who = node.policy.decide(SocksClientRequest(local_peer_uid(client.socket)))
         try:
             with trio.fail_after(NEGOTIATION_TIMEOUT):
@@ -120,7 +118,7 @@ async def _serve(node: SocksHost, accepted: trio.SocketStream) -> None:
         await _connect(node, client, server, request)
 
 
-async def _negotiate(policy: Policy, client: DirectStream) -> tuple[socks.Socks5Server, socks.ConnectRequested | None]:
+async def _negotiate(policy: Policy, client: trio.SocketStream) -> tuple[socks.Socks5Server, socks.ConnectRequested | None]:
     server = socks.Socks5Server(require_auth=policy.socks_login_required)
     while True:
         data = await client.receive_some(65536)
@@ -144,13 +142,13 @@ async def _negotiate(policy: Policy, client: DirectStream) -> tuple[socks.Socks5
             return server, None
 
 
-async def _send(client: DirectStream, server: socks.Socks5Server) -> None:
+async def _send(client: trio.SocketStream, server: socks.Socks5Server) -> None:
     out = server.data_to_send()
     if out:
         await client.send_all(out)
 
 
-async def _connect(node: SocksHost, client: DirectStream, server: socks.Socks5Server,
+async def _connect(node: SocksHost, client: trio.SocketStream, server: socks.Socks5Server,
                    request: socks.ConnectRequested) -> None:
     try:
         target = socks.target_for_request(request)

@@ -68,8 +68,7 @@ class FrameDecoder:
     """Splits a TCP byte stream into frames; keeps at most one partial frame buffered.
 
     Frames that arrive whole are sliced out of the received bytes without copying (this is
-    the bulk-data hot path); only a frame split across reads is assembled in a buffer, which
-    a RECORD body then views as it is.
+    the bulk-data hot path); only a frame split across reads is assembled in a buffer.
     """
 
     def __init__(self, max_record: int = MAX_RECORD_FRAME) -> None:
@@ -114,9 +113,8 @@ class FrameDecoder:
         take = min(missing, len(view) - used)
         self._buffer += view[used : used + take]
         used += take
-        if take == missing:  # the assembled buffer becomes the frame's: sliced, never copied again
-            body = memoryview(self._buffer)[FRAME_HEADER.size :]
-            frames.append(Frame(kind, body if kind is Kind.RECORD else bytes(body)))
+        if take == missing:
+            frames.append(Frame(kind, bytes(self._buffer[FRAME_HEADER.size :])))
             self._buffer = bytearray()
         return used
 
