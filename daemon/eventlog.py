@@ -40,8 +40,11 @@ class EventBus:
 
 
 def log_event(event: Event) -> None:
-    """The event's one-line message at the event's level."""
-    LOG.log(logging.getLevelName(event.level.upper()), "%s", event.message(), extra={"event_fields": event.fields()})
+    """The event's one-line message at the event's level; nothing is formatted for a level
+    the log drops (a stream's debug lines would cost every new stream otherwise)."""
+    level = logging.getLevelName(event.level.upper())
+    if LOG.isEnabledFor(level):
+        LOG.log(level, "%s", event.message(), extra={"event_fields": event.fields()})
 
 
 LIMITED_KINDS = frozenset({"handshake_failed"})

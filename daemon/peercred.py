@@ -53,16 +53,59 @@ def _diag_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> byt
     return address.packed.ljust(16, b"\0")
 
 
-def netlink_uid(family: int, client: tuple[str, int], server: tuple[str, int]) -> int | None:
-    """Ask the kernel (sock_diag) for the owner of the TCP socket ``client`` -> ``server``."""
+class DiagSocket:
+    """One sock_diag netlink socket, kept open: a SOCKS client then costs one request and
+    one answer, not a socket of its own (three system calls fewer on every new stream).
+
+    Answers carry the request's sequence number; a late answer to an earlier request that
+    timed out is skipped, never taken for this one's.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._sequence = 0
+
+    def ask(self, message: bytes, sequence: int) -> bytes:
+        sock = self._sock
+        if sock is None:
+            sock = self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+            sock.settimeout(1.0)
+        try:
+            sock.sendto(message, (0, 0))
+            while True:
+                answer = sock.recv(8192)
+                if len(answer) < _NLMSG.size or _NLMSG.unpack_from(answer)[3] == sequence:
+                    return answer
+        except OSError:
+            self.close()  # a broken or timed-out socket is replaced at the next request
+            raise
+
+    def next_sequence(self) -> int:
+        self._sequence = self._sequence % 0xFFFF_FFFF + 1
+        return self._sequence
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+DIAG = DiagSocket()
+
+
+def lookup_message(family: int, client: tuple[str, int], server: tuple[str, int], sequence: int) -> bytes:
+    """The sock_diag request for exactly one TCP socket, ``client`` -> ``server``."""
     body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
     body += _SOCKID.pack(client[1], server[1], _diag_address(_normal(client[0])), _diag_address(_normal(server[0])))
     body += _SOCKID_TAIL.pack(0, NO_COOKIE, NO_COOKIE)
-    message = _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
-        diag.settimeout(1.0)
-        diag.sendto(message, (0, 0))
-        answer = diag.recv(8192)
+    return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, sequence, 0) + body
+
+
+def netlink_uid(family: int, client: tuple[str, int], server: tuple[str, int],
+                diag: DiagSocket = DIAG) -> int | None:
+    """Ask the kernel (sock_diag) for the owner of the TCP socket ``client`` -> ``server``."""
+    sequence = diag.next_sequence()
+    answer = diag.ask(lookup_message(family, client, server, sequence), sequence)
     if len(answer) < UID_OFFSET + 4 or _NLMSG.unpack_from(answer)[1] == NLMSG_ERROR:
         return None
     return struct.unpack_from("=I", answer, UID_OFFSET)[0]

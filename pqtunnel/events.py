@@ -9,6 +9,7 @@ can never disagree. Each event is a frozen dataclass of plain facts (no objects,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import KW_ONLY, dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -22,6 +23,12 @@ class Fault(str, Enum):
     NETWORK = "network"
 
 
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...]:
+    """An event class's field names, looked up once per class (every stream emits events)."""
+    return tuple(field.name for field in dataclasses.fields(kind))
+
+
 @dataclass(frozen=True)
 class Event:
     """Base of every event. ``level`` is the log level name the default log line uses."""
@@ -32,9 +39,9 @@ class Event:
     def fields(self) -> dict[str, Any]:
         """The event as a flat JSON-ready mapping, with its ``event`` name first."""
         data: dict[str, Any] = {"event": self.kind}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            data[field.name] = value.value if isinstance(value, Enum) else value
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
+            data[name] = value.value if isinstance(value, Enum) else value
         return data
 
     def message(self) -> str:

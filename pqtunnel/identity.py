@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import InitVar, dataclass, field
+from functools import cached_property
 from typing import Any
 
 from .crypto import backend as prim
@@ -58,8 +59,9 @@ class PublicIdentity:
     def pq_key_hashes(self) -> dict[str, bytes]:
         return {alg: prim.sha256(key) for alg, key in self.pq_keys.items()}
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
+        """Computed once: every event, audit line and policy check of a session reads it."""
         return fingerprint_from_parts(self.ed25519, self.pq_key_hashes)
 
     def to_wire(self, suite: Suite) -> dict[str, Any]:
@@ -81,8 +83,9 @@ class WireIdentity:
     certificate: bytes | None = field(default=None, hash=False, compare=False, repr=False)
     transition: bytes | None = field(default=None, hash=False, compare=False, repr=False)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
+        """Computed once: every event, audit line and policy check of a session reads it."""
         return fingerprint_from_parts(self.ed25519, self.pq_key_hashes)
 
     @classmethod

@@ -112,3 +112,27 @@ def test_the_netlink_answer_and_the_proc_scan_agree() -> None:
                 assert netlink_uid(conn.family, client, local) == 0
                 assert scan_tables(_normal(client[0]), client[1], _normal(local[0]), local[1]) == 0
                 assert netlink_uid(conn.family, (client[0], 1), local) is None  # no such socket
+
+
+def test_one_netlink_socket_serves_every_lookup_and_skips_a_late_answer() -> None:
+    """The kept sock_diag socket answers lookup after lookup; an answer left unread from an
+    earlier request (one that timed out) is skipped by its sequence number, never taken."""
+    from pqtunneld.peercred import DiagSocket, lookup_message, netlink_uid
+
+    diag = DiagSocket()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as _client:
+            conn, _ = server.accept()
+            with conn:
+                client, local = conn.getpeername(), conn.getsockname()
+                assert netlink_uid(conn.family, (client[0], 1), local, diag) is None  # no such socket
+                kept = diag._sock
+                assert netlink_uid(conn.family, client, local, diag) == 0
+                assert diag._sock is kept
+                # a request nobody read the answer of: that answer ("no such socket") waits first in line
+                assert kept is not None
+                kept.sendto(lookup_message(conn.family, (client[0], 1), local, diag.next_sequence()), (0, 0))
+                assert netlink_uid(conn.family, client, local, diag) == 0
+    diag.close()
