@@ -153,7 +153,7 @@ class Identity:
     def fingerprint(self) -> str:
         return self.public.fingerprint
 
-    @property
+    @cached_property
     def static_public(self) -> bytes:
         return prim.x25519_public(self.x25519_static)
 

@@ -52,6 +52,7 @@ class NoiseState:
         self.kem = kem
         self.kem_key: prim.KemPrivateKey | None = None
         self.remote_kem_public: bytes | None = None
+        self._key_objects: dict[bytes, prim.X25519Key] = {}
 
     # --- hashing and encryption --------------------------------------------------------------
 
@@ -88,8 +89,15 @@ class NoiseState:
 
     # --- tokens -------------------------------------------------------------------------------
 
+    def _key(self, private: bytes) -> prim.X25519Key:
+        """e and s are each used in two or three tokens: load each key object once."""
+        key = self._key_objects.get(private)
+        if key is None:
+            key = self._key_objects[private] = prim.x25519_key(private)
+        return key
+
     def write_e(self) -> bytes:
-        public = prim.x25519_public(self.e)
+        public = prim.x25519_public(self._key(self.e))
         self.symmetric.mix_hash(public)
         return public
 
@@ -125,7 +133,7 @@ class NoiseState:
         self.symmetric.mix_key(secret)
 
     def write_s(self) -> bytes:
-        return self.encrypt_and_hash(prim.x25519_public(self.s))
+        return self.encrypt_and_hash(prim.x25519_public(self._key(self.s)))
 
     def read_s(self, data: bytes) -> None:
         self.rs = self.decrypt_and_hash(data)
@@ -133,7 +141,7 @@ class NoiseState:
     def _dh(self, private: bytes, public: bytes | None) -> None:
         assert public is not None
         try:
-            shared = prim.x25519_dh(private, public)
+            shared = prim.x25519_dh(self._key(private), public)
         except ValueError:
             raise MalformedHandshakeError("peer sent a low-order X25519 key") from None
         self.symmetric.mix_key(shared)

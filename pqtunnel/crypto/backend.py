@@ -93,23 +93,39 @@ def mldsa_signing_key(algorithm: str, seed: bytes) -> mldsa.MLDSA65PrivateKey | 
     return _MLDSA_PRIVATE[algorithm].from_seed_bytes(seed)
 
 
-def x25519_public(private: bytes) -> bytes:
-    return x25519.X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+X25519Key = x25519.X25519PrivateKey
 
 
-def x25519_dh(private: bytes, public: bytes) -> bytes:
+def x25519_key(private: bytes) -> X25519Key:
+    """The key object of raw private bytes. Loading computes the public key (a scalar
+    multiplication), so a handshake that uses one key several times loads it once."""
+    return x25519.X25519PrivateKey.from_private_bytes(private)
+
+
+def x25519_public(private: bytes | X25519Key) -> bytes:
+    key = x25519_key(private) if isinstance(private, bytes) else private
+    return key.public_key().public_bytes_raw()
+
+
+def x25519_dh(private: bytes | X25519Key, public: bytes) -> bytes:
     """Raw X25519; rejects the all-zero output of low-order points (ValueError)."""
-    return x25519.X25519PrivateKey.from_private_bytes(private).exchange(
-        x25519.X25519PublicKey.from_public_bytes(public)
-    )
+    key = x25519_key(private) if isinstance(private, bytes) else private
+    return key.exchange(x25519.X25519PublicKey.from_public_bytes(public))
 
 
 def ed25519_public(seed: bytes) -> bytes:
     return ed25519.Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
 
 
+@functools.lru_cache(maxsize=4)
+def ed25519_signing_key(seed: bytes) -> ed25519.Ed25519PrivateKey:
+    """An identity's Ed25519 key, kept like its ML-DSA key (mldsa_signing_key): loading it
+    derives the public key, once per handshake otherwise. Only identity seeds come here."""
+    return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
 def ed25519_sign(seed: bytes, message: bytes) -> bytes:
-    return ed25519.Ed25519PrivateKey.from_private_bytes(seed).sign(message)
+    return ed25519_signing_key(seed).sign(message)
 
 
 def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
