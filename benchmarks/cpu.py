@@ -2,15 +2,21 @@
 
 Benchmarks on a 2-core box are only comparable when nothing else runs:
 ``report_idle_cpu`` prints the load before a run, ``ForeignCpu`` the share
-other processes took during it.  Standard library only; Linux only (reads
-/proc/stat).
+other processes took during it, ``phase_cpu`` what the tunnel processes spent
+during one phase of a row and how busy the whole machine was meanwhile.
+Standard library only; Linux only (reads /proc/stat and /proc/PID/stat).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import resource
 import time
+from collections.abc import Iterator, Sequence
+
+from processes import tree_cpu_s
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -71,3 +77,31 @@ class ForeignCpu:
             return 0.0
         foreign_s = (busy - self._busy0) / hz - (self._own_cpu_s() - self._own0)
         return max(0.0, foreign_s / ((total - self._total0) / hz))
+
+
+@dataclasses.dataclass
+class PhaseCpu:
+    """CPU of one measurement phase, filled in when the ``phase_cpu`` block ends.
+
+    ``tree_s``: user+system seconds of the watched process trees (None when no
+    pids were given, e.g. the direct row); ``machine_busy``: share of all CPUs
+    busy (1 - idle+iowait / total), to tell whether the cores were saturated.
+    """
+
+    tree_s: float | None = None
+    machine_busy: float = 0.0
+
+
+@contextlib.contextmanager
+def phase_cpu(pids: Sequence[int]) -> Iterator[PhaseCpu]:
+    """Measure the CPU that ``pids`` (and descendants) and the whole machine spend in the block."""
+    result = PhaseCpu()
+    tree0 = tree_cpu_s(pids) if pids else None
+    busy0, total0 = _cpu_times()
+    try:
+        yield result
+    finally:
+        busy1, total1 = _cpu_times()
+        if tree0 is not None:
+            result.tree_s = tree_cpu_s(pids) - tree0
+        result.machine_busy = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0

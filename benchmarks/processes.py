@@ -1,4 +1,4 @@
-"""Process trees from /proc: find descendants, stop and reap, wait for a log line, sample RSS.
+"""Process trees from /proc: find descendants, stop and reap, wait for a log line, sample RSS and CPU.
 
 ``peak_rss_mb([client_pid, server_pid])`` samples the summed RSS of process
 trees in a background thread while a measurement runs; children are
@@ -64,6 +64,30 @@ def process_tree(pids: Iterable[int]) -> list[int]:
     for root in pids:
         out += [p for p in _subtree(root, children) if p not in out]
     return out
+
+
+def _cpu_s(pid: int, hz: int) -> float:
+    """utime+stime+cutime+cstime of one process in seconds (all its threads), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return sum(int(x) for x in fields[11:15]) / hz
+
+
+def tree_cpu_s(pids: Iterable[int]) -> float:
+    """CPU seconds used so far by the given pids and their live descendants.
+
+    Meant to be read before and after a phase (the delta is what the trees
+    spent).  Children reaped by a parent inside the tree stay counted through
+    the parent's cutime/cstime, but a descendant that is born and exits between
+    two reads without being waited for inside the tree (or is re-parented to
+    init) is missed.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(_cpu_s(pid, hz) for pid in process_tree(pids))
 
 
 def _stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:

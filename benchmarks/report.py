@@ -29,7 +29,7 @@ def print_table(rows: Sequence[Row], baseline_name: str, metrics: Sequence[str] 
     """Print a plain-text table; each metric gets a ``x<baseline>`` ratio column.
 
     Ratio = value / baseline value from the same run (so >1 is better for
-    MB/s and worse for ms, s and MB).  Metric columns default to the union of
+    MB/s and worse for ms, s, MB and CPU per unit of work).  Metric columns default to the union of
     keys in row order.  Notes (e.g. negotiated kex) are printed under the table.
     """
     base = next((r for r in rows if r.name == baseline_name), None)

@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from addresses import UrlFor
-from cpu import ForeignCpu, report_idle_cpu
+from cpu import ForeignCpu, PhaseCpu, phase_cpu, report_idle_cpu
 from httpserver import HttpServer, bulk_http_server
 from load import bulk_throughput, concurrent_streams, new_stream_latency
 from payload import MIB
@@ -88,6 +88,11 @@ QUICK = Config(
 )
 
 
+GIB = 1 << 30
+CPU_PER_GIB = "tunnel CPU-s/GiB"
+CPU_PER_STREAM = "tunnel CPU-ms/stream"
+
+
 def metric_names(cfg: Config) -> list[str]:
     """Column names, in table order; the concurrency column states its shape."""
     size = f"{cfg.stream_size // MIB}MiB" if cfg.stream_size % MIB == 0 else f"{cfg.stream_size}B"
@@ -100,7 +105,50 @@ def metric_names(cfg: Config) -> list[str]:
         f"{cfg.streams}x{size} median s",
         "client RSS MB",
         "server RSS MB",
+        CPU_PER_GIB,
+        CPU_PER_STREAM,
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class TunnelCpu:
+    """What bounds the tunnel: its CPU per GiB of bulk and per new stream, and how busy the machine was.
+
+    Bulk on a 2-core box shared by curl, the HTTP server and both tunnel ends is
+    CPU-bound, so the tunnel's own CPU per byte is the figure to compare.  The
+    latency phase's CPU is divided by every stream it opened, warm-up included.
+    Tunnel figures are None for a row without tunnel processes (direct).
+    /proc counts CPU in clock ticks (10 ms at the usual 100 Hz), so a --quick
+    latency phase that costs ssh ~60 ms in all is resolved to about +-15 %.
+    """
+
+    cpu_s_bulk: float | None
+    cpu_s_latency: float | None
+    cpu_s_per_gib: float | None
+    cpu_ms_per_stream: float | None
+    machine_busy_bulk: float
+    machine_busy_latency: float
+
+    @classmethod
+    def from_phases(cls, bulk: PhaseCpu, latency: PhaseCpu, cfg: Config) -> TunnelCpu:
+        """Normalise the two phases' CPU by the GiB and the streams they moved."""
+        gib = cfg.bulk_runs * cfg.bulk_size / GIB
+        streams = cfg.latency_n + cfg.latency_warmup
+        return cls(
+            cpu_s_bulk=bulk.tree_s,
+            cpu_s_latency=latency.tree_s,
+            cpu_s_per_gib=None if bulk.tree_s is None else bulk.tree_s / gib,
+            cpu_ms_per_stream=None if latency.tree_s is None else 1000 * latency.tree_s / streams,
+            machine_busy_bulk=bulk.machine_busy,
+            machine_busy_latency=latency.machine_busy,
+        )
+
+    def summary(self) -> str:
+        """One progress line: tunnel CPU per GiB and per stream, machine busy during bulk."""
+        busy = f"machine {self.machine_busy_bulk:.0%} busy during bulk"
+        if self.cpu_s_per_gib is None or self.cpu_ms_per_stream is None:
+            return busy
+        return f"tunnel {self.cpu_s_per_gib:.2f} CPU-s/GiB, {self.cpu_ms_per_stream:.2f} CPU-ms/stream; {busy}"
 
 
 def measure_row(
@@ -115,19 +163,25 @@ def measure_row(
     """Run bulk, latency and concurrency against one SOCKS endpoint (or direct).
 
     RSS is sampled for the whole measurement; client/server pids are roots
-    whose descendants count too.  Returns the table row and a detail dict for
-    JSON output.
+    whose descendants count too.  Their CPU is read around the bulk and the
+    latency phases (``TunnelCpu``).  Returns the table row and a detail dict
+    for JSON output.
     """
     client_pids = client_pids or []
     server_pids = server_pids or []
+    tunnel_pids = client_pids + server_pids
     print(f"== {name}", flush=True)
-    with peak_rss_mb(client_pids + server_pids) as rss:
-        bulk = bulk_throughput(socks, url_for, runs=cfg.bulk_runs, expected_size=cfg.bulk_size)
+    with peak_rss_mb(tunnel_pids) as rss:
+        with phase_cpu(tunnel_pids) as bulk_cpu:
+            bulk = bulk_throughput(socks, url_for, runs=cfg.bulk_runs, expected_size=cfg.bulk_size)
         print(f"   bulk   {', '.join(f'{r:.0f}' for r in bulk.runs_mb_s)} MB/s", flush=True)
-        lat = new_stream_latency(socks, url_for, n=cfg.latency_n, warmup=cfg.latency_warmup)
+        with phase_cpu(tunnel_pids) as lat_cpu:
+            lat = new_stream_latency(socks, url_for, n=cfg.latency_n, warmup=cfg.latency_warmup)
         print(
             f"   stream p50 {lat.p50_ms:.2f} ms  p99 {lat.p99_ms:.2f} ms  max {lat.max_ms:.1f} ms", flush=True
         )
+        cpu = TunnelCpu.from_phases(bulk_cpu, lat_cpu, cfg)
+        print(f"   cpu    {cpu.summary()}", flush=True)
         conc = [
             concurrent_streams(socks, url_for, n=cfg.streams, size=cfg.stream_size)
             for _ in range(cfg.concurrent_runs)
@@ -152,7 +206,11 @@ def measure_row(
         m[5]: median_conc,
         m[6]: group_peak(client_pids),
         m[7]: group_peak(server_pids),
+        m[8]: cpu.cpu_s_per_gib,
+        m[9]: cpu.cpu_ms_per_stream,
     }
+    note = f"{note}; " if note else ""
+    note += f"machine {cpu.machine_busy_bulk:.0%} busy during bulk"
     detail: dict[str, object] = {
         "name": name,
         "note": note,
@@ -162,6 +220,7 @@ def measure_row(
         "rss_peak_mb_total": rss.peak_mb if (client_pids or server_pids) else None,
         "rss_hwm_sum_mb": rss.hwm_mb if (client_pids or server_pids) else None,
         "rss_samples": rss.samples,
+        "cpu": dataclasses.asdict(cpu),
     }
     return Row(name, values, note), detail
 
@@ -252,7 +311,9 @@ def main() -> int:
         "bulk: best of curl runs, MB = 10^6 B | p50/p99/max: fresh TCP connection + SOCKS5 handshake\n"
         "+ GET of 1 byte, to the last byte | NxSIZE 1st/median: wall time for N simultaneous streams,\n"
         "every body verified; first (cold) run and median of all runs | RSS: sampled peak in MiB\n"
-        "(2^20 B); client = ssh, server = sshd incl. its per-connection child"
+        "(2^20 B); client = ssh, server = sshd incl. its per-connection child | tunnel CPU: user+system\n"
+        "CPU of ssh + sshd per GiB moved in the bulk phase and per new stream in the latency phase\n"
+        "(warm-up included); lower is better | machine busy (row notes): all cores, during bulk"
     )
     print(f"CPU used by other processes during the run: {other_cpu:.0%} of the machine")
     if other_cpu > 0.10:

@@ -50,7 +50,7 @@ import ssh_baseline as sb  # noqa: E402
 from addresses import free_port, http_url_for  # noqa: E402
 from cpu import ForeignCpu, _cpu_times, report_idle_cpu  # noqa: E402
 from httpserver import HttpServer, bulk_http_server  # noqa: E402
-from processes import process_tree  # noqa: E402
+from processes import process_tree, tree_cpu_s  # noqa: E402
 from profiling import ProfilerMissing, format_profiles, py_spy_path, sampling  # noqa: E402
 from report import Row, print_table  # noqa: E402
 from tools import ensure_tools  # noqa: E402
@@ -190,7 +190,7 @@ def measure_pq_row(srv: HttpServer, cfg: sb.Config, aead: str, profile: bool = F
         after = negotiated(pair, aead)  # same single session, still the same AEAD
         if after["session_id"] != before["session_id"]:
             raise RuntimeError("the session was replaced during the measurement")
-        note += f", {after['rekeys']} rekeys during the run"
+        note = f"{row.note}; {after['rekeys']} rekeys during the run"
         row = dataclasses.replace(row, note=note)
         detail.update(note=note, aead=aead, session_before=before, session_after=after)
     return row, detail
@@ -201,10 +201,10 @@ def measure_pq_row(srv: HttpServer, cfg: sb.Config, aead: str, profile: bool = F
 # --------------------------------------------------------------------------
 
 
-def fastest_ssh(results: Sequence[Result], bulk_metric: str) -> Row:
-    """The ssh row with the best single-stream bulk throughput in this run."""
-    ssh_rows = [row for row, _ in results if row.name.startswith("ssh -D")]
-    return max(ssh_rows, key=lambda row: row.values[bulk_metric] or 0.0)
+def fastest_ssh(results: Sequence[Result], bulk_metric: str) -> Result:
+    """The ssh row (and its detail) with the best single-stream bulk throughput in this run."""
+    ssh_rows = [result for result in results if result[0].name.startswith("ssh -D")]
+    return max(ssh_rows, key=lambda result: result[0].values[bulk_metric] or 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +217,7 @@ class Target:
     limit: float
     unit: str
     higher_is_better: bool
+    bound: str = ""  # when missed: what the row's CPU figures say bounds it
 
     @property
     def met(self) -> bool:
@@ -224,16 +225,40 @@ class Target:
         return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
 
     def line(self) -> str:
-        """One line of the targets section."""
+        """One line of the targets section, plus the bound when the target was missed."""
         op = ">=" if self.higher_is_better else "<="
         verdict = "MET   " if self.met else "MISSED"
-        return f"  {verdict} {self.row}: {self.target}: {self.value:.2f} {self.unit} (need {op} {self.limit:.2f})"
+        text = f"  {verdict} {self.row}: {self.target}: {self.value:.2f} {self.unit} (need {op} {self.limit:.2f})"
+        return f"{text}\n           {self.bound}" if self.bound and not self.met else text
 
 
-def targets_for(row: Row, base: Row, cfg: sb.Config) -> list[Target]:
-    """Targets for one pqtunnel row: bulk, p99, concurrency (vs the baseline), RSS of alice and bob."""
+def cpu_bound(phase: str, metric: str, busy: str, row: Result, base: Result) -> str:
+    """E.g. 'bulk bound: pqtunnel ... 2.50 CPU-s/GiB in its two daemons against ssh -D ...'s 1.10 (2.3x), ...'.
+
+    ``metric`` is a table column (tunnel CPU per unit of work), ``busy`` the key in the
+    row's CPU detail for how busy the machine was in that phase.
+    """
+    (r, r_detail), (b, b_detail) = row, base
+    value, ref = r.values.get(metric), b.values.get(metric)
+    if value is None or ref is None:
+        return ""
+    unit = metric.removeprefix("tunnel ")
+    ratio = f" ({value / ref:.1f}x)" if ref else ""
+    return (f"{phase} bound: {r.name} {value:.2f} {unit} in its two daemons against {b.name}'s "
+            f"{ref:.2f} in ssh + sshd{ratio}, machine {r_detail['cpu'][busy]:.0%} busy "
+            f"({b_detail['cpu'][busy]:.0%} in the ssh row)")
+
+
+def targets_for(result: Result, base_result: Result, cfg: sb.Config) -> list[Target]:
+    """Targets for one pqtunnel row: bulk, p99, concurrency (vs the baseline), RSS of alice and bob.
+
+    The bulk and p99 targets carry the CPU bound (``cpu_bound``) printed when they are missed.
+    """
+    row, base = result[0], base_result[0]
     m = sb.metric_names(cfg)
     bulk, p99, conc, alice_rss, bob_rss = m[0], m[2], m[5], m[6], m[7]
+    bulk_bound = cpu_bound("bulk", sb.CPU_PER_GIB, "machine_busy_bulk", result, base_result)
+    p99_bound = cpu_bound("new-stream", sb.CPU_PER_STREAM, "machine_busy_latency", result, base_result)
 
     def val(r: Row, k: str) -> float:
         v = r.values[k]
@@ -241,8 +266,10 @@ def targets_for(row: Row, base: Row, cfg: sb.Config) -> list[Target]:
         return v
 
     return [
-        Target(row.name, f"single-stream bulk >= {base.name}", val(row, bulk), val(base, bulk), "MB/s", True),
-        Target(row.name, f"new-stream p99 <= {TARGET_P99_MS:g} ms", val(row, p99), TARGET_P99_MS, "ms", False),
+        Target(row.name, f"single-stream bulk >= {base.name}", val(row, bulk), val(base, bulk), "MB/s", True,
+               bulk_bound),
+        Target(row.name, f"new-stream p99 <= {TARGET_P99_MS:g} ms", val(row, p99), TARGET_P99_MS, "ms", False,
+               p99_bound),
         Target(row.name, f"{conc} <= {TARGET_CONCURRENT_FRACTION:g}x {base.name}", val(row, conc),
                TARGET_CONCURRENT_FRACTION * val(base, conc), "s", False),
         Target(row.name, f"alice peak RSS <= {TARGET_RSS_MB:g} MB", val(row, alice_rss), TARGET_RSS_MB, "MB", False),
@@ -297,15 +324,7 @@ def _own_cpu_s() -> float:
     Unlike ``ForeignCpu`` this also counts descendants that are still running
     (the HTTP server, daemons, sshd), so it can be read between rows.
     """
-    hz = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in process_tree([os.getpid()])[1:]:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15]) / hz  # utime stime cutime cstime
+    total = tree_cpu_s(process_tree([os.getpid()])[1:])
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
@@ -363,7 +382,9 @@ def print_legend(base: Row, other_cpu: float, elapsed_s: float) -> None:
         "connection + SOCKS5 handshake + GET of 1 byte, to the last byte | NxSIZE 1st/median: wall time\n"
         "for N simultaneous streams, every body verified; first run and median of all runs | RSS: sampled\n"
         "peak in MiB (2^20 B); client = ssh or alice's daemon, server = sshd (incl. per-connection child)\n"
-        "or bob's daemon"
+        "or bob's daemon | tunnel CPU: user+system CPU of both tunnel ends (ssh + sshd, or alice + bob)\n"
+        "per GiB moved in the bulk phase (all curl runs) and per new stream in the latency phase (warm-up\n"
+        "included); lower is better | machine busy (row notes): all cores, during bulk"
     )
     print(f"CPU used by other processes during the run: {other_cpu:.0%} of the machine")
     if other_cpu > 0.10:
@@ -416,11 +437,13 @@ def main() -> int:
     other_cpu = foreign.fraction()  # after every benchmark process was reaped
     elapsed = time.monotonic() - t_start
     metrics = sb.metric_names(cfg)
-    base = fastest_ssh(results, metrics[0])
+    base_result = fastest_ssh(results, metrics[0])
+    base = base_result[0]
     print()
     print_table([row for row, _ in results], base.name, metrics)
     print_legend(base, other_cpu, elapsed)
-    targets = [t for row, _ in results if row.name.startswith("pqtunnel") for t in targets_for(row, base, cfg)]
+    targets = [t for result in results if result[0].name.startswith("pqtunnel")
+               for t in targets_for(result, base_result, cfg)]
     print_targets(targets)
     if args.json:
         write_json(args.json, cfg, results, base, targets, other_cpu, elapsed)
