@@ -168,8 +168,11 @@ class Connection:
                         "peer closed the connection during the handshake"
                 return
             now_wall = wall_ms()
-            for event in self.tunnel.receive_data(data, monotonic_ms(), now_wall):
-                self._handle(event)
+            happened = self.tunnel.receive_data(data, monotonic_ms(), now_wall)
+            if happened:
+                self.kick()  # the tunnel's own answers (key confirmation, RESP, PONG) before our bookkeeping
+                for event in happened:
+                    self._handle(event)
             self.received_wall = now_wall / 1000
             self.kick()
             if self.tunnel.closed:
