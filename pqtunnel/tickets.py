@@ -23,7 +23,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 
@@ -379,16 +379,16 @@ def _expect(frame: Frame, kinds: tuple[Kind, ...], state: ResumeState, role: str
         raise MalformedHandshakeError(f"{role} did not expect {frame.kind.name} while {state.value}")
 
 
-class ResumeInitiator:
-    """The dialling side of a resumption: RESUME_HELLO out, RESUME_ACCEPT (or ALERT) in.
+TicketT = TypeVar("TicketT", bound=_Ticket)
 
-    ``authorize`` judges the peer again (pins and policy may have changed since the ticket
-    was issued) and names it, as in the full handshake.
-    """
 
-    is_initiator = True
+class _Resumption(Generic[TicketT]):
+    """What both sides of a resumption are built from: an identity, the ticket this side
+    keeps, the peer's judge and the node's handshake settings."""
 
-    def __init__(self, identity: Identity, ticket: ClientTicket, authorize: Authorizer, *,
+    is_initiator: bool
+
+    def __init__(self, identity: Identity, ticket: TicketT, authorize: Authorizer, *,
                  config: HandshakeConfig | None = None, entropy: Entropy | None = None,
                  backend: prim.CryptographyBackend | None = None) -> None:
         self.identity = identity
@@ -399,13 +399,30 @@ class ResumeInitiator:
         self.backend = backend or prim.CryptographyBackend()
         """The session's primitives after the resumption (its rekeys' ML-KEM)."""
         self.state = ResumeState.START
-        self._ephemeral = b""
-        self._schedule: _Schedule | None = None
-        self._hello_mac = b""
+        self._init_progress()
+
+    def _init_progress(self) -> None:
+        """Each side's own progress through the resumption, before it starts."""
+        raise NotImplementedError
 
     @property
     def done(self) -> bool:
         return self.state is ResumeState.DONE
+
+
+class ResumeInitiator(_Resumption[ClientTicket]):
+    """The dialling side of a resumption: RESUME_HELLO out, RESUME_ACCEPT (or ALERT) in.
+
+    ``authorize`` judges the peer again (pins and policy may have changed since the ticket
+    was issued) and names it, as in the full handshake.
+    """
+
+    is_initiator = True
+
+    def _init_progress(self) -> None:
+        self._ephemeral = b""
+        self._schedule: _Schedule | None = None
+        self._hello_mac = b""
 
     def start(self, wall_ms: int) -> bytes:
         """The RESUME_HELLO frame. TicketError if the ticket is expired or no longer allowed."""
@@ -449,7 +466,7 @@ class ResumeInitiator:
                                                     peer_name=peer_name))
 
 
-class ResumeResponder:
+class ResumeResponder(_Resumption[TicketState]):
     """The listening side, given the TicketState the application found for the HELLO's ticket id.
 
     ``check`` authenticates the RESUME_HELLO (cheap, no randomness); the application then
@@ -463,26 +480,12 @@ class ResumeResponder:
 
     is_initiator = False
 
-    def __init__(self, identity: Identity, ticket: TicketState, authorize: Authorizer, *,
-                 config: HandshakeConfig | None = None, entropy: Entropy | None = None,
-                 backend: prim.CryptographyBackend | None = None) -> None:
-        self.identity = identity
-        self.ticket = ticket
-        self.authorize = authorize
-        self.config = config or HandshakeConfig()
-        self.entropy = entropy or SYSTEM_ENTROPY
-        self.backend = backend or prim.CryptographyBackend()
-        """The session's primitives after the resumption (its rekeys' ML-KEM)."""
+    def _init_progress(self) -> None:
         self._checked_body = b""
-        self.state = ResumeState.START
         self._hello: ResumeHello | None = None
         self._schedule: _Schedule | None = None
         self._peer: WireIdentity | None = None
         self._peer_name = ""
-
-    @property
-    def done(self) -> bool:
-        return self.state is ResumeState.DONE
 
     def check(self, frame: Frame, now_ms: int) -> ResumeHello:
         """Authenticate a RESUME_HELLO against the ticket; raises a HandshakeError subclass if refused."""
