@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.nodes import Daemon, init_node, pq
@@ -26,22 +29,50 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-def test_metrics_follow_sessions_and_streams(tmp_path: Path) -> None:
-    alice_home, fp_alice = init_node(tmp_path, "alice")
+@dataclass
+class MeteredBob:
+    """bob's daemon serving /metrics, and a caller's daemon with bob as its ``--peer``."""
+
+    bob: Daemon
+    caller: Daemon
+    caller_home: Path
+    metrics_port: int
+
+    def scrape(self) -> dict[str, float]:
+        return scrape(self.metrics_port)
+
+
+@contextmanager
+def metered_bob(tmp_path: Path, caller: str = "alice", *, config: str = "",
+                trusted: bool = True) -> Iterator[MeteredBob]:
+    """bob with ``[metrics] listen`` (plus ``config``) and ``caller`` dialling him; both pin
+    each other unless ``trusted`` is False, so a test reads as what /metrics must show."""
     bob_home, fp_bob = init_node(tmp_path, "bob")
-    pq("trust", "bob", fp_bob, home=alice_home)
-    pq("trust", "alice", fp_alice, home=bob_home)
+    caller_home, fp_caller = init_node(tmp_path, caller)
+    if trusted:
+        pq("trust", caller, fp_caller, home=bob_home)
+        pq("trust", "bob", fp_bob, home=caller_home)
     port = free_port()
-    (bob_home / "config.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n[services]\necho = {{ exec = ["cat"] }}\n')
+    (bob_home / "config.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n{config}')
     bob = Daemon(bob_home).start()
-    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
     try:
-        assert pq("ping", "bob", home=alice_home).returncode == 0
-        echoed = pq("connect", "bob/echo", home=alice_home, input=b"hi\n")
+        dialer = Daemon(caller_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
+        try:
+            yield MeteredBob(bob, dialer, caller_home, port)
+        finally:
+            dialer.kill()
+    finally:
+        bob.kill()
+
+
+def test_metrics_follow_sessions_and_streams(tmp_path: Path) -> None:
+    with metered_bob(tmp_path, config='[services]\necho = { exec = ["cat"] }\n') as lab:
+        assert pq("ping", "bob", home=lab.caller_home).returncode == 0
+        echoed = pq("connect", "bob/echo", home=lab.caller_home, input=b"hi\n")
         assert echoed.returncode == 0
-        denied = pq("connect", "bob/nothing", home=alice_home)
+        denied = pq("connect", "bob/nothing", home=lab.caller_home)
         assert denied.returncode != 0
-        values = scrape(port)
+        values = lab.scrape()
         assert values['pqtunnel_sessions{suite="hybrid"}'] == 1
         assert values['pqtunnel_handshakes_total{result="up"}'] == 1
         assert values['pqtunnel_streams_total{decision="allowed"}'] == 1
@@ -50,14 +81,11 @@ def test_metrics_follow_sessions_and_streams(tmp_path: Path) -> None:
         assert values['pqtunnel_handshake_seconds_count{direction="inbound",result="up"}'] == 1 and 0 < took < 10
         assert values['pqtunnel_handshake_seconds_bucket{direction="inbound",le="10.0",result="up"}'] == 1
         assert values['pqtunnel_store_seconds_count{operation="health",store="local"}'] >= 1  # checked at start
-        alice.stop()
-        bob.wait_for_log("session down: alice")
-        after = scrape(port)
+        lab.caller.stop()
+        lab.bob.wait_for_log("session down: alice")
+        after = lab.scrape()
         assert after['pqtunnel_sessions{suite="hybrid"}'] == 0
         assert after['pqtunnel_session_bytes_total{direction="in",peer="alice"}'] > 0
-    finally:
-        alice.kill()
-        bob.kill()
 
 
 def test_metrics_are_off_by_default(tmp_path: Path) -> None:
@@ -90,21 +118,12 @@ def test_json_logs_are_one_object_per_line_with_event_fields(tmp_path: Path) -> 
 
 
 def test_a_refused_handshake_is_timed_under_its_fault(tmp_path: Path) -> None:
-    bob_home, _ = init_node(tmp_path, "bob")
-    mallory_home, fp_mallory = init_node(tmp_path, "mallory")  # bob never pins mallory
-    port = free_port()
-    (bob_home / "config.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
-    bob = Daemon(bob_home).start()
-    mallory = Daemon(mallory_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
-    try:
-        assert pq("ping", "bob", home=mallory_home).returncode != 0
-        bob.wait_for_log("handshake with unknown peer")
-        values = scrape(port)
+    with metered_bob(tmp_path, "mallory", trusted=False) as lab:  # bob never pins mallory
+        assert pq("ping", "bob", home=lab.caller_home).returncode != 0
+        lab.bob.wait_for_log("handshake with unknown peer")
+        values = lab.scrape()
         assert values['pqtunnel_handshake_seconds_count{direction="inbound",result="failed_peer"}'] >= 1
         assert 'pqtunnel_handshake_seconds_count{direction="inbound",result="up"}' not in values
-    finally:
-        mallory.kill()
-        bob.kill()
 
 
 async def test_nonce_reservations_and_store_latency_are_counted_by_result(tmp_path: Path) -> None:
@@ -156,19 +175,8 @@ async def test_nonce_reservations_and_store_latency_are_counted_by_result(tmp_pa
 def test_a_replica_counts_the_counter_blocks_its_sessions_reserve(tmp_path: Path) -> None:
     """With [ha], a session seals only with reserved counters: bob's /metrics shows the
     reservations granted by the local store and how long the store took."""
-    bob_home, fp_bob = init_node(tmp_path, "bob")
-    alice_home, fp_alice = init_node(tmp_path, "alice")
-    pq("trust", "alice", fp_alice, home=bob_home)
-    pq("trust", "bob", fp_bob, home=alice_home)
-    port = free_port()
-    (bob_home / "config.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n[ha]\nstore = "local"\n')
-    bob = Daemon(bob_home).start()
-    alice = Daemon(alice_home, ["--peer", f"bob=127.0.0.1:{bob.port}"]).start()
-    try:
-        assert pq("ping", "bob", home=alice_home).returncode == 0
-        values = scrape(port)
+    with metered_bob(tmp_path, config='[ha]\nstore = "local"\n') as lab:
+        assert pq("ping", "bob", home=lab.caller_home).returncode == 0
+        values = lab.scrape()
         assert values['pqtunnel_nonce_reservations_total{result="granted",store="local"}'] >= 1
         assert values['pqtunnel_store_seconds_count{operation="reserve",store="local"}'] >= 1
-    finally:
-        alice.kill()
-        bob.kill()
