@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Protocol, TypeVar
 
 import trio
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pqlab.process import Daemon, init_node, pq  # noqa: E402
 from pqtunnel.admission import AdmissionLimits  # noqa: E402
 from pqtunnel.crypto.suites import SUITES, Suite  # noqa: E402
-from pqtunnel.handshake import HandshakeConfig, InitiatorHandshake, ResponderHandshake  # noqa: E402
+from pqtunnel.handshake import HandshakeConfig, HandshakeStep, InitiatorHandshake, ResponderHandshake  # noqa: E402
 from pqtunnel.identity import Identity  # noqa: E402
 from pqtunnel.session import Session, TicketGranted  # noqa: E402
 from pqtunnel.tickets import (  # noqa: E402
@@ -43,7 +43,7 @@ from pqtunnel.tickets import (  # noqa: E402
     accept_ticket_grant,
     issue_ticket,
 )
-from pqtunnel.wire import FrameDecoder, Kind  # noqa: E402
+from pqtunnel.wire import Frame, FrameDecoder, Kind  # noqa: E402
 from pqtunneld.stores import load_identity  # noqa: E402
 
 T = TypeVar("T")
@@ -110,31 +110,49 @@ async def _paced(rounds: int, one_round: Callable[[int, str], Awaitable[T]]) -> 
     return results
 
 
-async def _one_handshake(identity: Identity, port: int, suite: Suite, source: str) -> float:
-    config = HandshakeConfig(allowed_suites=(suite,))
-    initiator = InitiatorHandshake(identity, lambda p: "bob", config=config)
+class _Initiator(Protocol):
+    """What a timed round drives: a full handshake's or a resumption's initiator."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def start(self, now_ms: int, /) -> bytes: ...
+
+    def receive(self, frame: Frame, now_ms: int, /) -> HandshakeStep: ...
+
+
+async def _timed_round(initiator: _Initiator, port: int, source: str) -> float:
+    """Connect, run ``initiator`` up to the daemon's first record after it is done: milliseconds."""
     started = time.perf_counter()
     stream = await _connect(port, source)
     async with stream:
-        await stream.send_all(initiator.start(int(time.time() * 1000)))
+        await stream.send_all(initiator.start(_wall_ms()))
         decoder = FrameDecoder()
         while True:
             data = await stream.receive_some(65536)
             if not data:
                 raise RuntimeError("responder closed the connection")
             for frame in decoder.feed(data):
-                if frame.kind is Kind.RECORD:  # the responder's key-confirmation record
+                if frame.kind is Kind.RECORD and initiator.done:  # key confirmation, or the first record after ACCEPT
                     return (time.perf_counter() - started) * 1000
-                step = initiator.receive(frame, int(time.time() * 1000))
+                step = initiator.receive(frame, _wall_ms())  # an ALERT (e.g. ticket refused) raises here
                 if step.to_send:
                     await stream.send_all(step.to_send)
 
 
-def latency(identity: Identity, port: int, suite: Suite, rounds: int) -> tuple[float, float]:
-    async def run() -> list[float]:
-        return await _paced(rounds, lambda i, source: _one_handshake(identity, port, suite, source))
+async def _timed_rounds(port: int, rounds: int, initiator_for: Callable[[int], _Initiator]) -> list[float]:
+    """Milliseconds of each paced round; ``initiator_for(i)`` is built before round i's clock starts."""
+    return await _paced(rounds, lambda i, source: _timed_round(initiator_for(i), port, source))
 
-    return _p50_p99(trio.run(run))
+
+def latency(identity: Identity, port: int, suite: Suite, rounds: int) -> tuple[float, float]:
+    """p50/p99 of full handshakes in ``suite``."""
+    config = HandshakeConfig(allowed_suites=(suite,))
+
+    def initiator_for(i: int) -> InitiatorHandshake:
+        return InitiatorHandshake(identity, lambda p: "bob", config=config)
+
+    return _p50_p99(trio.run(_timed_rounds, port, rounds, initiator_for))
 
 
 async def _obtain_ticket(identity: Identity, port: int, source: str) -> ClientTicket:
@@ -155,30 +173,12 @@ async def _obtain_ticket(identity: Identity, port: int, source: str) -> ClientTi
                         return accept_ticket_grant(session.result, event.body, _wall_ms())
 
 
-async def _one_resumption(identity: Identity, ticket: ClientTicket, port: int, source: str) -> float:
-    """Connect, RESUME_HELLO, RESUME_ACCEPT, up to the daemon's first record: milliseconds."""
-    initiator = ResumeInitiator(identity, ticket, lambda p: "bob")
-    started = time.perf_counter()
-    stream = await _connect(port, source)
-    async with stream:
-        await stream.send_all(initiator.start(_wall_ms()))
-        decoder = FrameDecoder()
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                raise RuntimeError("responder closed the connection")
-            for frame in decoder.feed(data):
-                if frame.kind is Kind.RECORD and initiator.done:  # the responder's first record after ACCEPT
-                    return (time.perf_counter() - started) * 1000
-                initiator.receive(frame, _wall_ms())  # an ALERT (ticket refused) raises here
-
-
 def resumed_latency(identity: Identity, port: int, rounds: int) -> tuple[float, float]:
     """p50/p99 of resumptions, each with its own ticket taken beforehand (tickets are single-use)."""
     async def run() -> list[float]:
         tickets = await _paced(rounds, lambda i, source: _obtain_ticket(identity, port, source))
         await trio.sleep(PACE_S)
-        return await _paced(rounds, lambda i, source: _one_resumption(identity, tickets[i], port, source))
+        return await _timed_rounds(port, rounds, lambda i: ResumeInitiator(identity, tickets[i], lambda p: "bob"))
 
     return _p50_p99(trio.run(run))
 
