@@ -35,7 +35,7 @@ def http_url_for(base: str) -> UrlFor:
     return lambda path: base + (path if path.startswith("/") else "/" + path)
 
 
-def _split_url(url: str) -> tuple[str, int, str]:
+def split_url(url: str) -> tuple[str, int, str]:
     """Split an http:// URL into (host, port, path); no TLS, no userinfo."""
     m = re.fullmatch(r"http://(\[[^\]]+\]|[^/:]+)(?::(\d+))?(/.*)?", url)
     if not m:

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from processes import tree_cpu_s
 
 
-def _cpu_times() -> tuple[int, int]:
+def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies over all CPUs from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
@@ -34,9 +34,9 @@ def cpu_busy_fraction(interval_s: float = 1.0) -> float:
     Benchmarks on a 2-core box are only comparable when nothing else runs;
     callers print this so a contaminated table is recognisable as such.
     """
-    b0, t0 = _cpu_times()
+    b0, t0 = cpu_times()
     time.sleep(interval_s)
-    b1, t1 = _cpu_times()
+    b1, t1 = cpu_times()
     return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
 
@@ -60,7 +60,7 @@ class ForeignCpu:
     """
 
     def __init__(self) -> None:
-        self._busy0, self._total0 = _cpu_times()
+        self._busy0, self._total0 = cpu_times()
         self._own0 = self._own_cpu_s()
 
     @staticmethod
@@ -72,7 +72,7 @@ class ForeignCpu:
     def fraction(self) -> float:
         """Foreign CPU since construction, as a fraction of all CPUs (0..1)."""
         hz = os.sysconf("SC_CLK_TCK")
-        busy, total = _cpu_times()
+        busy, total = cpu_times()
         if total <= self._total0:
             return 0.0
         foreign_s = (busy - self._busy0) / hz - (self._own_cpu_s() - self._own0)
@@ -97,11 +97,11 @@ def phase_cpu(pids: Sequence[int]) -> Iterator[PhaseCpu]:
     """Measure the CPU that ``pids`` (and descendants) and the whole machine spend in the block."""
     result = PhaseCpu()
     tree0 = tree_cpu_s(pids) if pids else None
-    busy0, total0 = _cpu_times()
+    busy0, total0 = cpu_times()
     try:
         yield result
     finally:
-        busy1, total1 = _cpu_times()
+        busy1, total1 = cpu_times()
         if tree0 is not None:
             result.tree_s = tree_cpu_s(pids) - tree0
         result.machine_busy = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0

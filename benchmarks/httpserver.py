@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from addresses import http_url_for
-from payload import MIB, _write_pattern_file
-from processes import _stop_process
+from payload import MIB, write_pattern_file
+from processes import stop_process
 
 
 class HttpServer(NamedTuple):
@@ -144,7 +144,7 @@ def http_server_threads(size_bytes: int, host: str = "127.0.0.1") -> Iterator[Ht
     try:
         data = tmp / "payload.bin"
         file_size = max(size_bytes, MIB)
-        _write_pattern_file(data, file_size)
+        write_pattern_file(data, file_size)
         fd = os.open(data, os.O_RDONLY)
         handler = _BulkHandler(fd, file_size, size_bytes)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -214,7 +214,7 @@ def bulk_http_server(size_bytes: int, host: str = "127.0.0.1") -> Iterator[HttpS
         data = Path(line[2])
         yield HttpServer(host, int(line[1]), data)
     finally:
-        _stop_process(proc)
+        stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
         if data is not None:  # normally removed by the child; not if it had to be killed

@@ -38,7 +38,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from addresses import UrlFor, _split_url
+from addresses import UrlFor, split_url
 from payload import MIB, expected_body
 from socksclient import (
     _parse_http_head,
@@ -137,7 +137,7 @@ def new_stream_latency(
     (stream setup inside the tunnel), not raw tunnel RTT.  Timing runs from
     before connect() to the last body byte; close is outside the timing.
     """
-    host, port, path = _split_url(url_for(resource))
+    host, port, path = split_url(url_for(resource))
     samples: list[float] = []
     for i in range(warmup + n):
         t0 = time.perf_counter_ns()
@@ -220,7 +220,7 @@ def concurrent_streams(
     body is compared byte for byte with ``expected_body(size)``, so a tunnel
     that mixes, drops or truncates streams fails instead of looking fast.
     """
-    host, port, path = _split_url(url_for(f"/bytes/{size}"))
+    host, port, path = split_url(url_for(f"/bytes/{size}"))
     expected = expected_body(size)
     request = http_request(host, port, path)
     connect_req = socks5_request(host, port)

@@ -38,7 +38,7 @@ def expected_body(n: int) -> bytes:
     return (block * (n // _BLOCK_LEN + 1))[:n]
 
 
-def _write_pattern_file(path: Path, size: int) -> None:
+def write_pattern_file(path: Path, size: int) -> None:
     """Write the first ``size`` pattern bytes to ``path`` in block-sized chunks."""
     block = _pattern_block()
     with open(path, "wb") as f:

@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
-def _ppid_map() -> dict[int, int]:
+def ppid_map() -> dict[int, int]:
     """pid -> parent pid for every process (no /proc/PID/task/*/children here)."""
     out: dict[int, int] = {}
     for name in os.listdir("/proc"):
@@ -40,7 +40,7 @@ def _ppid_map() -> dict[int, int]:
 def _children_map() -> dict[int, list[int]]:
     """parent pid -> child pids, from one scan of /proc."""
     children: dict[int, list[int]] = {}
-    for pid, ppid in _ppid_map().items():
+    for pid, ppid in ppid_map().items():
         children.setdefault(ppid, []).append(pid)
     return children
 
@@ -90,7 +90,7 @@ def tree_cpu_s(pids: Iterable[int]) -> float:
     return sum(_cpu_s(pid, hz) for pid in process_tree(pids))
 
 
-def _stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout``; always reaps."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -102,7 +102,27 @@ def _stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
             proc.wait()
 
 
-def _wait_for_log(proc: subprocess.Popen[bytes], log: Path, patterns: Sequence[str], timeout: float) -> str:
+class Stoppable(Protocol):
+    """A started daemon: ``stop`` asks it to exit (RuntimeError if it does not), ``kill`` makes sure."""
+
+    def stop(self) -> Any: ...
+
+    def kill(self) -> Any: ...
+
+
+def stop_daemons(daemons: Iterable[Stoppable | None]) -> None:
+    """Stop each daemon politely, then kill it: one whose stop timed out (RuntimeError) is killed too.
+
+    ``None`` stands for a daemon that was never started.
+    """
+    for daemon in daemons:
+        if daemon is not None:
+            with contextlib.suppress(RuntimeError):
+                daemon.stop()
+            daemon.kill()
+
+
+def wait_for_log(proc: subprocess.Popen[bytes], log: Path, patterns: Sequence[str], timeout: float) -> str:
     """Poll a log file until every regex in ``patterns`` matched; raise with the log otherwise."""
     deadline = time.monotonic() + timeout
     text = ""

@@ -1,9 +1,20 @@
-"""Results table: one ``Row`` per configuration, each metric with a ratio column against a baseline row."""
+"""Results table: one ``Row`` per configuration, each metric with a ratio column against a baseline row.
+
+Also the end of every report: the CPU share other processes took (``print_other_cpu``) and
+the dated JSON document (``write_dated_json``).  Standard library only.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+OTHER_CPU_WARN_FRACTION = 0.10
+"""Above this share of the machine taken by other processes, a run's numbers are not trustworthy."""
 
 
 @dataclasses.dataclass
@@ -61,3 +72,16 @@ def print_table(rows: Sequence[Row], baseline_name: str, metrics: Sequence[str] 
     for r in rows:
         if r.note:
             print(f"  {r.name}: {r.note}")
+
+
+def print_other_cpu(fraction: float) -> None:
+    """Print the share of the machine other processes used during the run, so a disturbed run is recognisable."""
+    print(f"CPU used by other processes during the run: {fraction:.0%} of the machine")
+    if fraction > OTHER_CPU_WARN_FRACTION:
+        print("WARNING: other processes competed for the CPU; rerun on an idle machine for real numbers")
+
+
+def write_dated_json(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write ``doc`` as indented JSON led by the run's UTC ``date``, so saved results can be ordered."""
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    path.write_text(json.dumps({"date": date, **doc}, indent=2))

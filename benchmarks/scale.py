@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import os
 import platform
 import re
@@ -60,6 +58,7 @@ import trio  # noqa: E402
 
 from cpu import ForeignCpu  # noqa: E402
 from httpserver import bulk_http_server  # noqa: E402
+from processes import stop_daemons  # noqa: E402
 from profiling import ProfilerMissing, format_profiles, py_spy_path, sampling  # noqa: E402
 from pqlab.process import Daemon, init_node  # noqa: E402
 from pqtunnel.admission import AdmissionLimits  # noqa: E402
@@ -69,6 +68,7 @@ from pqtunnel.identity import Identity, WireIdentity  # noqa: E402
 from pqtunnel.tunnel import DataReceived, Established, StreamAccepted, StreamRefused, StreamReset, Tunnel  # noqa: E402
 from pqtunneld.cpufeatures import hardware_aeads  # noqa: E402
 from pqtunneld.stores import KnownPeersFile  # noqa: E402
+from report import print_other_cpu, write_dated_json  # noqa: E402
 from streams import source_digest  # noqa: E402
 
 SOURCES = [f"127.0.1.{i}" for i in range(1, 201)]
@@ -341,9 +341,7 @@ def node(root: Path, identities: list[Identity], http_port: int) -> Iterator[tup
         daemon.start()
         yield daemon, fingerprint
     finally:
-        with contextlib.suppress(RuntimeError):
-            daemon.stop()
-        daemon.kill()
+        stop_daemons([daemon])
 
 
 async def measure(cfg: Config, bob: Daemon, fingerprint: str, identities: list[Identity], profile: bool) -> Result:
@@ -465,14 +463,12 @@ def main() -> int:
         result = trio.run(measure, cfg, bob, fingerprint, identities, args.profile)
     other = foreign.fraction()
     print_table(result, cfg)
-    print(f"CPU used by other processes during the run: {other:.0%} of the machine")
-    if other > 0.10:
-        print("WARNING: other processes competed for the CPU; rerun on an idle machine for real numbers")
+    print_other_cpu(other)
     if args.json:
-        args.json.write_text(json.dumps({
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source_sha256_16": source_digest(), "config": dataclasses.asdict(cfg), "result": dataclasses.asdict(result), "other_cpu_fraction": other,
-        }, indent=2))
+        write_dated_json(args.json, {
+            "source_sha256_16": source_digest(), "config": dataclasses.asdict(cfg),
+            "result": dataclasses.asdict(result), "other_cpu_fraction": other,
+        })
     return 0
 
 

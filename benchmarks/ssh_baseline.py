@@ -44,7 +44,7 @@ from httpserver import HttpServer, bulk_http_server
 from load import bulk_throughput, concurrent_streams, new_stream_latency
 from payload import MIB
 from processes import peak_rss_mb, process_tree
-from report import Row, print_table
+from report import Row, print_other_cpu, print_table
 from sshtunnel import private_sshd, ssh_socks_proxy
 from tools import ensure_tools
 
@@ -271,7 +271,8 @@ def measure_ssh_rows(
     return out
 
 
-def _version(cmd: list[str]) -> str:
+def version(cmd: list[str]) -> str:
+    """First line a tool prints for ``cmd`` (``ssh -V`` writes to stderr), for the run's header."""
     out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     return (out.stdout + out.stderr).strip().splitlines()[0]
 
@@ -290,7 +291,7 @@ def main() -> int:
     cfg = QUICK if args.quick else FULL
     print(
         f"host: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, kernel {platform.release()}\n"
-        f"{_version(['ssh', '-V'])}; {_version(['curl', '--version'])}\n"
+        f"{version(['ssh', '-V'])}; {version(['curl', '--version'])}\n"
         f"config: {dataclasses.asdict(cfg)}",
         flush=True,
     )
@@ -315,9 +316,7 @@ def main() -> int:
         "CPU of ssh + sshd per GiB moved in the bulk phase and per new stream in the latency phase\n"
         "(warm-up included); lower is better | machine busy (row notes): all cores, during bulk"
     )
-    print(f"CPU used by other processes during the run: {other_cpu:.0%} of the machine")
-    if other_cpu > 0.10:
-        print("WARNING: other processes competed for the CPU; rerun on an idle machine for real numbers")
+    print_other_cpu(other_cpu)
     load1, load5, _ = os.getloadavg()
     print(
         f"total time {time.monotonic() - t_start:.0f} s; load average at end {load1:.2f} (1 min) {load5:.2f} (5 min)"

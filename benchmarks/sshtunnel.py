@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from addresses import free_port
-from processes import _ppid_map, _stop_process, _wait_for_log
+from processes import ppid_map, stop_process, wait_for_log
 
 
 class SshdHandle(NamedTuple):
@@ -56,7 +56,7 @@ def _namespace_init_pid(unshare_proc: subprocess.Popen[bytes], timeout: float = 
     """Host pid of the program ``unshare --fork`` started (its only child)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kids = [p for p, pp in _ppid_map().items() if pp == unshare_proc.pid]
+        kids = [p for p, pp in ppid_map().items() if pp == unshare_proc.pid]
         if kids:
             return kids[0]
         if unshare_proc.poll() is not None:
@@ -127,7 +127,7 @@ def private_sshd(sshd_binary: str = "/usr/sbin/sshd") -> Iterator[SshdHandle]:
             with open(log, "wb") as logf:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
             try:
-                _wait_for_log(proc, log, [rf"Server listening on 127\.0\.0\.1 port {port}\."], 10)
+                wait_for_log(proc, log, [rf"Server listening on 127\.0\.0\.1 port {port}\."], 10)
                 init_pid = _namespace_init_pid(proc)
             except RuntimeError as e:
                 last_err = e
@@ -185,7 +185,7 @@ def ssh_socks_proxy(sshd_port: int, cipher: str, identity_file: Path) -> Iterato
             with open(log, "wb") as logf:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
             try:
-                text = _wait_for_log(
+                text = wait_for_log(
                     proc,
                     log,
                     [
@@ -197,7 +197,7 @@ def ssh_socks_proxy(sshd_port: int, cipher: str, identity_file: Path) -> Iterato
                 )
             except RuntimeError as e:
                 last_err = e
-                _stop_process(proc)
+                stop_process(proc)
                 proc = None
                 continue
             kex = re.search(r"^debug1: kex: algorithm: (\S+)", text, re.MULTILINE)
@@ -212,5 +212,5 @@ def ssh_socks_proxy(sshd_port: int, cipher: str, identity_file: Path) -> Iterato
             raise RuntimeError(f"ssh -D failed to start: {last_err}")
     finally:
         if proc is not None:
-            _stop_process(proc)
+            stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)

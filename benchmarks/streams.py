@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import functools
 import hashlib
-import json
 import os
 import platform
 import resource
@@ -48,11 +46,11 @@ sys.path.insert(0, str(REPO))
 
 import ssh_baseline as sb  # noqa: E402
 from addresses import free_port, http_url_for  # noqa: E402
-from cpu import ForeignCpu, _cpu_times, report_idle_cpu  # noqa: E402
+from cpu import ForeignCpu, cpu_times, report_idle_cpu  # noqa: E402
 from httpserver import HttpServer, bulk_http_server  # noqa: E402
-from processes import process_tree, tree_cpu_s  # noqa: E402
+from processes import process_tree, stop_daemons, tree_cpu_s  # noqa: E402
 from profiling import ProfilerMissing, format_profiles, py_spy_path, sampling  # noqa: E402
-from report import Row, print_table  # noqa: E402
+from report import Row, print_other_cpu, print_table, write_dated_json  # noqa: E402
 from tools import ensure_tools  # noqa: E402
 
 from pqlab.process import Daemon, init_node, pq  # noqa: E402
@@ -133,11 +131,7 @@ def pqtunnel_pair(http_port: int, aead: str) -> Iterator[PqPair]:
             alice, socks_port = _start_alice(alice_home, bob.port)
             yield PqPair(alice, bob, socks_port)
         finally:
-            for daemon in (alice, bob):
-                if daemon is not None:
-                    with contextlib.suppress(RuntimeError):
-                        daemon.stop()
-                    daemon.kill()
+            stop_daemons((alice, bob))
 
 
 def live_session(pair: PqPair, aead: str) -> dict[str, Any]:
@@ -310,7 +304,7 @@ def print_preamble(cfg: sb.Config) -> None:
     print(
         f"host: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, kernel {platform.release()}, "
         f"Python {platform.python_version()}\n"
-        f"{sb._version(['ssh', '-V'])}; {sb._version(['curl', '--version'])}\n"
+        f"{sb.version(['ssh', '-V'])}; {sb.version(['curl', '--version'])}\n"
         f"pqtunnel sources (daemon/, pqtunnel/) sha256 {source_digest()}\n"
         f"config: {dataclasses.asdict(cfg)}",
         flush=True,
@@ -335,12 +329,12 @@ class OtherCpu:
     """Share of the machine's CPU used by processes outside this benchmark's tree."""
 
     def __init__(self) -> None:
-        self._busy0, self._total0 = _cpu_times()
+        self._busy0, self._total0 = cpu_times()
         self._own0 = _own_cpu_s()
 
     def fraction(self) -> float:
         """Other processes' CPU since construction, as a fraction of all CPUs (0..1)."""
-        busy, total = _cpu_times()
+        busy, total = cpu_times()
         if total <= self._total0:
             return 0.0
         hz = os.sysconf("SC_CLK_TCK")
@@ -386,9 +380,7 @@ def print_legend(base: Row, other_cpu: float, elapsed_s: float) -> None:
         "per GiB moved in the bulk phase (all curl runs) and per new stream in the latency phase (warm-up\n"
         "included); lower is better | machine busy (row notes): all cores, during bulk"
     )
-    print(f"CPU used by other processes during the run: {other_cpu:.0%} of the machine")
-    if other_cpu > 0.10:
-        print("WARNING: other processes competed for the CPU; rerun on an idle machine for real numbers")
+    print_other_cpu(other_cpu)
     print(f"total time {elapsed_s:.0f} s")
 
 
@@ -396,7 +388,6 @@ def write_json(path: Path, cfg: sb.Config, results: Sequence[Result], base: Row,
                targets: Sequence[Target], other_cpu: float, elapsed_s: float) -> None:
     """All rows (table values and raw details), the baseline and the target verdicts."""
     doc = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release(),
                  "python": platform.python_version()},
         "source_sha256_16": source_digest(),
@@ -407,7 +398,7 @@ def write_json(path: Path, cfg: sb.Config, results: Sequence[Result], base: Row,
         "other_cpu_fraction": other_cpu,
         "elapsed_s": elapsed_s,
     }
-    path.write_text(json.dumps(doc, indent=2))
+    write_dated_json(path, doc)
 
 
 def main() -> int:
