@@ -1,8 +1,11 @@
 """Resumption tickets in the daemon (docs/ha.md, docs/PROTOCOL.md 4.10).
 
 Every session this node answers with a full handshake (or a ticket) grants the peer a
-ticket: the ticket's state goes, wrapped, into the node's store (``[ha]``: the local SQLite
-file by default, or the replicas' etcd), and the grant travels in a TICKET record. A peer
+ticket: the ticket's state is kept where whoever may redeem it can read it, and the grant
+travels in a TICKET record. Replicas (``[ha]``) share their states through their store (the
+local SQLite file by default, or etcd), wrapped. A node without ``[ha]`` keeps them in its
+own memory (``GrantedInMemory``): nothing but this process can redeem them, a restart forgets
+them (each peer then does one full handshake), and no ticket secret is written to disk. A peer
 that dials again sends RESUME_HELLO with the ticket instead of a full handshake: one round
 trip, fresh X25519, the ticket secret (from a hybrid handshake) as PSK. A ticket is used at
 most once across all replicas (``use_once`` in the shared store, recorded after its MAC
@@ -14,6 +17,7 @@ so they survive a restart; a ticket is forgotten as soon as it is sent.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import trio
@@ -56,6 +60,52 @@ MAX_TICKETS_PER_PEER = 2
 """Tickets kept per peer on the dialling side: the newest ones; older ones are deleted."""
 
 
+class GrantedInMemory:
+    """The states of the tickets a node without ``[ha]`` granted, and their single-use marks:
+    the part of the nonce-store interface ``TicketBook`` uses, in this process only.
+
+    A store write per granted ticket (a worker-thread SQLite commit with its fsync) was a
+    tenth of a handshake's CPU on the answering node, and made a resumption wait for two
+    store round trips; only replicas need states another process can read.
+    """
+
+    kind = "memory"
+    PURGE_EVERY = 256
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._states: dict[str, bytes] = {}
+        self._used: dict[tuple[str, str], float] = {}
+        self._clock = clock
+        self._uses = 0
+
+    async def put_state(self, state_id: str, blob: bytes) -> None:
+        self._states[state_id] = bytes(blob)
+
+    async def get_state(self, state_id: str) -> bytes | None:
+        return self._states.get(state_id)
+
+    async def delete_state(self, state_id: str) -> None:
+        self._states.pop(state_id, None)
+
+    async def list_states(self, prefix: str) -> list[str]:
+        return [state_id for state_id in self._states if state_id.startswith(prefix)]
+
+    async def use_once(self, kind: str, record_id: str, ttl_s: float) -> bool:
+        """True the first time ``(kind, record_id)`` is used within ``ttl_s``, False after."""
+        now = self._clock()
+        self._uses += 1
+        if self._uses % self.PURGE_EVERY == 0:
+            self._used = {key: expires for key, expires in self._used.items() if expires > now}
+        expires = self._used.get((kind, record_id))
+        if expires is not None and expires > now:
+            return False
+        self._used[(kind, record_id)] = now + ttl_s
+        return True
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
 class TicketBook:
     """Issues tickets (answering side), redeems them, and keeps the ones peers granted us."""
 
@@ -65,13 +115,19 @@ class TicketBook:
         self.backend = backend
         self.emit = emit
         self.wrapper = StateWrapper.for_identity(identity)
+        self.granted_states: Any = ha.store if ha.settings.enabled else GrantedInMemory()
+        """Where the states of the tickets we grant live (``[ha]``: shared by the replicas)."""
         self._held: dict[str, list[ClientTicket]] = {}
         self._forget: trio.MemorySendChannel[str]
         self._forget, self._to_forget = trio.open_memory_channel[str](1024)
 
     @property
     def store(self) -> Any:
+        """Our own store: the tickets peers granted us, kept across restarts."""
         return self.ha.store
+
+    def _store_of(self, store_id: str) -> Any:
+        return self.granted_states if store_id.startswith(TICKET_PREFIX) else self.store
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Load the tickets kept across a restart, then delete used ones in the background."""
@@ -84,7 +140,7 @@ class TicketBook:
             nursery.start_soon(self._sweep_expired)
             async for store_id in self._to_forget:
                 try:
-                    await self.store.delete_state(store_id)
+                    await self._store_of(store_id).delete_state(store_id)
                 except (StoreUnavailableError, StoreDataError) as exc:
                     LOG.info("used ticket %s not deleted from the store: %s", store_id, exc)
 
@@ -100,8 +156,8 @@ class TicketBook:
     async def sweep_once(self) -> int:
         """Queue the deletion of every expired ticket state of ours; returns how many."""
         now, expired = wall_ms(), 0
-        for store_id in await self.store.list_states(TICKET_PREFIX):
-            blob = await self.store.get_state(store_id)
+        for store_id in await self.granted_states.list_states(TICKET_PREFIX):
+            blob = await self.granted_states.get_state(store_id)
             try:
                 state = unwrap_ticket(self.wrapper, bytes.fromhex(store_id[len(TICKET_PREFIX):]), blob or b"")
             except (StoreDataError, ValueError):
@@ -180,7 +236,7 @@ class TicketBook:
             return
         state, grant = issue_ticket(result, wall_ms())
         try:
-            await self.store.put_state(ticket_state_id(state.ticket_id), wrap_ticket(self.wrapper, state))
+            await self.granted_states.put_state(ticket_state_id(state.ticket_id), wrap_ticket(self.wrapper, state))
         except (StoreUnavailableError, StoreDataError) as exc:
             LOG.info("no ticket for %s: %s", conn.peer_label, exc)
             return
@@ -195,23 +251,24 @@ class TicketBook:
         hello = parse_resume_hello(frame.body)
         store_id = ticket_state_id(hello.ticket_id)
         try:
-            blob = await self.store.get_state(store_id)
+            blob = await self.granted_states.get_state(store_id)
             if blob is None:
                 raise TicketError(f"ticket {hello.ticket_id.hex()} is unknown (used, expired, or never ours)")
             state = unwrap_ticket(self.wrapper, hello.ticket_id, blob)
         except StoreDataError as exc:
-            self.emit(events.StoreDataRefused(self.store.kind, store_id, str(exc)))
+            self.emit(events.StoreDataRefused(self.granted_states.kind, store_id, str(exc)))
             raise TicketError(f"ticket {hello.ticket_id.hex()} cannot be read") from None
         except StoreUnavailableError as exc:
-            raise TicketError(f"the {self.store.kind} store did not answer: {exc}") from None
+            raise TicketError(f"the {self.granted_states.kind} store did not answer: {exc}") from None
         responder = ResumeResponder(self.identity, state, authorize, config=config, backend=self.backend)
         authorize.handshake = FixedSuite(suite_by_name(state.suite))
         now = wall_ms()
         responder.check(frame, now)
         try:
-            first = await self.store.use_once(TICKET_USE_KIND, ticket_use_id(hello.ticket_id), state.use_ttl_s(now))
+            first = await self.granted_states.use_once(TICKET_USE_KIND, ticket_use_id(hello.ticket_id),
+                                                       state.use_ttl_s(now))
         except StoreUnavailableError as exc:
-            raise TicketError(f"the {self.store.kind} store did not answer: {exc}") from None
+            raise TicketError(f"the {self.granted_states.kind} store did not answer: {exc}") from None
         if not first:
             raise TicketError(f"ticket {hello.ticket_id.hex()} was used before (replay)")
         self._forget_soon(store_id)
