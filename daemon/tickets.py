@@ -71,6 +71,10 @@ class GrantedInMemory:
 
     kind = "memory"
     PURGE_EVERY = 256
+    MAX_STATES = 20_000
+    """About 6 MiB of states. Past it the oldest grant is forgotten: a trusted peer dialling
+    in a loop must not grow the daemon without bound, and a forgotten ticket only costs its
+    holder one full handshake."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._states: dict[str, bytes] = {}
@@ -79,6 +83,9 @@ class GrantedInMemory:
         self._uses = 0
 
     async def put_state(self, state_id: str, blob: bytes) -> None:
+        self._states.pop(state_id, None)
+        while len(self._states) >= self.MAX_STATES:
+            del self._states[next(iter(self._states))]  # insertion order: the oldest grant
         self._states[state_id] = bytes(blob)
 
     async def get_state(self, state_id: str) -> bytes | None:

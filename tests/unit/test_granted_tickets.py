@@ -63,6 +63,18 @@ def test_states_are_kept_listed_by_prefix_and_deleted() -> None:
     assert trio.run(run) == (b"wrapped", ["ticket.aa"], None)
 
 
+def test_past_its_bound_the_oldest_grant_is_forgotten_first() -> None:
+    granted = GrantedInMemory()
+    granted.MAX_STATES = 3
+
+    async def run() -> list[str]:
+        for name in ("a", "b", "c", "d"):
+            await granted.put_state(f"ticket.{name}", b"x")
+        return await granted.list_states("ticket.")
+
+    assert trio.run(run) == ["ticket.b", "ticket.c", "ticket.d"]
+
+
 def test_only_replicas_share_the_states_of_granted_tickets_through_their_store(tmp_path: Path) -> None:
     bob = Identity.generate("bob")
     alone = NodeConfig(home=tmp_path / "alone")
