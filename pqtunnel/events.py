@@ -188,6 +188,7 @@ class StreamDenied(StreamFacts, Event):
 @dataclass(frozen=True)
 class StreamEnded(StreamFacts, Event):
     kind: ClassVar[str] = "stream_closed"
+    level: ClassVar[str] = "debug"  # like StreamAllowed: every stream is in the audit; the log says it at debug
 
     peer: str
     fingerprint: str

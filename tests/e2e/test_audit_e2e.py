@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +40,14 @@ def audit_json(home: Path, *args: str) -> list[dict]:
     return json.loads(result.stdout)
 
 
+def wait_for_audit_line(home: Path, text: str, timeout: float = 15.0) -> None:
+    """Wait until the node's audit file holds ``text`` (lines are written when events happen)."""
+    deadline = time.monotonic() + timeout
+    while text not in ((home / "audit.jsonl").read_text() if (home / "audit.jsonl").exists() else ""):
+        assert time.monotonic() < deadline, f"{text} not in {home / 'audit.jsonl'}"
+        time.sleep(0.05)
+
+
 def pair(tmp_path: Path, bob_config: str = "") -> tuple[Path, Path]:
     alice_home, fp_alice = init_node(tmp_path, "alice")
     bob_home, fp_bob = init_node(tmp_path, "bob")
@@ -61,7 +70,7 @@ def audited_run(tmp_path: Path) -> Iterator[dict]:
         unknown = connect(alice_home, "bob/nosuch")
         assert echoed.returncode == 0 and echoed.stdout == b"audit me\n", echoed.stderr
         assert denied_port.returncode != 0 and unknown.returncode != 0
-        bob.wait_for_log("closed (9 B in, 9 B out)")
+        wait_for_audit_line(bob_home, '"event":"stream_closed"')
         alice.stop()
         bob.wait_for_log("session down: alice")
         bob.stop()
