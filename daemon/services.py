@@ -29,6 +29,7 @@ from .config import Address, ExecService
 from .eventlog import Emit
 from .logs import LOG
 from .splice import EXPECTED_ERRORS, Duplex, bridge
+from .netio import connect_stream
 from .netio import os_reason as _os_reason
 from .resources import NodeResources
 from .streams import TunnelStream
@@ -209,13 +210,7 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
+    return await connect_stream(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))
 
 
 def exec_environment(service: ExecService, parent: dict[str, str] | None = None) -> dict[str, str]:

@@ -150,6 +150,7 @@ def test_connect_honours_half_close_with_large_input(net: dict) -> None:
 
 def test_connect_failures_exit_non_zero_with_one_line(net: dict) -> None:
     for target, expected in (("bob/nosuch", "has no service 'nosuch'"), ("carol/web", "unknown peer 'carol'"),
+                             ("bob/closed", "is unavailable: Connection refused"),
                              ("bob", "expected PEER/SERVICE or PEER:PORT")):
         result = pq("connect", target, home=net["alice_home"])
         assert result.returncode == 1, target
