@@ -72,9 +72,10 @@ class GrantedInMemory:
     kind = "memory"
     PURGE_EVERY = 256
     MAX_STATES = 20_000
-    """About 6 MiB of states. Past it the oldest grant is forgotten: a trusted peer dialling
-    in a loop must not grow the daemon without bound, and a forgotten ticket only costs its
-    holder one full handshake."""
+    """About 6 MiB of states, and as many use marks. Past it the oldest grant (or use) is
+    forgotten: a trusted peer dialling or resuming in a loop must not grow the daemon without
+    bound. A forgotten ticket only costs its holder one full handshake; a forgotten use mark
+    reopens nothing, since a redeemed ticket's state is deleted at once (``TicketBook.redeem``)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._states: dict[str, bytes] = {}
@@ -103,9 +104,12 @@ class GrantedInMemory:
         self._uses += 1
         if self._uses % self.PURGE_EVERY == 0:
             self._used = {key: expires for key, expires in self._used.items() if expires > now}
-        expires = self._used.get((kind, record_id))
+        expires = self._used.pop((kind, record_id), None)
         if expires is not None and expires > now:
+            self._used[(kind, record_id)] = expires
             return False
+        while len(self._used) >= self.MAX_STATES:
+            del self._used[next(iter(self._used))]  # insertion order: the oldest use
         self._used[(kind, record_id)] = now + ttl_s
         return True
 
@@ -278,6 +282,14 @@ class TicketBook:
             raise TicketError(f"the {self.granted_states.kind} store did not answer: {exc}") from None
         if not first:
             raise TicketError(f"ticket {hello.ticket_id.hex()} was used before (replay)")
-        self._forget_soon(store_id)
+        await self._forget_redeemed(store_id)
         return responder
+
+    async def _forget_redeemed(self, store_id: str) -> None:
+        """In memory the state goes now (its use mark may be forgotten past the bound); a shared
+        store's deletion is queued, its use mark kept there for the ticket's whole lifetime."""
+        if isinstance(self.granted_states, GrantedInMemory):
+            await self.granted_states.delete_state(store_id)
+        else:
+            self._forget_soon(store_id)
 
