@@ -47,6 +47,7 @@ _SOCKID = struct.Struct(">HH16s16s")  # ports and addresses in network order
 _SOCKID_TAIL = struct.Struct("=III")  # interface, cookie (two words)
 NO_COOKIE = 0xFFFFFFFF
 UID_OFFSET = _NLMSG.size + 4 + 48 + 12  # inet_diag_msg: 4 bytes, sockid, expires/rqueue/wqueue
+INODE_OFFSET = UID_OFFSET + 4
 
 
 def _diag_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -106,9 +107,20 @@ def netlink_uid(family: int, client: tuple[str, int], server: tuple[str, int],
     """Ask the kernel (sock_diag) for the owner of the TCP socket ``client`` -> ``server``."""
     sequence = diag.next_sequence()
     answer = diag.ask(lookup_message(family, client, server, sequence), sequence)
-    if len(answer) < UID_OFFSET + 4 or _NLMSG.unpack_from(answer)[1] == NLMSG_ERROR:
+    if len(answer) < INODE_OFFSET + 4 or _NLMSG.unpack_from(answer)[1] == NLMSG_ERROR:
         return None
-    return struct.unpack_from("=I", answer, UID_OFFSET)[0]
+    uid, inode = struct.unpack_from("=II", answer, UID_OFFSET)
+    return _owned(uid, inode)
+
+
+def _owned(uid: int, inode: int) -> int | None:
+    """``uid`` if a process still holds the socket (inode not 0), else None.
+
+    A socket its owner closed stays in the table (TIME_WAIT, an orphan) with inode 0, and a
+    TIME_WAIT entry reads as uid 0: another user who sends a whole SOCKS request and closes
+    before the daemon looks would otherwise pass for root.
+    """
+    return uid if inode else None
 
 
 def local_peer_uid(sock: socket.socket, tables: tuple[Path, ...] = TABLES) -> int | None:
@@ -136,12 +148,12 @@ def scan_tables(client: ipaddress.IPv4Address | ipaddress.IPv6Address, client_po
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 8:
+            if len(fields) < 10:
                 continue
             try:
                 local, remote = _proc_address(fields[1]), _proc_address(fields[2])
             except ValueError:
                 continue
             if local == (client, client_port) and remote == (server, server_port):
-                return int(fields[7])
+                return _owned(int(fields[7]), int(fields[9]))
     return None

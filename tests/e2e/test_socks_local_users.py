@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,5 +135,113 @@ def test_one_netlink_socket_serves_every_lookup_and_skips_a_late_answer() -> Non
                 # a request nobody read the answer of: that answer ("no such socket") waits first in line
                 assert kept is not None
                 kept.sendto(lookup_message(conn.family, (client[0], 1), local, diag.next_sequence()), (0, 0))
+                assert netlink_uid(conn.family, client, local, diag) == 0
+    diag.close()
+
+
+CLOSE_AT_ONCE = r'''
+import socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+host = b"web.bob.pq"
+request = (b"\x05\x01\x00\x05\x01\x00\x03" + bytes([len(host)]) + host + (80).to_bytes(2, "big")
+           + b"GET / HTTP/1.0\r\n\r\n")
+for _ in range(count):
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(request)
+'''
+
+
+def test_a_client_that_closed_its_socket_is_not_taken_for_root(tmp_path: Path, http: HttpServer) -> None:
+    """A closed client socket lingers in the kernel's table as TIME_WAIT, whose owner reads as
+    uid 0: another user who sent a whole SOCKS request and closed before the daemon looked
+    (a burst keeps it busy) was served as root. Such a socket has no owner (inode 0)."""
+    alice, bob, socks_port = start_pair(tmp_path, http)
+    try:
+        subprocess.run([*AS_NOBODY, "/usr/bin/python3", "-c", CLOSE_AT_ONCE, str(socks_port), "300"],
+                       check=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while alice.logs().count("SOCKS: refused") + alice.logs().count("web.bob.pq:80 ended") < 300:
+            assert time.monotonic() < deadline, "not every client had its one line of outcome"
+            time.sleep(0.1)
+        assert alice.logs().count("SOCKS: refused") == 300, "a client of another user was served"
+    finally:
+        alice.kill()
+        bob.kill()
+
+
+def test_the_owner_of_a_closed_client_socket_is_unknown() -> None:
+    """Both lookups: a TIME_WAIT socket (its owner closed it) names nobody, not root."""
+    from pqtunneld.peercred import _normal, netlink_uid, scan_tables
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(20)
+        port = server.getsockname()[1]
+        subprocess.run([*AS_NOBODY, "/usr/bin/python3", "-c",
+                        f"import socket; socket.create_connection(('127.0.0.1',{port})).close()"], check=True)
+        conn, _ = server.accept()
+        with conn:
+            client, local = conn.getpeername(), conn.getsockname()
+            assert netlink_uid(conn.family, client, local) is None
+            assert scan_tables(_normal(client[0]), client[1], _normal(local[0]), local[1]) is None
+
+
+def test_many_clients_of_two_users_at_once_are_each_named_rightly() -> None:
+    """One kept netlink socket answers lookups for interleaved clients of root and nobody."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        server.settimeout(20)
+        port = server.getsockname()[1]
+        child = subprocess.Popen([*AS_NOBODY, "/usr/bin/python3", "-c",
+                                  "import socket,time\n"
+                                  f"s=[socket.create_connection(('127.0.0.1',{port})) for _ in range(20)]\n"
+                                  "time.sleep(15)"])
+        mine = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        try:
+            ports_of_root = {sock.getsockname()[1] for sock in mine}
+            accepted = [server.accept()[0] for _ in range(40)]
+            named = {conn.getpeername()[1]: local_peer_uid(conn) for conn in accepted}
+            assert {p for p, uid in named.items() if uid == 0} == ports_of_root
+            assert sorted(uid for uid in named.values() if uid != 0) == [NOBODY] * 20
+            for conn in accepted:
+                conn.close()
+        finally:
+            for sock in mine:
+                sock.close()
+            child.kill()
+            child.wait()
+
+
+def test_a_lookup_that_timed_out_drops_its_socket_and_its_late_answer() -> None:
+    """After a timeout the kept socket is closed, so its late answer can never be read as the
+    next lookup's; the next lookup opens a fresh socket and names the right user."""
+    from pqtunneld.peercred import DiagSocket, netlink_uid
+
+    class Silent:
+        closed = False
+
+        def sendto(self, message: bytes, address: tuple[int, int]) -> None:
+            pass
+
+        def recv(self, size: int) -> bytes:
+            raise TimeoutError("timed out")
+
+        def close(self) -> None:
+            self.closed = True
+
+    diag, silent = DiagSocket(), Silent()
+    diag._sock = silent  # type: ignore[assignment]
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as _client:
+            conn, _ = server.accept()
+            with conn:
+                client, local = conn.getpeername(), conn.getsockname()
+                with pytest.raises(OSError):
+                    netlink_uid(conn.family, client, local, diag)
+                assert silent.closed and diag._sock is None
                 assert netlink_uid(conn.family, client, local, diag) == 0
     diag.close()
