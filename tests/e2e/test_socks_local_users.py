@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,25 @@ def start_pair(tmp_path: Path, http: HttpServer, alice_config: str = "") -> tupl
     return alice, bob, socks_port
 
 
+@contextmanager
+def loopback_listener(backlog: int | None = None) -> Iterator[tuple[socket.socket, int]]:
+    """A listening TCP socket on 127.0.0.1 and its port (accept times out after 20 s)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(*(() if backlog is None else (backlog,)))
+        server.settimeout(20)
+        yield server, server.getsockname()[1]
+
+
+@contextmanager
+def accepted_connection() -> Iterator[socket.socket]:
+    """The server end of one loopback TCP connection of ours (owned by this process's uid)."""
+    with loopback_listener() as (server, port), socket.create_connection(("127.0.0.1", port)):
+        conn, _ = server.accept()
+        with conn:
+            yield conn
+
+
 def curl(socks_port: int, *prefix: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*prefix, "curl", "-sS", "--max-time", "20", "--socks5-hostname",
                            f"127.0.0.1:{socks_port}", "http://web.bob.pq/"], capture_output=True, text=True, timeout=60)
@@ -52,11 +72,7 @@ def http() -> Iterator[HttpServer]:
 
 
 def test_the_kernel_names_the_local_user_behind_a_tcp_connection() -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        server.settimeout(20)
-        port = server.getsockname()[1]
+    with loopback_listener() as (server, port):
         child = subprocess.Popen([*AS_NOBODY, "/usr/bin/python3", "-c",
                                   f"import socket,time; s=socket.create_connection(('127.0.0.1',{port})); time.sleep(5)"])
         try:
@@ -103,16 +119,11 @@ def test_the_netlink_answer_and_the_proc_scan_agree() -> None:
     """Both ways of reading the owner give the same uid (netlink is the fast path, /proc the fallback)."""
     from pqtunneld.peercred import _normal, netlink_uid, scan_tables
 
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        with socket.create_connection(server.getsockname()) as _client:
-            conn, _ = server.accept()
-            with conn:
-                client, local = conn.getpeername(), conn.getsockname()
-                assert netlink_uid(conn.family, client, local) == 0
-                assert scan_tables(_normal(client[0]), client[1], _normal(local[0]), local[1]) == 0
-                assert netlink_uid(conn.family, (client[0], 1), local) is None  # no such socket
+    with accepted_connection() as conn:
+        client, local = conn.getpeername(), conn.getsockname()
+        assert netlink_uid(conn.family, client, local) == 0
+        assert scan_tables(_normal(client[0]), client[1], _normal(local[0]), local[1]) == 0
+        assert netlink_uid(conn.family, (client[0], 1), local) is None  # no such socket
 
 
 def test_one_netlink_socket_serves_every_lookup_and_skips_a_late_answer() -> None:
@@ -121,21 +132,16 @@ def test_one_netlink_socket_serves_every_lookup_and_skips_a_late_answer() -> Non
     from pqtunneld.peercred import DiagSocket, lookup_message, netlink_uid
 
     diag = DiagSocket()
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        with socket.create_connection(server.getsockname()) as _client:
-            conn, _ = server.accept()
-            with conn:
-                client, local = conn.getpeername(), conn.getsockname()
-                assert netlink_uid(conn.family, (client[0], 1), local, diag) is None  # no such socket
-                kept = diag._sock
-                assert netlink_uid(conn.family, client, local, diag) == 0
-                assert diag._sock is kept
-                # a request nobody read the answer of: that answer ("no such socket") waits first in line
-                assert kept is not None
-                kept.sendto(lookup_message(conn.family, (client[0], 1), local, diag.next_sequence()), (0, 0))
-                assert netlink_uid(conn.family, client, local, diag) == 0
+    with accepted_connection() as conn:
+        client, local = conn.getpeername(), conn.getsockname()
+        assert netlink_uid(conn.family, (client[0], 1), local, diag) is None  # no such socket
+        kept = diag._sock
+        assert netlink_uid(conn.family, client, local, diag) == 0
+        assert diag._sock is kept
+        # a request nobody read the answer of: that answer ("no such socket") waits first in line
+        assert kept is not None
+        kept.sendto(lookup_message(conn.family, (client[0], 1), local, diag.next_sequence()), (0, 0))
+        assert netlink_uid(conn.family, client, local, diag) == 0
     diag.close()
 
 
@@ -173,11 +179,7 @@ def test_the_owner_of_a_closed_client_socket_is_unknown() -> None:
     """Both lookups: a TIME_WAIT socket (its owner closed it) names nobody, not root."""
     from pqtunneld.peercred import _normal, netlink_uid, scan_tables
 
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        server.settimeout(20)
-        port = server.getsockname()[1]
+    with loopback_listener() as (server, port):
         subprocess.run([*AS_NOBODY, "/usr/bin/python3", "-c",
                         f"import socket; socket.create_connection(('127.0.0.1',{port})).close()"], check=True)
         conn, _ = server.accept()
@@ -189,11 +191,7 @@ def test_the_owner_of_a_closed_client_socket_is_unknown() -> None:
 
 def test_many_clients_of_two_users_at_once_are_each_named_rightly() -> None:
     """One kept netlink socket answers lookups for interleaved clients of root and nobody."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(64)
-        server.settimeout(20)
-        port = server.getsockname()[1]
+    with loopback_listener(backlog=64) as (server, port):
         child = subprocess.Popen([*AS_NOBODY, "/usr/bin/python3", "-c",
                                   "import socket,time\n"
                                   f"s=[socket.create_connection(('127.0.0.1',{port})) for _ in range(20)]\n"
@@ -233,15 +231,10 @@ def test_a_lookup_that_timed_out_drops_its_socket_and_its_late_answer() -> None:
 
     diag, silent = DiagSocket(), Silent()
     diag._sock = silent  # type: ignore[assignment]
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        with socket.create_connection(server.getsockname()) as _client:
-            conn, _ = server.accept()
-            with conn:
-                client, local = conn.getpeername(), conn.getsockname()
-                with pytest.raises(OSError):
-                    netlink_uid(conn.family, client, local, diag)
-                assert silent.closed and diag._sock is None
-                assert netlink_uid(conn.family, client, local, diag) == 0
+    with accepted_connection() as conn:
+        client, local = conn.getpeername(), conn.getsockname()
+        with pytest.raises(OSError):
+            netlink_uid(conn.family, client, local, diag)
+        assert silent.closed and diag._sock is None
+        assert netlink_uid(conn.family, client, local, diag) == 0
     diag.close()
