@@ -221,8 +221,8 @@ def main() -> None:
           f"{sum(sizes):8d}")
     print("\nresumed: 1-RTT resumption (docs/PROTOCOL.md 4.10) with a ticket the daemon granted in a full hybrid\n"
           "session (one per round, taken beforehand, untimed). Latency: connect + RESUME_HELLO until the daemon's\n"
-          "first record after RESUME_ACCEPT; the daemon answers only after reading the ticket from its store and\n"
-          "recording its single use there (fsync'd). CPU columns: in process, no I/O, no store.")
+          "first record after RESUME_ACCEPT; the daemon (no [ha]) answers after checking the ticket and recording\n"
+          "its single use in its memory (replicas: in their shared store). CPU columns: in process, no I/O.")
 
 
 def cpu_resumed(rounds: int) -> tuple[float, float, list[int]]:
