@@ -65,7 +65,7 @@ class GrantedInMemory:
     the part of the nonce-store interface ``TicketBook`` uses, in this process only.
 
     A store write per granted ticket (a worker-thread SQLite commit with its fsync) was a
-    tenth of a handshake's CPU on the answering node, and made a resumption wait for two
+    fifth of a handshake's CPU on the answering node, and made a resumption wait for two
     store round trips; only replicas need states another process can read.
     """
 
