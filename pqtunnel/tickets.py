@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
@@ -382,7 +383,7 @@ def _expect(frame: Frame, kinds: tuple[Kind, ...], state: ResumeState, role: str
 TicketT = TypeVar("TicketT", bound=_Ticket)
 
 
-class _Resumption(Generic[TicketT]):
+class _Resumption(ABC, Generic[TicketT]):
     """What both sides of a resumption are built from: an identity, the ticket this side
     keeps, the peer's judge and the node's handshake settings."""
 
@@ -401,9 +402,9 @@ class _Resumption(Generic[TicketT]):
         self.state = ResumeState.START
         self._init_progress()
 
+    @abstractmethod
     def _init_progress(self) -> None:
         """Each side's own progress through the resumption, before it starts."""
-        raise NotImplementedError
 
     @property
     def done(self) -> bool:
