@@ -420,7 +420,8 @@ class Node:
     def _unregister(self, conn: Connection) -> None:
         result = conn.result
         if result is None:
-            self.emit(conn.failed_event())
+            self.emit(self._ticket_refused(conn) if conn.dialled and conn.tunnel.session.with_ticket
+                      else conn.failed_event())
             return
         self.sessions.unregister(result.peer_name, conn)
         self.emit(conn.down_event())
@@ -432,6 +433,11 @@ class Node:
         link = self.links.get(result.peer_name)
         if link is not None:
             link.notify()
+
+    @staticmethod
+    def _ticket_refused(conn: Connection) -> events.TicketRefused:
+        """A dial with a ticket that gave no session: ``_attempt`` dials again at once without."""
+        return events.TicketRefused(peer=conn.dialled or "?", addr=conn.remote, reason=conn.close_reason or "closed")
 
     # --- outbound ------------------------------------------------------------------------------------
 

@@ -100,6 +100,8 @@ def test_a_ticket_bob_no_longer_knows_costs_one_full_handshake_and_no_error(pair
     ping(pair["alice_home"])
     assert session_with_bob(alice)["handshake"] == "full"
     bob.wait_for_log("ticket refused: ticket")
+    assert "did not resume with our ticket" in alice.logs() and "full handshake instead" in alice.logs()
+    assert "handshake with bob" not in alice.logs()  # the dial went on: nothing failed
     assert "Traceback" not in alice.logs() + bob.logs()
 
 
