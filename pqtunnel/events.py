@@ -114,29 +114,30 @@ class HandshakeFailed(Event):
 
 
 @dataclass(frozen=True)
-class TicketRefused(Event):
+class DialOutcome(Event):
+    """What became of one dial to a peer at one address, other than a session."""
+
+    peer: str
+    addr: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TicketRefused(DialOutcome):
     """Our dial offered a resumption ticket and did not get a session from it (the peer
     restarted, or the ticket expired or was used): the dial goes on at once with a full
     handshake, so this is no failure of the connection."""
 
     kind: ClassVar[str] = "ticket_refused"
 
-    peer: str
-    addr: str
-    reason: str
-
     def message(self) -> str:
         return f"{self.peer} at {self.addr} did not resume with our ticket ({self.reason}): full handshake instead"
 
 
 @dataclass(frozen=True)
-class PeerUnreachable(Event):
+class PeerUnreachable(DialOutcome):
     kind: ClassVar[str] = "peer_unreachable"
     level: ClassVar[str] = "warning"
-
-    peer: str
-    addr: str
-    reason: str
 
     def message(self) -> str:
         return f"cannot reach {self.peer} at {self.addr}: {self.reason}"
